@@ -1,0 +1,106 @@
+"""Checkpoints: what a training run saves, atomically, and how train.py and sample.py load it.
+
+A checkpoint is plain data (tensors, numbers, strings, lists, dicts), so it loads with
+torch.load(weights_only=True): opening someone else's checkpoint cannot run their code.
+"""
+import random
+
+import numpy as np
+import torch
+
+from cli import UserError, write_atomically
+from model import GPT
+
+FILENAME = "ckpt.pt"
+BEST_FILENAME = "ckpt_best.pt"
+FORMAT = "open-gpt-training/1"
+
+
+def training_state(model, optimizer, scaler, model_args, iter_num, best_val_loss, config, batch_generator):
+    """Everything `init_from=resume` needs to continue the run exactly."""
+    np_state = np.random.get_state()
+    rng = dict(
+        python=random.getstate(),
+        numpy=[np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        torch=torch.get_rng_state(),
+        batches=batch_generator.get_state(),
+    )
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return dict(
+        format=FORMAT,
+        model=model.state_dict(),
+        optimizer=optimizer.state_dict(),
+        scaler=scaler.state_dict(),
+        model_args=model_args,
+        iter_num=iter_num,
+        best_val_loss=best_val_loss,
+        config=config,
+        rng=rng,
+    )
+
+
+def save(state, path):
+    write_atomically(path, lambda temp_path: torch.save(state, temp_path))
+
+
+def load(path):
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} not found; train first, or point --out_dir at the run's folder") from None
+    except IsADirectoryError:
+        raise UserError(f"checkpoint {path} is a folder, not a file") from None
+    except Exception as e:  # truncated, not a torch file, or holding objects that need code to load
+        raise UserError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        found = checkpoint.get("format", "no format field") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise UserError(f"checkpoint {path} is not an {FORMAT} checkpoint ({found}); it was made by another program or version")
+    return checkpoint
+
+
+def load_model_state(model, checkpoint):
+    """Copy the checkpoint's weights into model; a shape mismatch is a user error."""
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in checkpoint["model"].items()}
+    expected = model.state_dict()
+    for key, value in state.items():
+        if key in expected and expected[key].shape != value.shape:
+            raise UserError(f"checkpoint weight {key} has shape {tuple(value.shape)} but the model expects "
+                            f"{tuple(expected[key].shape)}; the checkpoint is from a different model shape")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"checkpoint does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def restore_training_state(checkpoint, optimizer, scaler, batch_generator, rank):
+    """Optimizer, GradScaler and random states, so the resumed run is the run that was saved."""
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise UserError(f"the checkpoint's optimizer state does not fit --optimizer ({e}); resume with the optimizer it was trained with") from None
+    scaler.load_state_dict(checkpoint["scaler"])
+    rng = checkpoint["rng"]
+    batch_generator.set_state(rng["batches"])
+    if rank != 0:
+        return  # only rank 0's process-local random states are saved; the others keep their own seeds
+    random.setstate(_as_tuples(rng["python"]))
+    name, keys, *rest = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _as_tuples(value):
+    """random.setstate wants the tuples that a save/load round trip may have made lists."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def gpt2_model(name_or_dir, dropout):
+    """GPT with GPT-2 weights from transformers: a hub name (downloaded when online) or a folder."""
+    try:
+        return GPT.from_pretrained(name_or_dir, dropout=dropout)
+    except ImportError:
+        raise UserError("init_from a GPT-2 model needs transformers: pip install transformers") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load GPT-2 weights {name_or_dir!r}: {str(e).splitlines()[0][:200]}") from None

@@ -1,0 +1,22 @@
+# The tiny Chinese GPT sized for a laptop CPU: accumulation 1, so one optimizer step is
+# 12 batch * 64 block * 1 accumulation = 768 tokens (40x fewer than train_tiny_zh.py).
+# 2000 steps = 1.5M tokens, a few minutes on 2 cores.
+out_dir = "out-tiny-zh-cpu"
+dataset = "zh_default"
+n_layer = 2
+n_head = 2
+n_embd = 128
+block_size = 64
+batch_size = 12
+gradient_accumulation_steps = 1
+dropout = 0.1
+bias = True
+max_iters = 2000
+lr_decay_iters = 2000
+eval_interval = 250
+eval_iters = 0  # the whole val split
+log_interval = 10
+learning_rate = 1e-3
+min_lr = 1e-4
+warmup_iters = 100
+device = "cpu"

@@ -1,0 +1,87 @@
+"""Token files written by prepare.py: validation at start, and the batches train.py reads.
+
+Training windows are drawn with one torch.Generator that every rank seeds the same way: each step
+draws the windows of *all* ranks and micro-steps, and rank r keeps micro-batches
+r*count .. r*count+count-1. So ranks read different data, a run on 2 processes sees exactly the
+batches of a run on 1 process with twice the accumulation, and saving the generator's state in a
+checkpoint makes resume continue the same sequence of batches.
+"""
+import json
+import os
+
+import numpy as np
+import torch
+
+from cli import UserError
+
+SPLITS = ("train", "val")
+
+
+class TokenData:
+    def __init__(self, data_dir, block_size):
+        meta_path = os.path.join(data_dir, "meta.json")
+        if not os.path.isdir(data_dir):
+            raise UserError(f"data folder {data_dir} not found; run: python prepare.py (or set --dataset / --data_dir)")
+        if not os.path.isfile(meta_path):
+            raise UserError(f"{meta_path} not found: {data_dir} is incomplete; rerun python prepare.py --out={data_dir}")
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+            self.vocab_size = int(meta["vocab_size"])
+            self.dtype = np.dtype(meta["dtype"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{meta_path} is damaged ({type(e).__name__}: {e}); rerun python prepare.py --out={data_dir}") from None
+        self.meta = meta
+        self.block_size = block_size
+        self.tokens = {split: self._open(data_dir, split) for split in SPLITS}
+
+    @property
+    def padded_vocab_size(self):
+        """The vocabulary rounded up to a multiple of 64 (50257 -> 50304): faster matmuls on GPUs."""
+        return (self.vocab_size + 63) // 64 * 64
+
+    def _open(self, data_dir, split):
+        path = os.path.join(data_dir, f"{split}.bin")
+        if not os.path.isfile(path):
+            raise UserError(f"{path} not found; rerun python prepare.py --out={data_dir}")
+        size = os.path.getsize(path)
+        if size % self.dtype.itemsize:
+            raise UserError(f"{path} is truncated or corrupt: {size} bytes is not a whole number of {self.dtype.name} tokens; rerun prepare.py")
+        n_tokens = size // self.dtype.itemsize
+        if n_tokens <= self.block_size:
+            raise UserError(f"{path} has {n_tokens} tokens, too few for one block of {self.block_size}+1; "
+                            f"use more text or a smaller --block_size")
+        tokens = np.memmap(path, dtype=self.dtype, mode="r")
+        largest = max(int(tokens[i:i + 2**24].max()) for i in range(0, n_tokens, 2**24))
+        if largest >= self.vocab_size:
+            raise UserError(f"{path} holds token {largest}, outside the vocabulary of {self.vocab_size} in meta.json; "
+                            f"the file is corrupt or from another tokenizer; rerun prepare.py")
+        return tokens
+
+    def _windows(self, split, starts):
+        """(x, y) int64 tensors of shape (len(starts), block_size), y shifted by one token."""
+        offsets = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(self.block_size + 1)
+        windows = torch.from_numpy(self.tokens[split][offsets].astype(np.int64))
+        return windows[:, :-1], windows[:, 1:]
+
+    def train_micro_batches(self, generator, batch_size, count, rank, world_size):
+        """This rank's `count` micro-batches of one step: ([x], [y])."""
+        n_windows = len(self.tokens["train"]) - self.block_size
+        starts = torch.randint(n_windows, (world_size, count, batch_size), generator=generator)[rank]
+        xs, ys = zip(*(self._windows("train", s.numpy()) for s in starts))
+        return list(xs), list(ys)
+
+    def eval_batches(self, split, batch_size, max_batches):
+        """Batches to evaluate on, the same every call. val: consecutive non-overlapping windows
+        from the start of the split (all of them when max_batches is 0). train: random windows
+        from a fixed seed, so evaluation never touches the training generator."""
+        n_tokens = len(self.tokens[split])
+        if split == "val":
+            starts = np.arange(0, n_tokens - self.block_size, self.block_size)
+        else:
+            count = batch_size * (max_batches or 1)
+            starts = torch.randint(n_tokens - self.block_size, (count,), generator=torch.Generator().manual_seed(0)).numpy()
+        if max_batches:
+            starts = starts[:batch_size * max_batches]
+        for i in range(0, len(starts), batch_size):
+            yield self._windows(split, starts[i:i + batch_size])

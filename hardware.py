@@ -1,0 +1,130 @@
+"""The device side of the scripts: which device and dtype to use, autocast, and the device's peak
+FLOP/s for model FLOPs utilisation (MFU)."""
+import os
+import time
+from contextlib import nullcontext
+from functools import lru_cache
+
+import torch
+
+from cli import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Dense (no sparsity) tensor-core peaks from the vendors' datasheets, FLOP/s, by dtype.
+# An entry matches when its key is in torch.cuda.get_device_name().
+GPU_PEAKS = {
+    "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
+    "H100 PCIe": {"bfloat16": 756e12, "float16": 756e12, "float32": 51e12},
+    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
+    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
+    "A10G": {"bfloat16": 70e12, "float16": 70e12, "float32": 31.2e12},
+    "L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 30.3e12},
+    "T4": {"float16": 65e12, "float32": 8.1e12},
+    "V100": {"float16": 125e12, "float32": 15.7e12},
+    "RTX 4090": {"bfloat16": 165e12, "float16": 165e12, "float32": 82.6e12},
+    "RTX 3090": {"bfloat16": 71e12, "float16": 71e12, "float32": 35.6e12},
+}
+
+
+def pick_device(requested):
+    """'auto' -> cuda, then mps, then cpu. A named device that is absent is a user error."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    kind = requested.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device={requested} but this machine has no CUDA GPU (or this torch is a CPU build); use --device=cpu or auto")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError(f"--device={requested} but MPS is not available here; use --device=cpu or auto")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown --device={requested}; use auto, cpu, cuda, cuda:N or mps")
+    return requested
+
+
+def pick_dtype(requested, device):
+    """'auto' -> bfloat16 on GPUs that support it, float16 on older CUDA GPUs, else float32."""
+    if requested == "auto":
+        if device.startswith("cuda"):
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float32"
+    if requested not in DTYPES:
+        raise UserError(f"unknown --dtype={requested}; use float32, bfloat16, float16 or auto")
+    return requested
+
+
+def autocast_context(device, dtype):
+    """Mixed precision for bfloat16/float16 (CPU autocast included), a no-op for float32."""
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=DTYPES[dtype])
+
+
+def device_name(device):
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    if device == "mps":
+        return "Apple MPS"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+@lru_cache(maxsize=None)
+def peak_flops(device, dtype):
+    """(FLOP/s, how it was obtained). Datasheet peak for known NVIDIA GPUs; otherwise the best
+    rate of a large dense matmul measured here, so that MFU on a CPU is against this CPU."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        for key, peaks in GPU_PEAKS.items():
+            if key in name and dtype in peaks:
+                return peaks[dtype], f"datasheet {key} {dtype}"
+    return measured_matmul_flops(device, dtype), f"measured {dtype} matmul"
+
+
+def measured_matmul_flops(device, dtype, size=1024, seconds=0.3):
+    torch_dtype = DTYPES[dtype]
+    a = torch.randn(size, size, device=device, dtype=torch_dtype)
+    b = torch.randn(size, size, device=device, dtype=torch_dtype)
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    for _ in range(100):
+        _synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        _synchronize(device)
+        best = min(best, time.perf_counter() - start)
+        if time.perf_counter() > deadline:
+            break
+    return 2 * size**3 / best
+
+
+def _synchronize(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    elif device == "mps":
+        torch.mps.synchronize()
+
+
+def keep_freed_memory():
+    """Ask glibc to keep freed big buffers instead of returning them to the OS. Without this, every
+    training step page-faults ~300 MB of fresh memory for the head's logits and gradients (about
+    40% of a tiny-model step on CPU). No-op where glibc's mallopt is absent."""
+    if os.name != "posix":
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**30))

@@ -1,0 +1,106 @@
+"""Cross-entropy of the output head without materialising the full logits.
+
+The tiny model spends ~94% of its FLOPs and most of its memory traffic in the 50257-wide head: a
+768-token batch has 768 x 50257 fp32 logits (154 MB), plus their gradient. Here the head is
+computed chunk by chunk of rows, and because training always backpropagates through the loss, the
+gradients of the hidden states and of the head weight are computed in the same pass (as Liger's
+fused linear cross-entropy does). Peak extra memory is one chunk of logits instead of all of them.
+
+`sample_labels` draws labels from the model's own softmax, chunk by chunk, for SophiaG's
+Gauss-Newton-Bartlett Hessian estimate.
+"""
+import torch
+
+# Logits elements per chunk: 64M fp32 = 256 MB. Bigger chunks run the matmuls faster (measured on
+# the tiny config on CPU: 332 ms for one 768-row chunk, 389 ms for three of 256), smaller ones save memory.
+CHUNK_ELEMENTS = 2**26
+
+
+def chunk_rows_for(n_rows, vocab_size):
+    """Rows per chunk: as few equal chunks as keep each under CHUNK_ELEMENTS logits."""
+    n_chunks = -(-n_rows * vocab_size // CHUNK_ELEMENTS)
+    return max(1, -(-n_rows // n_chunks))
+
+
+def _compute_dtype(device_type, fallback):
+    """The autocast dtype when autocast is on, else the tensors' own dtype."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return fallback
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows, compute_dtype, ignore_index, need_grad):
+        n_rows = hidden.shape[0]
+        valid = targets != ignore_index
+        n_valid = valid.sum().clamp(min=1).to(torch.float32)
+        # One cast of the (small) operands up front; the big per-chunk tensors are made in place.
+        hidden_c = hidden.to(compute_dtype)
+        weight_c = weight.to(compute_dtype)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden, dtype=torch.float32) if need_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        for start in range(0, n_rows, chunk_rows):
+            rows = slice(start, min(start + chunk_rows, n_rows))
+            logits = (hidden_c[rows] @ weight_c.t()).float()
+            chunk_valid = valid[rows]
+            safe_targets = targets[rows].clamp(min=0).unsqueeze(1)
+            target_logit = logits.gather(1, safe_targets).squeeze(1)
+            # log-sum-exp and softmax from one exp pass, in place: exp(logits - max) / sum
+            row_max = logits.amax(dim=1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()
+            row_sum = probs.sum(dim=1, keepdim=True)
+            lse = (row_max + row_sum.log()).squeeze(1)
+            loss_sum += ((lse - target_logit) * chunk_valid).sum()
+            if not need_grad:
+                continue
+            # d(loss)/d(logits) = (softmax - onehot) / n_valid, zero for ignored rows.
+            probs.div_(row_sum)
+            probs.scatter_add_(1, safe_targets, -torch.ones_like(safe_targets, dtype=probs.dtype))
+            probs.mul_((chunk_valid.to(probs.dtype) / n_valid).unsqueeze(1))
+            probs_c = probs.to(compute_dtype)
+            grad_hidden[rows] = probs_c @ weight_c
+            grad_weight += probs_c.t() @ hidden_c[rows]
+        if need_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        return loss_sum / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden = (grad_hidden * grad_loss).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def linear_cross_entropy(hidden, weight, targets, chunk_rows=None, ignore_index=-1):
+    """Mean cross-entropy of `hidden @ weight.T` against `targets`, never holding all logits.
+
+    hidden: (N, C), weight: (V, C), targets: (N,) with `ignore_index` rows left out of the mean.
+    Matches F.cross_entropy(hidden @ weight.T, targets, ignore_index=...) in value and gradients.
+    """
+    compute_dtype = _compute_dtype(hidden.device.type, hidden.dtype)
+    chunk_rows = chunk_rows or chunk_rows_for(hidden.shape[0], weight.shape[0])
+    # Under no_grad (evaluation) skip the gradient work; Function.forward cannot tell by itself.
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, compute_dtype, ignore_index, need_grad)
+
+
+@torch.no_grad()
+def sample_labels(hidden, weight, n_real_vocab, generator=None, chunk_rows=None):
+    """One label per row of `hidden`, drawn from softmax(hidden @ weight.T) over the first
+    `n_real_vocab` columns (the padding rows of a padded vocabulary are never drawn)."""
+    compute_dtype = _compute_dtype(hidden.device.type, hidden.dtype)
+    weight_c = weight[:n_real_vocab].to(compute_dtype)
+    labels = torch.empty(hidden.shape[0], dtype=torch.long, device=hidden.device)
+    chunk_rows = chunk_rows or chunk_rows_for(hidden.shape[0], n_real_vocab)
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = slice(start, min(start + chunk_rows, hidden.shape[0]))
+            logits = (hidden[rows].to(compute_dtype) @ weight_c.t()).float()
+            probs = logits.sub_(logits.amax(dim=1, keepdim=True)).exp_()
+            labels[rows] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return labels

@@ -1,0 +1,287 @@
+"""The GPT language model: config, blocks, loss, GPT-2 weight loading, optimizers, MFU, generation.
+
+Follows nanoGPT's model.py (itself GPT-2), with three additions: the loss goes through
+head_loss.linear_cross_entropy so the full logits are never materialised, generation keeps a
+KV cache, and configure_optimizers builds AdamW, SophiaG or Muon for the same parameter groups.
+"""
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from head_loss import linear_cross_entropy, sample_labels
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for GPU efficiency
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # bias in Linears and LayerNorms, like GPT-2; False is a bit better and faster
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+
+    def forward(self, x, kv_cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)
+        # With a cache, the T new queries sit at the end of the sequence, so the causal mask is the
+        # bottom-right block; SDPA's is_causal means top-left, so pass an explicit mask then.
+        mask = None
+        if kv_cache is not None and T > 1:
+            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(k.size(2) - T)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=(mask is None and kv_cache is None),
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class LayerKVCache:
+    """Keys and values of one layer for the tokens seen so far, in a preallocated buffer."""
+
+    def __init__(self, batch, n_head, max_len, head_dim, device, dtype):
+        self.k = torch.empty(batch, n_head, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.empty_like(self.k)
+        self.length = 0
+
+    def append(self, k, v):
+        end = self.length + k.size(2)
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the residual projections: std 0.02/sqrt(2 * n_layer).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        """Parameter count; the position embedding is left out by default, as nanoGPT does (the
+        token embedding is shared with the head, so it counts)."""
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def hidden_states(self, idx, kv_caches=None):
+        """Final-layer-norm output, (B, T, n_embd). With caches, positions continue after them."""
+        B, T = idx.size()
+        start = kv_caches[0].length if kv_caches is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, kv_caches[i] if kv_caches is not None else None)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None, sample_labels_from_vocab=0):
+        """With targets: (None, mean loss), the loss computed without the full logits.
+        With sample_labels_from_vocab=V: (None, mean loss on labels drawn from the model's own
+        softmax over the first V tokens), the Gauss-Newton-Bartlett loss whose gradient SophiaG's
+        Hessian update needs (Liu et al. 2023, Alg. 2). It goes through forward so that DDP syncs it.
+        Otherwise: (logits of the last position, (B, 1, vocab), None), what generation needs."""
+        x = self.hidden_states(idx)
+        weight = self.lm_head.weight
+        if sample_labels_from_vocab:
+            x = x.flatten(0, 1)
+            return None, linear_cross_entropy(x, weight, sample_labels(x.detach(), weight, sample_labels_from_vocab))
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None
+        return None, linear_cross_entropy(x.flatten(0, 1), weight, targets.flatten())
+
+    def full_logits(self, idx):
+        """Logits at every position, (B, T, vocab); for tests and export checks."""
+        return self.lm_head(self.hidden_states(idx))
+
+    def crop_block_size(self, block_size):
+        """Shrink the context (e.g. GPT-2's 1024) for a smaller model."""
+        if block_size > self.config.block_size:
+            raise ValueError(f"block_size {block_size} exceeds the model's {self.config.block_size}")
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, dropout=0.0):
+        """A GPT with the weights of a transformers GPT2LMHeadModel: a hub name ('gpt2', ...,
+        downloaded when online) or a local directory."""
+        from transformers import GPT2LMHeadModel
+
+        hf_model = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        hf_config = hf_model.config
+        config = GPTConfig(
+            block_size=hf_config.n_positions, vocab_size=hf_config.vocab_size, n_layer=hf_config.n_layer,
+            n_head=hf_config.n_head, n_embd=hf_config.n_embd, dropout=dropout, bias=True,
+        )
+        model = cls(config)
+        ours = model.state_dict()
+        theirs = hf_model.state_dict()
+        # transformers' GPT-2 uses Conv1D modules, whose weights are the transpose of nn.Linear's.
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        for key, value in theirs.items():
+            if key.endswith((".attn.masked_bias", ".attn.bias")) or key not in ours:
+                continue
+            value = value.t() if key.endswith(transposed) else value
+            if value.shape != ours[key].shape:
+                raise ValueError(f"{name_or_dir}: {key} has shape {tuple(value.shape)}, expected {tuple(ours[key].shape)}")
+            with torch.no_grad():
+                ours[key].copy_(value)
+        missing = [k for k in ours if k not in theirs and k != "lm_head.weight"]
+        if missing:
+            raise ValueError(f"{name_or_dir}: weights missing for {missing[:3]}")
+        return model
+
+    def param_groups(self, weight_decay):
+        """Weight decay on matrices (Linear weights, embeddings), none on biases and norms."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def configure_optimizers(self, optimizer, weight_decay, learning_rate, betas, device_type, rho=0.04):
+        """AdamW (fused on CUDA), SophiaG, or Muon on the hidden matrices with AdamW for the rest."""
+        if optimizer == "adamw":
+            fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+            extra = {"fused": True} if fused else {"foreach": True}
+            return torch.optim.AdamW(self.param_groups(weight_decay), lr=learning_rate, betas=betas, **extra)
+        if optimizer == "sophiag":
+            from sophia import SophiaG
+
+            return SophiaG(self.param_groups(weight_decay), lr=learning_rate, betas=betas, rho=rho)
+        if optimizer == "muon":
+            from muon_adamw import MuonWithAdamW
+
+            hidden = [p for name, p in self.transformer.h.named_parameters() if p.dim() == 2]
+            hidden_ids = {id(p) for p in hidden}
+            rest = [g for g in self.param_groups(weight_decay)]
+            for group in rest:
+                group["params"] = [p for p in group["params"] if id(p) not in hidden_ids]
+            return MuonWithAdamW(hidden, rest, lr=learning_rate, weight_decay=weight_decay, betas=betas)
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose adamw, sophiag or muon")
+
+    def flops_per_token(self):
+        """Training FLOPs per token: 6N for the matmuls plus attention (PaLM appendix B)."""
+        cfg = self.config
+        return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True,
+                 n_real_vocab=None):
+        """Continue idx (B, T) by max_new_tokens tokens.
+
+        With use_cache, keys and values are kept while the sequence fits the block; once it is
+        longer, every step reruns the last block_size tokens, exactly as without the cache
+        (positions are absolute, so a sliding window cannot reuse cached keys). Both paths give
+        the same tokens for the same generator. n_real_vocab keeps the padding rows of a padded
+        vocabulary from ever being drawn.
+        """
+        block = self.config.block_size
+        caches = None
+        for _ in range(max_new_tokens):
+            if use_cache and idx.size(1) <= block:
+                if caches is None:
+                    caches = self.new_kv_caches(idx.size(0), idx.device)
+                    x = self.hidden_states(idx, caches)
+                else:
+                    x = self.hidden_states(idx[:, -1:], caches)
+                logits = self.lm_head(x[:, -1, :])
+            else:
+                logits = self.lm_head(self.hidden_states(idx[:, -block:])[:, -1, :])
+            idx_next = sample_next_token(logits[:, :n_real_vocab], temperature, top_k, generator)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+    def new_kv_caches(self, batch, device):
+        cfg = self.config
+        dtype = self.lm_head.weight.dtype
+        return [LayerKVCache(batch, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head, device, dtype)
+                for _ in range(cfg.n_layer)]
+
+
+def sample_next_token(logits, temperature, top_k, generator):
+    """(B, vocab) logits -> (B, 1) tokens; temperature 0 means greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)

@@ -1,0 +1,78 @@
+"""What a training run reports: text lines on stdout and the same numbers as JSON lines in
+out_dir/metrics.jsonl, plus TensorBoard and wandb when asked. Only rank 0 writes."""
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+
+class RunLog:
+    def __init__(self, config, enabled):
+        self.enabled = enabled
+        self.file = self.tensorboard = self.wandb = None
+        if not enabled:
+            return
+        os.makedirs(config["out_dir"], exist_ok=True)
+        # a resumed run appends to its own log; a new run starts a new one
+        mode = "a" if config["init_from"] == "resume" else "w"
+        self.file = open(os.path.join(config["out_dir"], "metrics.jsonl"), mode, encoding="utf-8", buffering=1)
+        self.event("config", config=config, argv=sys.argv, python=platform.python_version(),
+                   torch=torch.__version__, platform=platform.platform())
+        if config["tensorboard_log"]:
+            self.tensorboard = _open_tensorboard(config["out_dir"])
+        if config["wandb_log"]:
+            self.wandb = _open_wandb(config)
+
+    def text(self, line):
+        if self.enabled:
+            print(line, flush=True)
+
+    def event(self, kind, **fields):
+        """One JSON object per line: {"event": kind, "time": unix seconds, **fields}."""
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"event": kind, "time": time.time(), **fields}, ensure_ascii=False) + "\n")
+        scalars = {k: v for k, v in fields.items() if isinstance(v, (int, float)) and k != "iter"}
+        step = fields.get("iter")
+        if step is None or not scalars:
+            return
+        if self.tensorboard is not None:
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(f"{kind}/{key}", value, step)
+        if self.wandb is not None:
+            self.wandb.log({f"{kind}/{k}": v for k, v in scalars.items()}, step=step)
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _open_tensorboard(out_dir):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("tensorboard_log=True but the tensorboard package is missing (pip install tensorboard); "
+              "continuing without it", file=sys.stderr)
+        return None
+    return SummaryWriter(log_dir=os.path.join(out_dir, "tensorboard"))
+
+
+def _open_wandb(config):
+    try:
+        import wandb
+    except ImportError:
+        print("wandb_log=True but wandb is not installed (pip install wandb); continuing without it; "
+              "metrics.jsonl has the same numbers", file=sys.stderr)
+        return None
+    try:
+        return wandb.init(project=config["wandb_project"], name=config["wandb_run_name"], config=config)
+    except Exception as e:  # offline, not logged in: the run matters more than the dashboard
+        print(f"wandb could not start ({type(e).__name__}: {e}); continuing without it", file=sys.stderr)
+        return None

@@ -1,0 +1,104 @@
+"""Sample text from a trained model, or from GPT-2 weights.
+
+    python sample.py --out_dir=out-tiny-zh-cpu --start=滚滚长江 --max_new_tokens=100
+    python sample.py --out_dir=out --start=FILE:prompt.txt
+    python sample.py --init_from=gpt2-xl --start="Hello"      # transformers hub name or folder
+"""
+import codecs
+import os
+import sys
+
+import torch
+
+import checkpoint as ckpt
+import hardware
+from cli import UserError, run
+from configurator import parse_args
+from model import GPT, GPTConfig
+from tokenizer import EOT_TOKEN, gpt2_encoding
+
+DEFAULTS = dict(
+    init_from="resume",  # resume (the checkpoint in out_dir) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a folder
+    out_dir="out",
+    start="",  # prompt text, or FILE:path to read it from a file; empty starts a new document
+    num_samples=3,
+    max_new_tokens=256,
+    temperature=0.8,  # 0 = greedy
+    top_k=200,  # 0 = no top-k filtering
+    seed=1337,
+    device="auto",
+    dtype="auto",
+    compile=False,
+    use_kv_cache=True,
+)
+
+
+def read_prompt(start):
+    if not start.startswith("FILE:"):
+        return start
+    path = start[len("FILE:"):]
+    if os.path.isdir(path):
+        raise UserError(f"--start=FILE:{path} is a folder; give a text file")
+    if not os.path.isfile(path):
+        raise UserError(f"prompt file {path} not found (from --start=FILE:{path})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"prompt file {path} is not UTF-8 text (bad byte at offset {e.start})") from None
+
+
+def decode_clean(encoding, tokens):
+    """Text of the tokens, a new line at each document end. A Chinese character is often split across tokens; decoding the bytes
+    as a whole joins it again. Byte sequences that are not UTF-8 at all (an undertrained model
+    makes them) and an incomplete character at the very end are dropped, never shown as U+FFFD."""
+    data = b"".join(b"\n" if t == EOT_TOKEN else encoding.decode_single_token_bytes(t) for t in tokens)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
+    return decoder.decode(data, final=False)  # holds back only a trailing incomplete character
+
+
+def load_model(cfg):
+    if cfg["init_from"] == "resume":
+        checkpoint = ckpt.load(os.path.join(cfg["out_dir"], ckpt.FILENAME))
+        model = GPT(GPTConfig(**(checkpoint["model_args"] | {"dropout": 0.0})))
+        ckpt.load_model_state(model, checkpoint)
+    else:
+        model = ckpt.gpt2_model(cfg["init_from"], dropout=0.0)
+    return model
+
+
+def main():
+    cfg = parse_args(DEFAULTS, sys.argv[1:])
+    for key in ("num_samples", "max_new_tokens"):
+        if cfg[key] <= 0:
+            raise UserError(f"--{key} must be positive, got {cfg[key]}")
+    if cfg["temperature"] < 0 or cfg["top_k"] < 0:
+        raise UserError("--temperature and --top_k must be zero or positive")
+    device = hardware.pick_device(cfg["device"])
+    dtype = hardware.pick_dtype(cfg["dtype"], device)
+    prompt = read_prompt(cfg["start"])
+    try:
+        encoding = gpt2_encoding()
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(str(e)) from None
+
+    model = load_model(cfg)
+    model.eval().to(device)
+    if cfg["compile"]:
+        model = torch.compile(model)
+    prompt_ids = encoding.encode(prompt, allowed_special={"<|endoftext|>"}) if prompt else [EOT_TOKEN]
+    block = model.config.block_size
+    if len(prompt_ids) > block:
+        print(f"note: the prompt has {len(prompt_ids)} tokens; the model sees only the last {block}", file=sys.stderr)
+    x = torch.tensor(prompt_ids, dtype=torch.long, device=device)[None, :]
+    generator = torch.Generator(device=device).manual_seed(cfg["seed"])
+    with torch.no_grad(), hardware.autocast_context(device, dtype):
+        for _ in range(cfg["num_samples"]):
+            y = model.generate(x, cfg["max_new_tokens"], temperature=cfg["temperature"], top_k=cfg["top_k"] or None,
+                               generator=generator, use_cache=cfg["use_kv_cache"], n_real_vocab=encoding.n_vocab)
+            print(decode_clean(encoding, y[0].tolist()))
+            print("---------------")
+
+
+if __name__ == "__main__":
+    run(main)

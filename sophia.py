@@ -1,0 +1,123 @@
+"""SophiaG: Second-order Clipped Stochastic Optimization, Gauss-Newton-Bartlett variant.
+
+Liu, Li, Hall, Liang, Ma, "Sophia: A Scalable Stochastic Second-order Optimizer for Language Model
+Pre-training" (arXiv 2305.14342), Algorithm 3. Per parameter, every step:
+
+    p <- p * (1 - lr * weight_decay)                   decoupled weight decay
+    m <- beta1 * m + (1 - beta1) * g                   momentum
+    p <- p - lr * sign(m) * min(|m| / (rho * bs * h + eps), 1)
+
+and, when the training loop calls update_hessian() after a backward pass on labels sampled from
+the model (every k steps), h <- beta2 * h + (1 - beta2) * g_hat * g_hat.
+
+`bs` is the number of tokens in one optimizer step: the loss is a mean over tokens, so g_hat^2 is
+the GNB estimate divided by bs, and rho * bs puts it back on the paper's scale.
+
+Before the first update_hessian() h is zero and every coordinate is clipped, so the step is
+lr * sign(m): sign momentum. A loop that never calls update_hessian() (the project this one is
+modelled on) therefore runs sign momentum, not Sophia.
+
+All parameters of a group are updated with torch._foreach_* multi-tensor ops, and nothing in
+step() waits for the device: the statistics are kept as tensors and read only when asked.
+"""
+import torch
+
+
+class SophiaG(torch.optim.Optimizer):
+    def __init__(self, params, lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=1e-1, eps=1e-15):
+        if not lr >= 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        for i, beta in enumerate(betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {beta} (must be in [0, 1))")
+        if not rho >= 0.0:
+            raise ValueError(f"Invalid rho parameter: {rho}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not eps > 0.0:
+            raise ValueError(f"Invalid eps value: {eps}")
+        defaults = dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, eps=eps)
+        super().__init__(params, defaults)
+        self.track_stats = False
+        self._stats = None
+
+    def _state_for(self, p):
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def update_hessian(self):
+        """h <- beta2 * h + (1 - beta2) * g * g, with g the gradients now in .grad (those of the
+        loss on labels sampled from the model)."""
+        for group in self.param_groups:
+            beta2 = group["betas"][1]
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            hessians = [self._state_for(p)["hessian"] for p in params]
+            grads = [p.grad for p in params]
+            torch._foreach_mul_(hessians, beta2)
+            torch._foreach_addcmul_(hessians, grads, grads, value=1 - beta2)
+
+    @torch.no_grad()
+    def step(self, closure=None, bs=5120):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        stats = [] if self.track_stats else None
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("SophiaG does not support sparse gradients")
+            states = [self._state_for(p) for p in params]
+            grads = [p.grad for p in params]
+            exp_avgs = [s["exp_avg"] for s in states]
+            hessians = [s["hessian"] for s in states]
+            torch._foreach_add_([s["step"] for s in states], 1.0)
+            beta1 = group["betas"][0]
+            lr, rho, wd, eps = group["lr"], group["rho"], group["weight_decay"], group["eps"]
+
+            if wd != 0:
+                torch._foreach_mul_(params, 1 - lr * wd)
+            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)  # m <- beta1*m + (1-beta1)*g
+
+            # ratio = min(|m| / (rho * bs * h + eps), 1)
+            denominators = torch._foreach_mul(hessians, rho * bs)
+            torch._foreach_add_(denominators, eps)
+            ratios = torch._foreach_abs(exp_avgs)
+            torch._foreach_div_(ratios, denominators)
+            torch._foreach_clamp_max_(ratios, 1.0)
+            if stats is not None:
+                stats.append(_step_statistics(ratios, hessians))
+            signs = torch._foreach_sign(exp_avgs)
+            torch._foreach_addcmul_(params, signs, ratios, value=-lr)
+        if stats:
+            self._stats = stats
+        return loss
+
+    def statistics(self):
+        """Of the last step taken with track_stats on: win_rate (fraction of coordinates not
+        clipped; the authors advise keeping it between 0.1 and 0.5), clip_rate (1 - win_rate),
+        and hessian_norm (L2 norm of the Hessian EMA over all parameters). Reads the device."""
+        if not self._stats:
+            return {}
+        not_clipped = sum(s[0] for s in self._stats).item()
+        total = sum(s[1] for s in self._stats)
+        hessian_norm = sum(s[2] for s in self._stats).sqrt().item()
+        win_rate = not_clipped / total
+        return {"win_rate": win_rate, "clip_rate": 1.0 - win_rate, "hessian_norm": hessian_norm}
+
+
+def _step_statistics(ratios, hessians):
+    """(count of unclipped coordinates, count of coordinates, squared Hessian norm) as tensors."""
+    not_clipped = sum((r < 1.0).sum() for r in ratios)
+    total = sum(r.numel() for r in ratios)
+    hessian_sq = sum(torch.linalg.vector_norm(h, dtype=torch.float32) ** 2 for h in hessians)
+    return not_clipped, total, hessian_sq

@@ -1,0 +1,379 @@
+"""Train a GPT on token files from prepare.py, with AdamW, SophiaG or Muon. One loop for all.
+
+    python train.py config/train_tiny_zh_cpu.py
+    python train.py config/train_tiny_zh_cpu.py --optimizer=sophiag --learning_rate=3e-4
+    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_small_sophiag.py
+
+gradient_accumulation_steps is per process: tokens per optimizer step are
+batch_size * block_size * gradient_accumulation_steps * world_size (printed at start).
+"""
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import checkpoint as ckpt
+import hardware
+from cli import UserError, run
+from configurator import parse_args
+from data import TokenData
+from model import GPT, GPTConfig
+from run_log import RunLog
+
+DEFAULTS = dict(
+    # output and evaluation
+    out_dir="out",
+    eval_interval=2000,
+    log_interval=1,
+    eval_iters=200,  # batches per evaluation; val uses consecutive windows, 0 = the whole split
+    eval_only=False,
+    always_save_checkpoint=True,  # save at every evaluation, not only when val loss improves
+    ckpt_interval=0,  # also save every N iterations whatever the val loss (0 = off)
+    keep_best_checkpoint=False,  # also keep ckpt_best.pt, the checkpoint with the best val loss
+    init_from="scratch",  # scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a transformers folder
+    # logging
+    wandb_log=False,
+    wandb_project="open-gpt-training",
+    wandb_run_name="run",
+    tensorboard_log=False,
+    # data
+    dataset="zh_default",
+    data_dir="",  # default data/<dataset>
+    gradient_accumulation_steps=40,  # per process
+    batch_size=12,
+    block_size=1024,
+    # model
+    n_layer=12,
+    n_head=12,
+    n_embd=768,
+    dropout=0.0,
+    bias=False,
+    # optimizer
+    optimizer="adamw",  # adamw | sophiag | muon
+    learning_rate=6e-4,
+    max_iters=600000,
+    weight_decay=1e-1,
+    beta1=0.9,
+    beta2=0.95,
+    grad_clip=1.0,  # 0 = no clipping
+    rho=0.04,  # SophiaG's clipping threshold scale
+    hess_interval=10,  # SophiaG: update the Hessian EMA every k steps; 0 = never (sign momentum)
+    hess_accumulation_steps=1,  # micro-batches per process in a Hessian estimate (the authors use 1)
+    # learning-rate schedule: linear warmup, then cosine decay to min_lr at lr_decay_iters
+    decay_lr=True,
+    warmup_iters=2000,
+    lr_decay_iters=600000,
+    min_lr=6e-5,
+    # faults
+    max_bad_steps=10,  # stop after this many consecutive steps with a non-finite loss or gradient
+    # system
+    backend="auto",  # DDP backend: nccl on CUDA, gloo otherwise
+    device="auto",  # auto | cpu | cuda | cuda:N | mps
+    dtype="auto",  # auto | float32 | bfloat16 | float16
+    compile=False,
+    seed=1337,
+)
+
+
+def learning_rate_at(it, cfg):
+    """Linear warmup for warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if not cfg["decay_lr"]:
+        return cfg["learning_rate"]
+    if it < cfg["warmup_iters"]:
+        return cfg["learning_rate"] * (it + 1) / (cfg["warmup_iters"] + 1)
+    if it >= cfg["lr_decay_iters"]:
+        return cfg["min_lr"]
+    progress = (it - cfg["warmup_iters"]) / (cfg["lr_decay_iters"] - cfg["warmup_iters"])
+    coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg["min_lr"] + coeff * (cfg["learning_rate"] - cfg["min_lr"])
+
+
+def check_config(cfg):
+    positive = ("batch_size", "block_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd",
+                "log_interval", "eval_interval", "hess_accumulation_steps", "max_bad_steps")
+    for key in positive:
+        if cfg[key] <= 0:
+            raise UserError(f"--{key} must be positive, got {cfg[key]}")
+    for key in ("max_iters", "warmup_iters", "eval_iters", "ckpt_interval", "hess_interval", "lr_decay_iters"):
+        if cfg[key] < 0:
+            raise UserError(f"--{key} must be zero or positive, got {cfg[key]}")
+    if cfg["n_embd"] % cfg["n_head"] != 0:
+        raise UserError(f"--n_embd={cfg['n_embd']} must be divisible by --n_head={cfg['n_head']}")
+    if not 0.0 <= cfg["dropout"] < 1.0:
+        raise UserError(f"--dropout must be in [0, 1), got {cfg['dropout']}")
+    if cfg["optimizer"] not in ("adamw", "sophiag", "muon"):
+        raise UserError(f"unknown --optimizer={cfg['optimizer']}; choose adamw, sophiag or muon")
+    if cfg["decay_lr"] and cfg["lr_decay_iters"] <= cfg["warmup_iters"]:
+        raise UserError(f"--lr_decay_iters ({cfg['lr_decay_iters']}) must exceed --warmup_iters ({cfg['warmup_iters']})")
+    if cfg["learning_rate"] <= 0 or cfg["min_lr"] < 0:
+        raise UserError("--learning_rate must be positive and --min_lr zero or positive")
+
+
+def setup_distributed(cfg):
+    """(rank, local_rank, world_size); initialises the process group under torchrun."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return 0, 0, 1
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    device = hardware.pick_device(cfg["device"])
+    backend = cfg["backend"]
+    if backend == "auto":
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=backend)
+    return rank, local_rank, world_size
+
+
+class StopRequest:
+    """Remembers SIGTERM/SIGINT so the loop can checkpoint at the next step boundary and exit."""
+
+    def __init__(self):
+        self.signal_name = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None:  # a second signal: the user means it
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+
+def main():
+    cfg = parse_args(DEFAULTS, sys.argv[1:])
+    check_config(cfg)
+    rank, local_rank, world_size = setup_distributed(cfg)
+    is_master = rank == 0
+    device = hardware.pick_device(cfg["device"])
+    if device == "cuda" and world_size > 1:
+        device = f"cuda:{local_rank}"
+    device_type = device.split(":")[0]
+    dtype = hardware.pick_dtype(cfg["dtype"], device)
+    if device_type == "cpu":
+        hardware.keep_freed_memory()
+    if cfg["compile"] and not hasattr(torch, "compile"):
+        raise UserError("--compile=True needs torch.compile (PyTorch 2.0 or newer); use --compile=False")
+    tokens_per_step = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"] * world_size
+
+    data_dir = cfg["data_dir"] or os.path.join("data", cfg["dataset"])
+    data = TokenData(data_dir, cfg["block_size"])
+
+    random.seed(cfg["seed"] + rank)
+    np.random.seed(cfg["seed"] + rank)
+    torch.manual_seed(cfg["seed"] + rank)
+    batch_generator = torch.Generator().manual_seed(cfg["seed"])  # same on every rank: see data.py
+
+    # the model
+    iter_num, best_val_loss, checkpoint = 0, float("inf"), None
+    model_args = dict(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], block_size=cfg["block_size"],
+                      bias=cfg["bias"], vocab_size=data.padded_vocab_size, dropout=cfg["dropout"])
+    if cfg["init_from"] == "scratch":
+        model = GPT(GPTConfig(**model_args))
+    elif cfg["init_from"] == "resume":
+        checkpoint = ckpt.load(os.path.join(cfg["out_dir"], ckpt.FILENAME))
+        model_args = checkpoint["model_args"] | {"dropout": cfg["dropout"]}
+        if model_args["block_size"] != cfg["block_size"]:
+            raise UserError(f"the checkpoint was trained with block_size {model_args['block_size']}; pass --block_size={model_args['block_size']}")
+        model = GPT(GPTConfig(**model_args))
+        ckpt.load_model_state(model, checkpoint)
+        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+    else:
+        model = ckpt.gpt2_model(cfg["init_from"], cfg["dropout"])
+        if cfg["block_size"] > model.config.block_size:
+            raise UserError(f"--block_size={cfg['block_size']} exceeds {cfg['init_from']}'s {model.config.block_size}")
+        model.crop_block_size(cfg["block_size"])
+        model_args = {k: getattr(model.config, k) for k in model_args}
+    if model.config.vocab_size < data.vocab_size:
+        raise UserError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the data's ({data.vocab_size})")
+    model.to(device)
+
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+    optimizer = model.configure_optimizers(cfg["optimizer"], cfg["weight_decay"], cfg["learning_rate"],
+                                           (cfg["beta1"], cfg["beta2"]), device_type, rho=cfg["rho"])
+    if checkpoint is not None:
+        ckpt.restore_training_state(checkpoint, optimizer, scaler, batch_generator, rank)
+        checkpoint = None  # free the memory
+    uses_hessian = cfg["optimizer"] == "sophiag" and cfg["hess_interval"] > 0
+
+    raw_model = model
+    if cfg["compile"]:
+        model = torch.compile(model)
+    if world_size > 1:
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    autocast = hardware.autocast_context(device, dtype)
+    log = RunLog(cfg, is_master)
+    stop = StopRequest()
+
+    if is_master:
+        os.makedirs(cfg["out_dir"], exist_ok=True)
+        log.text(f"tokens per optimizer step: {tokens_per_step:,} = {cfg['batch_size']} batch x {cfg['block_size']} block "
+                 f"x {cfg['gradient_accumulation_steps']} accumulation x {world_size} processes")
+        log.text(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters, {cfg['optimizer']} optimizer, "
+                 f"device {device} ({hardware.device_name(device)}), dtype {dtype}")
+        if cfg["optimizer"] == "sophiag":
+            log.text(f"SophiaG: Hessian EMA updated every {cfg['hess_interval']} steps" if uses_hessian else
+                     "SophiaG with hess_interval=0: the Hessian is never estimated, so every step is sign momentum")
+    peak, peak_source = hardware.peak_flops(device, dtype) if is_master else (0.0, "")
+
+    def micro_batches(split_generator, count):
+        """This rank's `count` micro-batches of the step, on the device."""
+        xs, ys = data.train_micro_batches(split_generator, cfg["batch_size"], count, rank, world_size)
+        return [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in zip(xs, ys)]
+
+    def save_checkpoint(path_name):
+        state = ckpt.training_state(raw_model, optimizer, scaler, model_args, iter_num, best_val_loss, cfg, batch_generator)
+        ckpt.save(state, os.path.join(cfg["out_dir"], path_name))
+
+    def sync_context(micro_step, count):
+        """DDP all-reduces gradients only on the last micro-step; the others accumulate locally."""
+        if world_size > 1 and micro_step < count - 1:
+            return model.no_sync()
+        return nullcontext()
+
+    def estimate_hessian():
+        n = cfg["hess_accumulation_steps"]
+        for micro_step, (x, _) in enumerate(micro_batches(batch_generator, n)):
+            with sync_context(micro_step, n), autocast:
+                _, loss = model(x, None, sample_labels_from_vocab=data.vocab_size)
+                loss = loss / n
+            scaler.scale(loss).backward()
+        grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
+        if scaler.is_enabled():  # the GradScaler scaled these gradients: undo it, skip on overflow
+            torch._foreach_div_(grads, scaler.get_scale())
+            if not all(torch.isfinite(g).all() for g in grads):
+                optimizer.zero_grad(set_to_none=True)
+                return
+        optimizer.update_hessian()
+        optimizer.zero_grad(set_to_none=True)
+
+    bad_steps, total_bad_steps = 0, 0
+    t_last, iters_since_log = time.perf_counter(), 0
+    while True:
+        lr = learning_rate_at(iter_num, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        if iter_num % cfg["eval_interval"] == 0 and is_master:
+            losses = evaluate(raw_model, data, cfg, device, autocast)
+            log.event("eval", iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr)
+            log.text(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            if losses["val"] < best_val_loss:
+                best_val_loss = losses["val"]
+                if iter_num > 0 and cfg["keep_best_checkpoint"]:
+                    save_checkpoint(ckpt.BEST_FILENAME)
+            if iter_num > 0 and (cfg["always_save_checkpoint"] or losses["val"] <= best_val_loss):
+                save_checkpoint(ckpt.FILENAME)
+                log.text(f"saved checkpoint to {cfg['out_dir']}/{ckpt.FILENAME}")
+            t_last, iters_since_log = time.perf_counter(), 0  # evaluation time is not training time
+        if cfg["eval_only"] or iter_num >= cfg["max_iters"]:
+            break
+
+        # one optimizer step: forward/backward over the micro-batches, DDP syncing on the last
+        ga = cfg["gradient_accumulation_steps"]
+        loss_sum = torch.zeros((), device=device)
+        for micro_step, (x, y) in enumerate(micro_batches(batch_generator, ga)):
+            with sync_context(micro_step, ga), autocast:
+                _, loss = model(x, y)
+                loss = loss / ga  # the gradient of the mean over micro-batches
+            loss_sum += loss.detach()
+            scaler.scale(loss).backward()
+        if cfg["grad_clip"] > 0:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"])
+        else:
+            grad_norm = torch.zeros(())
+        step_is_finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm))
+        if step_is_finite or scaler.is_enabled():
+            # with fp16 the GradScaler skips steps whose gradients overflowed and lowers its scale;
+            # that is routine, not a fault
+            if cfg["optimizer"] == "sophiag":
+                optimizer.track_stats = iter_num % cfg["log_interval"] == 0 and is_master
+                scaler.step(optimizer, bs=tokens_per_step)
+            else:
+                scaler.step(optimizer)
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if step_is_finite or (scaler.is_enabled() and bool(torch.isfinite(loss_sum))):
+            bad_steps = 0
+        else:
+            bad_steps += 1
+            total_bad_steps += 1
+            log.text(f"iter {iter_num}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
+            if bad_steps >= cfg["max_bad_steps"]:
+                raise UserError(f"{bad_steps} consecutive steps had a non-finite loss or gradient; stopped at iter {iter_num}. "
+                                f"The last good checkpoint in {cfg['out_dir']} is intact; lower --learning_rate or use --dtype=float32")
+
+        if uses_hessian and iter_num % cfg["hess_interval"] == cfg["hess_interval"] - 1:
+            estimate_hessian()
+
+        iter_num += 1
+        iters_since_log += 1
+        if (iter_num - 1) % cfg["log_interval"] == 0:
+            if world_size > 1:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            t_now = time.perf_counter()
+            dt, t_last, iters_since_log = (t_now - t_last) / iters_since_log, t_now, 0
+            if is_master:
+                flops = raw_model.flops_per_token() * tokens_per_step / dt
+                stats = optimizer.statistics() if cfg["optimizer"] == "sophiag" else {}
+                fields = dict(iter=iter_num - 1, loss=loss_sum.item(), lr=lr, time_ms=dt * 1000,
+                              tokens_per_sec=tokens_per_step / dt, mfu=flops / peak, grad_norm=float(grad_norm),
+                              bad_steps=total_bad_steps, **stats)
+                log.event("train", **fields)
+                extra = "".join(f", {k} {v:.3f}" for k, v in stats.items() if k == "win_rate")
+                log.text(f"iter {iter_num - 1}: loss {fields['loss']:.4f}, time {dt * 1000:.2f}ms, "
+                         f"mfu {fields['mfu'] * 100:.2f}%{extra}")
+
+        if stop_requested(stop, world_size, device):
+            if is_master:
+                save_checkpoint(ckpt.FILENAME)
+                log.text(f"received {stop.signal_name or 'a stop request'}: saved {cfg['out_dir']}/{ckpt.FILENAME} at iter {iter_num}; "
+                         f"continue with the same command plus --init_from=resume")
+            break
+        if cfg["ckpt_interval"] and iter_num % cfg["ckpt_interval"] == 0 and is_master:
+            save_checkpoint(ckpt.FILENAME)
+
+    log.close()
+    if is_master and peak_source:
+        print(f"MFU is against {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+def stop_requested(stop, world_size, device):
+    """Whether any rank got SIGTERM/SIGINT; all ranks agree, so none is left waiting."""
+    if world_size == 1:
+        return stop.signal_name is not None
+    flag = torch.tensor([1.0 if stop.signal_name else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+@torch.no_grad()
+def evaluate(model, data, cfg, device, autocast):
+    """Mean loss on eval_iters train batches (the same windows every time) and on the val split's
+    consecutive windows (all of them when eval_iters is 0)."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        loss_sum, n_tokens = 0.0, 0
+        for x, y in data.eval_batches(split, cfg["batch_size"], cfg["eval_iters"]):
+            with autocast:
+                _, loss = model(x.to(device), y.to(device))
+            loss_sum += loss.item() * y.numel()  # the last batch may be short: weight by tokens
+            n_tokens += y.numel()
+        out[split] = loss_sum / n_tokens
+    model.train()
+    return out
+
+
+if __name__ == "__main__":
+    run(main)

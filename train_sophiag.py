@@ -1,0 +1,10 @@
+"""train.py with --optimizer=sophiag as the default, so the Sophia project's command lines work:
+
+    torchrun --standalone --nproc_per_node=8 train_sophiag.py config/train_gpt2_small_sophiag.py --batch_size=12 --gradient_accumulation_steps=5
+"""
+import train
+from cli import run
+
+if __name__ == "__main__":
+    train.DEFAULTS["optimizer"] = "sophiag"
+    run(train.main)
