@@ -92,8 +92,10 @@ def peak_flops(device, dtype):
 
 def measured_matmul_flops(device, dtype, size=1024, seconds=0.3):
     torch_dtype = DTYPES[dtype]
-    a = torch.randn(size, size, device=device, dtype=torch_dtype)
-    b = torch.randn(size, size, device=device, dtype=torch_dtype)
+    # a private generator: measuring must not move the training run's random state
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=torch_dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=torch_dtype, generator=generator)
     best = float("inf")
     deadline = time.perf_counter() + seconds
     for _ in range(100):

@@ -33,17 +33,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_rows, compute_dtype, ignore_index, need_grad):
         n_rows = hidden.shape[0]
+        # logits, softmax and the accumulated gradients are at least float32, whatever the matmul dtype
+        acc_dtype = torch.promote_types(compute_dtype, torch.float32)
         valid = targets != ignore_index
-        n_valid = valid.sum().clamp(min=1).to(torch.float32)
+        n_valid = valid.sum().clamp(min=1).to(acc_dtype)
         # One cast of the (small) operands up front; the big per-chunk tensors are made in place.
         hidden_c = hidden.to(compute_dtype)
         weight_c = weight.to(compute_dtype)
-        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden, dtype=torch.float32) if need_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        loss_sum = torch.zeros((), dtype=acc_dtype, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden, dtype=acc_dtype) if need_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=acc_dtype) if need_grad else None
         for start in range(0, n_rows, chunk_rows):
             rows = slice(start, min(start + chunk_rows, n_rows))
-            logits = (hidden_c[rows] @ weight_c.t()).float()
+            logits = (hidden_c[rows] @ weight_c.t()).to(acc_dtype)
             chunk_valid = valid[rows]
             safe_targets = targets[rows].clamp(min=0).unsqueeze(1)
             target_logit = logits.gather(1, safe_targets).squeeze(1)

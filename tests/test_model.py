@@ -1,0 +1,124 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from head_loss import linear_cross_entropy
+from model import GPT, GPTConfig
+
+
+def tiny_gpt(**overrides):
+    torch.manual_seed(0)
+    args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=320, dropout=0.0, bias=True) | overrides
+    return GPT(GPTConfig(**args)).eval()
+
+
+def test_output_shapes():
+    model = tiny_gpt()
+    idx = torch.randint(0, 320, (3, 10))
+    logits, loss = model(idx)
+    assert logits.shape == (3, 1, 320) and loss is None
+    logits, loss = model(idx, idx)
+    assert logits is None and loss.shape == ()
+    assert model.full_logits(idx).shape == (3, 10, 320)
+
+
+def test_loss_at_initialisation_is_near_uniform():
+    model = tiny_gpt(vocab_size=50304, n_embd=64)
+    idx = torch.randint(0, 50257, (4, 16))
+    _, loss = model(idx, torch.randint(0, 50257, (4, 16)))
+    assert abs(loss.item() - math.log(50304)) < 0.1
+
+
+def test_loss_equals_cross_entropy_of_the_full_logits():
+    model = tiny_gpt()
+    idx, targets = torch.randint(0, 320, (2, 16)), torch.randint(0, 320, (2, 16))
+    _, loss = model(idx, targets)
+    expected = F.cross_entropy(model.full_logits(idx).flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_rows", [3, 7, 1000])
+def test_chunked_head_loss_matches_the_materialised_logits_in_value_and_gradients(chunk_rows):
+    torch.manual_seed(1)
+    hidden = torch.randn(20, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (20,))
+    targets[[2, 11]] = -1  # ignored positions
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=chunk_rows)
+    loss.backward()
+    h_ref, w_ref = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    expected = F.cross_entropy(h_ref @ w_ref.t(), targets, ignore_index=-1)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(hidden.grad, h_ref.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(weight.grad, w_ref.grad, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # evaluation skips the gradient work but gives the same value
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, chunk_rows=chunk_rows), expected.detach())
+
+
+def test_chunked_head_loss_under_bfloat16_autocast_stays_close_to_float32():
+    torch.manual_seed(2)
+    hidden = torch.randn(64, 32, requires_grad=True)
+    weight = (torch.randn(500, 32) * 0.2).requires_grad_()
+    targets = torch.randint(0, 500, (64,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, targets)
+    loss.backward()
+    expected = F.cross_entropy(hidden.detach() @ weight.detach().t(), targets)
+    assert loss.dtype == torch.float32 and hidden.grad.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_from_pretrained_matches_transformers_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(3)
+    hf_config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=24, vocab_size=300)
+    hf_model = transformers.GPT2LMHeadModel(hf_config).eval()
+    hf_model.save_pretrained(tmp_path)
+    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    idx = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        diff = (ours.full_logits(idx) - hf_model(idx).logits).abs().max().item()
+    assert diff < 1e-4
+
+
+def test_crop_block_size_shrinks_the_position_table():
+    model = tiny_gpt()
+    model.crop_block_size(8)
+    assert model.transformer.wpe.weight.shape[0] == 8
+    with pytest.raises(ValueError):
+        model.crop_block_size(32)
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.0, None), (1.0, 5), (0.8, None)])
+def test_kv_cache_generates_the_same_tokens(temperature, top_k):
+    model = tiny_gpt()
+    prompt = torch.randint(0, 320, (2, 5))
+    outputs = []
+    for use_cache in (True, False):
+        generator = torch.Generator().manual_seed(42)
+        outputs.append(model.generate(prompt, 30, temperature=temperature, top_k=top_k, generator=generator,
+                                      use_cache=use_cache))
+    assert outputs[0].shape == (2, 35)  # longer than block_size 16: the window slides
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_generation_never_draws_padding_tokens():
+    model = tiny_gpt()
+    with torch.no_grad():
+        model.lm_head.weight[300:] += 5.0  # padding rows would win every draw
+    out = model.generate(torch.zeros(1, 1, dtype=torch.long), 20, temperature=1.0, n_real_vocab=300,
+                         generator=torch.Generator().manual_seed(0))
+    assert out.max().item() < 300
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(n_embd=30, n_head=4), "divisible"),
+    (dict(block_size=0), "block_size must be positive"),
+    (dict(dropout=1.0), "dropout"),
+])
+def test_config_validation(args, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**args)

@@ -1,0 +1,51 @@
+import pytest
+
+import sample
+from conftest import TINY_MODEL_ARGS, assert_user_error, run_script
+from tokenizer import gpt2_encoding
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sample_run")
+    result = run_script("train.py", f"--data_dir={tiny_data}", f"--out_dir={out}", *TINY_MODEL_ARGS, "--max_iters=30",
+                        "--lr_decay_iters=30", "--warmup_iters=2", "--eval_interval=30", "--eval_iters=1",
+                        "--learning_rate=1e-2", "--log_interval=10")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_sample_prints_valid_utf8_chinese(trained_run, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("滚滚长江", encoding="utf-8")
+    result = run_script("sample.py", f"--out_dir={trained_run}", f"--start=FILE:{prompt}", "--num_samples=2",
+                        "--max_new_tokens=40", "--device=cpu")
+    assert result.returncode == 0, result.stderr
+    samples = result.stdout.split("---------------\n")
+    assert len(samples) == 3 and samples[-1] == ""
+    assert all(s.startswith("滚滚长江") for s in samples[:2])
+    assert "\ufffd" not in result.stdout
+    result.stdout.encode("utf-8")  # printable as UTF-8
+
+
+def test_same_seed_gives_the_same_samples_with_and_without_kv_cache(trained_run):
+    runs = [run_script("sample.py", f"--out_dir={trained_run}", "--start=浪花", "--num_samples=1",
+                       "--max_new_tokens=20", "--device=cpu", "--seed=5", f"--use_kv_cache={cache}") for cache in (True, False)]
+    assert runs[0].returncode == 0 and runs[0].stdout == runs[1].stdout
+
+
+def test_characters_split_across_tokens_decode_cleanly():
+    encoding = gpt2_encoding()
+    text = "滚滚长江东逝水"
+    ids = encoding.encode(text)
+    assert any("\ufffd" in encoding.decode([t]) for t in ids)  # single tokens hold partial characters
+    assert sample.decode_clean(encoding, ids) == text
+    # a character cut off at the very end is dropped, not shown as U+FFFD
+    cut = encoding.encode("长")[:-1]
+    assert sample.decode_clean(encoding, encoding.encode("江") + cut) == "江"
+
+
+def test_start_file_that_is_missing_or_a_folder(trained_run, tmp_path):
+    assert_user_error(run_script("sample.py", f"--out_dir={trained_run}", f"--start=FILE:{tmp_path / 'none.txt'}"),
+                      "prompt file", "not found")
+    assert_user_error(run_script("sample.py", f"--out_dir={trained_run}", f"--start=FILE:{tmp_path}"), "is a folder")
