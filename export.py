@@ -112,6 +112,7 @@ def gpt2_config(config):
     return GPT2Config(
         vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
         n_layer=config.n_layer, n_head=config.n_head, n_inner=4 * config.n_embd,
+        scale_attn_by_inverse_layer_idx=config.scale_attn_by_inverse_layer_idx,
         activation_function="gelu_new",  # GPT-2's tanh-approximated GELU, as our MLP's F.gelu(approximate="tanh")
         layer_norm_epsilon=1e-5,  # nn.LayerNorm's default
         # The dropout the model was trained with: it does nothing in eval mode, and fine-tuning the

@@ -49,7 +49,8 @@ def pick_dtype(requested, device):
     """'auto' -> bfloat16 on GPUs that support it, float16 on older CUDA GPUs, else float32."""
     if requested == "auto":
         if device.startswith("cuda"):
-            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+            # a T4 (sm 7.5) only emulates bfloat16, slowly; by default the check counts emulation as support
+            return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
         return "float32"
     if requested not in DTYPES:
         raise UserError(f"unknown --dtype={requested}; use float32, bfloat16, float16 or auto")

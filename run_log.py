@@ -10,7 +10,7 @@ import torch
 
 
 class RunLog:
-    def __init__(self, config, enabled):
+    def __init__(self, config, enabled, machine=None):
         self.enabled = enabled
         self.file = self.tensorboard = self.wandb = None
         if not enabled:
@@ -19,7 +19,7 @@ class RunLog:
         # a resumed run appends to its own log; a new run starts a new one
         mode = "a" if config["init_from"] == "resume" else "w"
         self.file = open(os.path.join(config["out_dir"], "metrics.jsonl"), mode, encoding="utf-8", buffering=1)
-        self.event("config", config=config, argv=sys.argv, python=platform.python_version(),
+        self.event("config", config=config, machine=machine, argv=sys.argv, python=platform.python_version(),
                    torch=torch.__version__, platform=platform.platform())
         if config["tensorboard_log"]:
             self.tensorboard = _open_tensorboard(config["out_dir"])

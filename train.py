@@ -57,6 +57,7 @@ DEFAULTS = dict(
     n_embd=768,
     dropout=0.0,
     bias=False,
+    scale_attn_by_inverse_layer_idx=False,
     # optimizer
     optimizer="adamw",  # adamw | sophiag | muon
     learning_rate=6e-4,
@@ -174,7 +175,8 @@ def main():
     # the model
     iter_num, best_val_loss, checkpoint = 0, float("inf"), None
     model_args = dict(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], block_size=cfg["block_size"],
-                      bias=cfg["bias"], vocab_size=data.padded_vocab_size, dropout=cfg["dropout"])
+                      bias=cfg["bias"], vocab_size=data.padded_vocab_size, dropout=cfg["dropout"],
+                      scale_attn_by_inverse_layer_idx=cfg["scale_attn_by_inverse_layer_idx"])
     if cfg["init_from"] == "scratch":
         model = GPT(GPTConfig(**model_args))
     elif cfg["init_from"] == "resume":
@@ -209,7 +211,7 @@ def main():
     if world_size > 1:
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
     autocast = hardware.autocast_context(device, dtype)
-    log = RunLog(cfg, is_master)
+    log = RunLog(cfg, is_master, machine=hardware.device_name(device))
     stop = StopRequest()
 
     if is_master:

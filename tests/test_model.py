@@ -71,10 +71,12 @@ def test_chunked_head_loss_under_bfloat16_autocast_stays_close_to_float32():
     torch.testing.assert_close(loss, expected, rtol=2e-2, atol=2e-2)
 
 
-def test_from_pretrained_matches_transformers_logits(tmp_path):
+@pytest.mark.parametrize("scale_by_layer", [False, True])
+def test_from_pretrained_matches_transformers_logits(tmp_path, scale_by_layer):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(3)
-    hf_config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=24, vocab_size=300)
+    hf_config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=24, vocab_size=300,
+                                        scale_attn_by_inverse_layer_idx=scale_by_layer)
     hf_model = transformers.GPT2LMHeadModel(hf_config).eval()
     hf_model.save_pretrained(tmp_path)
     ours = GPT.from_pretrained(str(tmp_path)).eval()
