@@ -154,17 +154,19 @@ class GPT(nn.Module):
             x = block(x, kv_caches[i] if kv_caches is not None else None)
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None, sample_labels_from_vocab=0):
+    def forward(self, idx, targets=None, sample_labels_from_vocab=0, label_generator=None):
         """With targets: (None, mean loss), the loss computed without the full logits.
-        With sample_labels_from_vocab=V: (None, mean loss on labels drawn from the model's own
-        softmax over the first V tokens), the Gauss-Newton-Bartlett loss whose gradient SophiaG's
-        Hessian update needs (Liu et al. 2023, Alg. 2). It goes through forward so that DDP syncs it.
+        With sample_labels_from_vocab=V: (None, mean loss on labels drawn with label_generator from
+        the model's own softmax over the first V tokens), the Gauss-Newton-Bartlett loss whose
+        gradient SophiaG's Hessian update needs (Liu et al. 2023, Alg. 2). It goes through forward
+        so that DDP syncs it.
         Otherwise: (logits of the last position, (B, 1, vocab), None), what generation needs."""
         x = self.hidden_states(idx)
         weight = self.lm_head.weight
         if sample_labels_from_vocab:
             x = x.flatten(0, 1)
-            return None, linear_cross_entropy(x, weight, sample_labels(x.detach(), weight, sample_labels_from_vocab))
+            labels = sample_labels(x.detach(), weight, sample_labels_from_vocab, label_generator)
+            return None, linear_cross_entropy(x, weight, labels)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
         return None, linear_cross_entropy(x.flatten(0, 1), weight, targets.flatten())

@@ -10,8 +10,10 @@ Pre-training" (arXiv 2305.14342), Algorithm 3. Per parameter, every step:
 and, when the training loop calls update_hessian() after a backward pass on labels sampled from
 the model (every k steps), h <- beta2 * h + (1 - beta2) * g_hat * g_hat.
 
-`bs` is the number of tokens in one optimizer step: the loss is a mean over tokens, so g_hat^2 is
-the GNB estimate divided by bs, and rho * bs puts it back on the paper's scale.
+`bs` is the number of tokens in one optimizer step, as in the authors' code, and rho is tuned with
+that convention. (The loss is a mean over tokens, so g_hat^2 is the GNB estimate divided by the
+Hessian batch's token count; the training loop estimates it on one micro-batch per process, so
+rho * bs restores the paper's scale up to the factor gradient_accumulation_steps / hess_accumulation_steps.)
 
 Before the first update_hessian() h is zero and every coordinate is clipped, so the step is
 lr * sign(m): sign momentum. A loop that never calls update_hessian() (the project this one is

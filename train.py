@@ -242,9 +242,15 @@ def main():
 
     def estimate_hessian():
         n = cfg["hess_accumulation_steps"]
-        for micro_step, (x, _) in enumerate(micro_batches(batch_generator, n)):
+        batches = micro_batches(batch_generator, n)
+        # Labels are drawn with one seed per micro-batch taken from the shared batch generator (every
+        # rank draws all ranks' seeds and keeps its own), not from the per-rank global RNG: so 2
+        # processes sample the labels of 1 process with twice the accumulation, and resume repeats them.
+        label_seeds = torch.randint(2**62, (world_size, n), generator=batch_generator)[rank].tolist()
+        for micro_step, ((x, _), seed) in enumerate(zip(batches, label_seeds)):
+            label_generator = torch.Generator(device).manual_seed(seed)
             with sync_context(micro_step, n), autocast:
-                _, loss = model(x, None, sample_labels_from_vocab=data.vocab_size)
+                _, loss = model(x, None, sample_labels_from_vocab=data.vocab_size, label_generator=label_generator)
                 loss = loss / n
             scaler.scale(loss).backward()
         grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
@@ -292,7 +298,11 @@ def main():
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"])
         else:
             grad_norm = torch.zeros(())
-        step_is_finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm))
+        loss_is_finite = torch.isfinite(loss_sum).float()
+        if world_size > 1:  # every rank must agree to skip, or one would step while another waits
+            dist.all_reduce(loss_is_finite, op=dist.ReduceOp.MIN)
+        loss_is_finite = bool(loss_is_finite)
+        step_is_finite = loss_is_finite and bool(torch.isfinite(grad_norm))
         if step_is_finite or scaler.is_enabled():
             # with fp16 the GradScaler skips steps whose gradients overflowed and lowers its scale;
             # that is routine, not a fault
@@ -303,7 +313,7 @@ def main():
                 scaler.step(optimizer)
             scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        if step_is_finite or (scaler.is_enabled() and bool(torch.isfinite(loss_sum))):
+        if step_is_finite or (scaler.is_enabled() and loss_is_finite):
             bad_steps = 0
         else:
             bad_steps += 1

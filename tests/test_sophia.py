@@ -1,0 +1,349 @@
+"""SophiaG against the paper's formulas, its state and statistics, GNB label sampling, and the
+Hessian estimate inside train.py's loop (float32 and, with a GradScaler, float16)."""
+import io
+import math
+import random
+import signal
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import hardware
+import train
+from conftest import TINY_MODEL_ARGS
+from head_loss import sample_labels
+from sophia import SophiaG
+
+# Two groups that differ in every hyperparameter, and shapes from a scalar to 3-D.
+GROUPS = [dict(lr=0.05, betas=(0.9, 0.95), rho=0.04, weight_decay=0.1),
+          dict(lr=0.02, betas=(0.8, 0.99), rho=0.5, weight_decay=0.0)]
+GROUP_SHAPES = [[(5,), (4, 3)], [(2, 3, 2), ()]]
+TOKENS_PER_STEP = 8  # SophiaG's bs
+# Hessian gradients this large put rho * bs * h near |m|, so some coordinates are clipped and some not.
+HESSIAN_GRAD_SCALE = 4.0
+
+
+# --- reference: written from the paper, not from sophia.py --------------------------------------
+
+def reference_step(p, m, h, g, lr, beta1, rho, weight_decay, bs, eps=1e-15):
+    """One SophiaG step for one tensor, from the formulas of Liu et al. 2023 (arXiv 2305.14342,
+    Algorithm 3) with decoupled weight decay. Returns (p, m, ratio); ratio < 1 means not clipped."""
+    p = p * (1 - lr * weight_decay)
+    m = beta1 * m + (1 - beta1) * g
+    ratio = torch.minimum(m.abs() / (rho * bs * h + eps), torch.ones_like(m))
+    return p - lr * torch.sign(m) * ratio, m, ratio
+
+
+def reference_hessian_update(h, g_hat, beta2):
+    """The Hessian EMA of Algorithm 3: h <- beta2 * h + (1 - beta2) * g_hat * g_hat."""
+    return beta2 * h + (1 - beta2) * g_hat * g_hat
+
+
+class ReferenceSophia:
+    """A plain per-tensor loop in float64 over the same groups as the optimizer under test."""
+
+    def __init__(self, param_groups):
+        self.groups = [dict(group, params=[p.detach().double() for p in group["params"]]) for group in param_groups]
+        self.exp_avgs = [[torch.zeros_like(p) for p in g["params"]] for g in self.groups]
+        self.hessians = [[torch.zeros_like(p) for p in g["params"]] for g in self.groups]
+        self.ratios = None  # of the last step
+
+    def step(self, grads, bs):
+        self.ratios = []
+        for gi, group in enumerate(self.groups):
+            for i, g in enumerate(grads[gi]):
+                group["params"][i], self.exp_avgs[gi][i], ratio = reference_step(
+                    group["params"][i], self.exp_avgs[gi][i], self.hessians[gi][i], g.double(), group["lr"],
+                    group["betas"][0], group["rho"], group["weight_decay"], bs)
+                self.ratios.append(ratio)
+
+    def update_hessian(self, grads):
+        for gi, group in enumerate(self.groups):
+            for i, g in enumerate(grads[gi]):
+                self.hessians[gi][i] = reference_hessian_update(self.hessians[gi][i], g.double(), group["betas"][1])
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+def make_param_groups(seed=0):
+    """GROUPS with float32 parameters of GROUP_SHAPES, |p| in [1, 2] so that relative errors mean
+    something (8 steps move a parameter by at most 0.4)."""
+    generator = torch.Generator().manual_seed(seed)
+    groups = []
+    for hyper, shapes in zip(GROUPS, GROUP_SHAPES):
+        params = []
+        for shape in shapes:
+            magnitude = 1 + torch.rand(shape, generator=generator)
+            sign = torch.where(torch.rand(shape, generator=generator) < 0.5, -1.0, 1.0)
+            params.append(torch.nn.Parameter(magnitude * sign))
+        groups.append(dict(hyper, params=params))
+    return groups
+
+
+def random_grads(param_groups, generator, scale=1.0):
+    """One float32 gradient per parameter, grouped like param_groups."""
+    return [[torch.randn(p.shape, generator=generator) * scale for p in g["params"]] for g in param_groups]
+
+
+def set_grads(param_groups, grads):
+    for group, group_grads in zip(param_groups, grads):
+        for p, g in zip(group["params"], group_grads):
+            p.grad = g.clone()
+
+
+def run_schedule(optimizer, param_groups, generator, n_steps, hess_interval, reference=None):
+    """n_steps steps on fresh random gradients, with a Hessian update on fresh random "sampled-label"
+    gradients after every hess_interval-th step (as train.py does). The reference, if given,
+    sees the same gradients. Returns how many (unclipped, clipped) coordinates the reference saw."""
+    unclipped = clipped = 0
+    for step in range(n_steps):
+        grads = random_grads(param_groups, generator)
+        set_grads(param_groups, grads)
+        optimizer.step(bs=TOKENS_PER_STEP)
+        if reference is not None:
+            reference.step(grads, TOKENS_PER_STEP)
+            unclipped += sum(int((r < 1).sum()) for r in reference.ratios)
+            clipped += sum(int((r >= 1).sum()) for r in reference.ratios)
+        if hess_interval and step % hess_interval == hess_interval - 1:
+            hessian_grads = random_grads(param_groups, generator, HESSIAN_GRAD_SCALE)
+            set_grads(param_groups, hessian_grads)
+            optimizer.update_hessian()
+            if reference is not None:
+                reference.update_hessian(hessian_grads)
+    return unclipped, clipped
+
+
+def max_relative_error(actual, expected):
+    """max |a - b| / |b|; the parameters compared here stay away from zero (see make_param_groups)."""
+    return ((actual.double() - expected).abs() / expected.abs().clamp(min=1e-12)).max().item()
+
+
+def max_error_relative_to_scale(actual, expected):
+    """max |a - b| / max |b|: for state such as momentum, whose coordinates may cross zero."""
+    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp(min=1e-12)).item()
+
+
+def all_params(param_groups):
+    return [p for g in param_groups for p in g["params"]]
+
+
+# --- the optimizer ------------------------------------------------------------------------------
+
+def test_sophiag_matches_the_papers_update_in_float64():
+    param_groups = make_param_groups()
+    optimizer = SophiaG(param_groups)
+    reference = ReferenceSophia(param_groups)
+    unclipped, clipped = run_schedule(optimizer, param_groups, torch.Generator().manual_seed(1), n_steps=8,
+                                      hess_interval=3, reference=reference)
+    # both branches of min(., 1) were taken, or this would only test sign momentum
+    assert unclipped >= 10 and clipped >= 10, (unclipped, clipped)
+
+    actual_params = all_params(optimizer.param_groups)
+    expected_params = [p for g in reference.groups for p in g["params"]]
+    assert max(max_relative_error(a, b) for a, b in zip(actual_params, expected_params)) < 1e-6
+    expected_m = [m for group in reference.exp_avgs for m in group]
+    expected_h = [h for group in reference.hessians for h in group]
+    for p, m, h in zip(actual_params, expected_m, expected_h):
+        assert max_error_relative_to_scale(optimizer.state[p]["exp_avg"], m) < 1e-6
+        assert max_error_relative_to_scale(optimizer.state[p]["hessian"], h) < 1e-6
+        assert optimizer.state[p]["step"].item() == 8
+
+
+def test_without_a_hessian_estimate_the_step_is_sign_momentum():
+    """hess_interval=0: h stays zero, every coordinate is clipped, and the step is lr * sign(m)
+    whatever the size of the gradient."""
+    lr, weight_decay, beta1 = 0.01, 0.1, 0.9
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0, -4.0]))
+    optimizer = SophiaG([p], lr=lr, betas=(beta1, 0.99), weight_decay=weight_decay)
+    m = torch.zeros(4)
+    # gradients from 1e-8 to 1e3, and a second step that flips the sign of m in two coordinates
+    for grad in (torch.tensor([1e-8, -1e-3, 5.0, -1e3]), torch.tensor([-1e-6, -1.0, -1e3, 1e-2])):
+        expected = p.detach() * (1 - lr * weight_decay) - lr * torch.sign(beta1 * m + (1 - beta1) * grad)
+        m = beta1 * m + (1 - beta1) * grad
+        p.grad = grad
+        optimizer.step(bs=5120)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-7, atol=0)
+    assert torch.equal(torch.sign(m), torch.tensor([-1.0, -1.0, -1.0, -1.0]))  # the flip happened
+    assert torch.count_nonzero(optimizer.state[p]["hessian"]) == 0
+
+
+def test_state_dict_round_trip_continues_bit_identically():
+    param_groups = make_param_groups()
+    optimizer = SophiaG(param_groups)
+    generator = torch.Generator().manual_seed(2)
+    run_schedule(optimizer, param_groups, generator, n_steps=4, hess_interval=2)
+
+    buffer = io.BytesIO()  # through bytes, as a checkpoint does, so nothing is shared by reference
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    copied_groups = [dict(params=[torch.nn.Parameter(p.detach().clone()) for p in g["params"]]) for g in param_groups]
+    restored = SophiaG(copied_groups)  # default hyperparameters: the state dict must bring the groups' own
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    assert any(torch.count_nonzero(s["hessian"]) for s in restored.state.values())
+
+    generator_state = generator.get_state()
+    run_schedule(optimizer, param_groups, generator, n_steps=5, hess_interval=2)
+    generator.set_state(generator_state)
+    run_schedule(restored, restored.param_groups, generator, n_steps=5, hess_interval=2)
+    for a, b in zip(all_params(optimizer.param_groups), all_params(restored.param_groups)):
+        assert torch.equal(a, b)
+        for key in ("exp_avg", "hessian", "step"):
+            assert torch.equal(optimizer.state[a][key], restored.state[b][key])
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(lr=-1e-3), "learning rate"),
+    (dict(lr=float("nan")), "learning rate"),
+    (dict(betas=(-0.1, 0.99)), "beta"),
+    (dict(betas=(0.9, 1.0)), "beta"),
+    (dict(rho=-0.01), "rho"),
+    (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(eps=0.0), "eps"),
+])
+def test_invalid_hyperparameters_raise_value_error_naming_them(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        SophiaG([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+def test_boundary_hyperparameters_are_accepted():
+    SophiaG([torch.nn.Parameter(torch.zeros(2))], lr=0.0, betas=(0.0, 0.0), rho=0.0, weight_decay=0.0)
+
+
+def test_statistics_report_win_rate_and_hessian_norm_of_the_last_tracked_step():
+    param_groups = make_param_groups()
+    optimizer = SophiaG(param_groups)
+    optimizer.track_stats = True
+    reference = ReferenceSophia(param_groups)
+    run_schedule(optimizer, param_groups, torch.Generator().manual_seed(3), n_steps=7, hess_interval=3,
+                 reference=reference)  # the last step follows two Hessian updates
+
+    ratios = torch.cat([r.flatten() for r in reference.ratios])
+    expected_win_rate = (ratios < 1).double().mean().item()
+    assert 0 < expected_win_rate < 1
+    hessians = torch.cat([h.flatten() for group in reference.hessians for h in group])
+    stats = optimizer.statistics()
+    assert stats["win_rate"] == pytest.approx(expected_win_rate, abs=1e-12)
+    assert stats["clip_rate"] == pytest.approx(1 - expected_win_rate, abs=1e-12)
+    assert stats["hessian_norm"] == pytest.approx(torch.linalg.vector_norm(hessians).item(), rel=1e-6)
+
+    # untracked steps leave the statistics of the last tracked one
+    optimizer.track_stats = False
+    run_schedule(optimizer, param_groups, torch.Generator().manual_seed(4), n_steps=3, hess_interval=1)
+    assert optimizer.statistics() == stats
+
+
+def test_untracked_steps_record_no_statistics():
+    param_groups = make_param_groups()
+    optimizer = SophiaG(param_groups)
+    run_schedule(optimizer, param_groups, torch.Generator().manual_seed(5), n_steps=3, hess_interval=1)
+    assert optimizer.statistics() == {}
+
+
+# --- labels for the Gauss-Newton-Bartlett estimate --------------------------------------------------
+
+def test_sampled_labels_never_reach_the_padding_columns():
+    n_real_vocab, padded_vocab, n_embd = 10, 16, 8
+    generator = torch.Generator().manual_seed(6)
+    hidden = torch.randn(50, n_embd, generator=generator)
+    weight = torch.randn(padded_vocab, n_embd, generator=generator)
+    weight[n_real_vocab:] = 100 * hidden.mean(0)  # the padding rows would win every draw if allowed
+    # 50 rows in chunks of 7: several chunks, the last one short
+    labels = sample_labels(hidden, weight, n_real_vocab, generator=generator, chunk_rows=7)
+    assert labels.shape == (50,) and labels.dtype == torch.long
+    assert int(labels.min()) >= 0 and int(labels.max()) < n_real_vocab
+    # the same rows over the whole padded vocabulary do draw padding: the test above can fail
+    assert int(sample_labels(hidden, weight, padded_vocab, generator=generator).max()) >= n_real_vocab
+
+
+def test_sampled_label_frequencies_follow_the_models_softmax():
+    """Two hidden vectors on alternating rows, so that a chunk that mixed up rows would show.
+    Each label's count is within 5 binomial standard errors of n * softmax probability."""
+    n_real_vocab, padded_vocab, n_embd, n_per_vector = 12, 16, 6, 20000
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(padded_vocab, n_embd, generator=generator)
+    vectors = torch.randn(2, n_embd, generator=generator)
+    hidden = vectors.repeat(n_per_vector, 1)  # rows 0, 2, 4, ... are vectors[0]
+    labels = sample_labels(hidden, weight, n_real_vocab, generator=generator, chunk_rows=3001)
+    for which in range(2):
+        probs = torch.softmax(vectors[which].double() @ weight[:n_real_vocab].double().T, dim=0)
+        assert probs.max() > 2 * probs.min()  # a non-uniform target, or frequencies prove little
+        counts = torch.bincount(labels[which::2], minlength=n_real_vocab).double()
+        assert counts.shape[0] == n_real_vocab
+        standard_error = (n_per_vector * probs * (1 - probs)).sqrt()
+        assert ((counts - n_per_vector * probs).abs() <= 5 * standard_error).all(), (counts, n_per_vector * probs)
+
+
+# --- the Hessian in the training loop -------------------------------------------------------------
+
+def train_sophiag(data_dir, out_dir, *overrides):
+    """Run train.py's main() in this process (a fresh interpreter spends seconds importing torch)
+    on the tiny model, and return its checkpoint. The global RNGs and signal handlers that train.py
+    sets are put back afterwards."""
+    argv = ["train.py", f"--data_dir={data_dir}", f"--out_dir={out_dir}", *TINY_MODEL_ARGS,
+            "--max_iters=4", "--eval_interval=4", "--eval_iters=1", "--warmup_iters=1", "--lr_decay_iters=4",
+            "--optimizer=sophiag", *overrides]
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    python_rng, numpy_rng = random.getstate(), np.random.get_state()
+    with pytest.MonkeyPatch.context() as patch, torch.random.fork_rng():
+        patch.setattr(sys, "argv", argv)
+        # MFU's float16 matmul benchmark takes seconds on a CPU; MFU is not what is tested here
+        patch.setattr(hardware, "peak_flops", lambda device, dtype: (1e12, "fixed for tests"))
+        try:
+            train.main()
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            random.setstate(python_rng)
+            np.random.set_state(numpy_rng)
+    return torch.load(out_dir / "ckpt.pt", weights_only=True)
+
+
+def hessians_of(checkpoint):
+    return [s["hessian"] for s in checkpoint["optimizer"]["state"].values()]
+
+
+@pytest.fixture(scope="module")
+def float32_checkpoint(tiny_data, tmp_path_factory):
+    """4 iterations with the Hessian estimated after iterations 1 and 3."""
+    return train_sophiag(tiny_data, tmp_path_factory.mktemp("sophiag_fp32"), "--hess_interval=2")
+
+
+def test_training_loop_estimates_the_hessian_of_every_parameter(float32_checkpoint):
+    checkpoint = float32_checkpoint
+    hessians = hessians_of(checkpoint)
+    n_params = sum(len(g["params"]) for g in checkpoint["optimizer"]["param_groups"])
+    assert len(hessians) == n_params
+    for h in hessians:
+        assert torch.isfinite(h).all() and (h >= 0).all()  # an EMA of squares
+        assert torch.count_nonzero(h) > 0
+
+
+def test_hess_interval_zero_never_estimates_the_hessian(tiny_data, tmp_path):
+    checkpoint = train_sophiag(tiny_data, tmp_path, "--hess_interval=0", "--max_iters=2", "--eval_interval=2")
+    states = list(checkpoint["optimizer"]["state"].values())
+    assert states and all(s["step"].item() == 2 for s in states)  # the optimizer did step
+    assert all(torch.count_nonzero(s["exp_avg"]) > 0 for s in states)
+    assert all(torch.count_nonzero(s["hessian"]) == 0 for s in states)
+
+
+def cpu_float16_autocast_works():
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            product = torch.ones(2, 2) @ torch.ones(2, 2)
+        return product.dtype == torch.float16 and torch.amp.GradScaler("cpu").is_enabled()
+    except (RuntimeError, TypeError, AttributeError):
+        return False
+
+
+@pytest.mark.skipif(not cpu_float16_autocast_works(), reason="this torch has no CPU float16 autocast with GradScaler")
+def test_float16_hessian_estimate_undoes_the_loss_scale(float32_checkpoint, tiny_data, tmp_path):
+    """The same run in float16 with a GradScaler: the Hessian EMA must match float32's. Had the
+    scale not been divided out of the gradients, it would be scale**2 = 2**32 times too large."""
+    checkpoint = train_sophiag(tiny_data, tmp_path, "--hess_interval=2", "--dtype=float16")
+    assert checkpoint["scaler"]["scale"] > 1  # the loss really was scaled
+    for h16, h32 in zip(hessians_of(checkpoint), hessians_of(float32_checkpoint)):
+        # float16 matmuls move the logits, hence the gradients, by a fraction of a percent
+        assert math.isclose(h16.norm().item(), h32.norm().item(), rel_tol=0.05)
+        assert torch.count_nonzero(h16) > 0
