@@ -73,15 +73,16 @@ class TokenData:
 
     def eval_batches(self, split, batch_size, max_batches):
         """Batches to evaluate on, the same every call. val: consecutive non-overlapping windows
-        from the start of the split (all of them when max_batches is 0). train: random windows
-        from a fixed seed, so evaluation never touches the training generator."""
+        from the start of the split, max_batches of them or all when max_batches is 0. train:
+        max_batches batches of random windows from a fixed seed, so evaluation never touches the
+        training generator."""
         n_tokens = len(self.tokens[split])
         if split == "val":
             starts = np.arange(0, n_tokens - self.block_size, self.block_size)
+            if max_batches:
+                starts = starts[:batch_size * max_batches]
         else:
-            count = batch_size * (max_batches or 1)
-            starts = torch.randint(n_tokens - self.block_size, (count,), generator=torch.Generator().manual_seed(0)).numpy()
-        if max_batches:
-            starts = starts[:batch_size * max_batches]
+            generator = torch.Generator().manual_seed(0)
+            starts = torch.randint(n_tokens - self.block_size, (batch_size * max_batches,), generator=generator).numpy()
         for i in range(0, len(starts), batch_size):
             yield self._windows(split, starts[i:i + batch_size])

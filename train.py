@@ -34,7 +34,8 @@ DEFAULTS = dict(
     out_dir="out",
     eval_interval=2000,
     log_interval=1,
-    eval_iters=200,  # batches per evaluation; val uses consecutive windows, 0 = the whole split
+    eval_iters=200,  # batches per split in an evaluation
+    val_full_split=False,  # evaluate val on every window of the split, whatever eval_iters says
     eval_only=False,
     always_save_checkpoint=True,  # save at every evaluation, not only when val loss improves
     ckpt_interval=0,  # also save every N iterations whatever the val loss (0 = off)
@@ -100,11 +101,11 @@ def learning_rate_at(it, cfg):
 
 def check_config(cfg):
     positive = ("batch_size", "block_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd",
-                "log_interval", "eval_interval", "hess_accumulation_steps", "max_bad_steps")
+                "log_interval", "eval_interval", "eval_iters", "hess_accumulation_steps", "max_bad_steps")
     for key in positive:
         if cfg[key] <= 0:
             raise UserError(f"--{key} must be positive, got {cfg[key]}")
-    for key in ("max_iters", "warmup_iters", "eval_iters", "ckpt_interval", "hess_interval", "lr_decay_iters"):
+    for key in ("max_iters", "warmup_iters", "ckpt_interval", "hess_interval", "lr_decay_iters"):
         if cfg[key] < 0:
             raise UserError(f"--{key} must be zero or positive, got {cfg[key]}")
     if cfg["n_embd"] % cfg["n_head"] != 0:
@@ -371,13 +372,14 @@ def stop_requested(stop, world_size, device):
 
 @torch.no_grad()
 def evaluate(model, data, cfg, device, autocast):
-    """Mean loss on eval_iters train batches (the same windows every time) and on the val split's
-    consecutive windows (all of them when eval_iters is 0)."""
+    """Mean loss per token on eval_iters train batches (the same windows every time) and on
+    eval_iters batches of the val split's consecutive windows (all of them with val_full_split)."""
     model.eval()
     out = {}
     for split in ("train", "val"):
         loss_sum, n_tokens = 0.0, 0
-        for x, y in data.eval_batches(split, cfg["batch_size"], cfg["eval_iters"]):
+        n_batches = 0 if split == "val" and cfg["val_full_split"] else cfg["eval_iters"]
+        for x, y in data.eval_batches(split, cfg["batch_size"], n_batches):
             with autocast:
                 _, loss = model(x.to(device), y.to(device))
             loss_sum += loss.item() * y.numel()  # the last batch may be short: weight by tokens
