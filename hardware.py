@@ -133,3 +133,16 @@ def keep_freed_memory():
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**30))
+
+
+def check_compile_works(device):
+    """torch.compile fails late, at the first forward, with a long traceback, where it has no
+    working backend (no C compiler, an unsupported Python or platform). Try it on a tiny function
+    first, so that --compile=True fails in one line instead."""
+    if not hasattr(torch, "compile"):
+        raise UserError("--compile=True needs torch.compile (PyTorch 2.0 or newer); use --compile=False")
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(4, device=device))
+    except Exception as e:  # any backend failure means the same thing to the user
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"torch.compile does not work on this machine ({type(e).__name__}: {first_line}); use --compile=False") from None

@@ -187,7 +187,9 @@ class GPT(nn.Module):
         """A GPT with the weights of a transformers GPT2LMHeadModel: a hub name ('gpt2', ...,
         downloaded when online) or a local directory."""
         from transformers import GPT2LMHeadModel
+        from transformers.utils import logging as transformers_logging
 
+        transformers_logging.disable_progress_bar()  # a bar per load is noise on our stderr
         hf_model = GPT2LMHeadModel.from_pretrained(name_or_dir)
         hf_config = hf_model.config
         config = GPTConfig(

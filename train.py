@@ -161,8 +161,8 @@ def main():
     dtype = hardware.pick_dtype(cfg["dtype"], device)
     if device_type == "cpu":
         hardware.keep_freed_memory()
-    if cfg["compile"] and not hasattr(torch, "compile"):
-        raise UserError("--compile=True needs torch.compile (PyTorch 2.0 or newer); use --compile=False")
+    if cfg["compile"]:
+        hardware.check_compile_works(device)
     tokens_per_step = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"] * world_size
 
     data_dir = cfg["data_dir"] or os.path.join("data", cfg["dataset"])

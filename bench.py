@@ -1,0 +1,252 @@
+"""Speed and memory of training and sampling, measured, with each speed lever against the baseline.
+
+    python bench.py                                   # the tiny config on this machine's device
+    python bench.py config/train_gpt2_small_adam.py --device=cuda --batch_size=12
+    python bench.py --section=train --iters=30
+
+Sections (--section=all|train|sophia|sample):
+- train: ms per iteration (median after warm-up), tokens/s, MFU and peak RSS for the nanoGPT path
+  (fp32 eager, full logits materialised, F.cross_entropy) and for each lever added on top of it.
+  Each case runs in a fresh process, so allocator settings and peak memory are its own.
+- sophia: AdamW vs SophiaG per iteration amortised over a whole Hessian interval, the time of
+  optimizer.step() alone, and the cost of drawing the Hessian pass's labels.
+- sample: 256 new tokens with and without the KV cache (the same tokens either way: tests check it).
+
+The batches are random tokens: speed does not depend on the text. Only the steady state is timed:
+`warmup` iterations first, then `iters` timed ones.
+"""
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import hardware
+import train
+from cli import UserError, run
+from configurator import parse_args
+from model import GPT, GPTConfig
+from sophia import SophiaG
+
+DEFAULTS = train.DEFAULTS | dict(
+    # the tiny Chinese config on a CPU (config/train_tiny_zh_cpu.py) unless a config file says otherwise
+    n_layer=2, n_head=2, n_embd=128, block_size=64, batch_size=12, gradient_accumulation_steps=1,
+    dropout=0.1, bias=True, device="auto", dtype="float32",
+    section="all",
+    warmup=5,
+    iters=20,
+    sample_tokens=256,
+    case="",  # internal: the train case a worker process measures
+)
+VOCAB_SIZE, REAL_VOCAB = 50304, 50257
+
+# Training cases: (name, settings). Each adds one lever to the one before it.
+TRAIN_CASES = [
+    ("nanoGPT path: fp32 eager, full logits", dict(keep_memory=False, fused_loss=False, dtype="float32", compile=False)),
+    ("+ keep freed memory (mallopt)", dict(keep_memory=True, fused_loss=False, dtype="float32", compile=False)),
+    ("+ chunked head loss (our default)", dict(keep_memory=True, fused_loss=True, dtype="float32", compile=False)),
+    ("+ bf16 autocast", dict(keep_memory=True, fused_loss=True, dtype="bfloat16", compile=False)),
+    ("+ torch.compile", dict(keep_memory=True, fused_loss=True, dtype="bfloat16", compile=True)),
+]
+
+
+def synchronize(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, warmup, iters):
+    """Median seconds of fn() over iters calls, after warmup calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def build(cfg, device, optimizer_name="adamw"):
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], block_size=cfg["block_size"],
+                       vocab_size=VOCAB_SIZE, dropout=cfg["dropout"], bias=cfg["bias"])
+    model = GPT(config).to(device)
+    optimizer = model.configure_optimizers(optimizer_name, 0.1, 6e-4, (0.9, 0.95), device.split(":")[0])
+    return model, optimizer
+
+
+def random_batches(cfg, device, count=8):
+    shape = (cfg["batch_size"], cfg["block_size"])
+    return [(torch.randint(0, REAL_VOCAB, shape, device=device), torch.randint(0, REAL_VOCAB, shape, device=device))
+            for _ in range(count)]
+
+
+def make_train_step(model, optimizer, batches, fused_loss, autocast, tokens_per_step):
+    """One optimizer step per call, cycling through the batches."""
+    counter = iter(range(10**9))
+
+    def step():
+        x, y = batches[next(counter) % len(batches)]
+        with autocast:
+            if fused_loss:
+                _, loss = model(x, y)
+            else:  # what nanoGPT does: the full (B, T, vocab) logits, then cross-entropy
+                logits = model.full_logits(x)
+                loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if isinstance(optimizer, SophiaG):
+            optimizer.step(bs=tokens_per_step)
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
+def measure_train_case(cfg, device, settings):
+    """A worker process: time one training case; returns a dict."""
+    if settings["keep_memory"] and device == "cpu":
+        hardware.keep_freed_memory()
+    model, optimizer = build(cfg, device)
+    if settings["compile"]:
+        model = torch.compile(model)
+    tokens = cfg["batch_size"] * cfg["block_size"]
+    autocast = hardware.autocast_context(device, settings["dtype"])
+    step = make_train_step(model, optimizer, random_batches(cfg, device), settings["fused_loss"], autocast, tokens)
+    seconds = timed(step, device, cfg["warmup"], cfg["iters"])
+    raw = getattr(model, "_orig_mod", model)
+    peak, _ = hardware.peak_flops(device, settings["dtype"])
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.startswith("cuda"):
+        peak_rss_mb = torch.cuda.max_memory_allocated() / 2**20  # on a GPU the device memory is what counts
+    return dict(ms=seconds * 1000, tokens_per_s=tokens / seconds, mfu=raw.flops_per_token() * tokens / seconds / peak,
+                peak_mb=peak_rss_mb)
+
+
+def train_section(cfg, device, argv):
+    print(f"## training: {cfg['n_layer']} layers, {cfg['n_embd']} wide, {cfg['batch_size']} x {cfg['block_size']} tokens "
+          f"per iteration, on {hardware.device_name(device)}")
+    print(f"{'case':42} {'ms/iter':>9} {'tokens/s':>9} {'MFU':>7} {'peak MB':>8} {'speedup':>8}")
+    baseline = None
+    for name, settings in TRAIN_CASES:
+        if settings["dtype"] != "float32" and device == "cpu" and not cpu_has_bf16_matmul():
+            print(f"{name:42} skipped: this CPU has no native bf16 matmul (no AVX512_BF16/AMX), autocast would be slower")
+            continue
+        result = subprocess.run([sys.executable, __file__, *argv, f"--case={name}", f"--device={device}"],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            print(f"{name:42} failed: {last[:120]}")
+            continue
+        numbers = json.loads(result.stdout.strip().splitlines()[-1])
+        baseline = baseline or numbers
+        print(f"{name:42} {numbers['ms']:9.1f} {numbers['tokens_per_s']:9.0f} {numbers['mfu'] * 100:6.1f}% "
+              f"{numbers['peak_mb']:8.0f} {baseline['ms'] / numbers['ms']:7.2f}x")
+
+
+def cpu_has_bf16_matmul():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def sophia_section(cfg, device):
+    k = cfg["hess_interval"] or 10
+    tokens = cfg["batch_size"] * cfg["block_size"]
+    if device == "cpu":
+        hardware.keep_freed_memory()
+    print(f"\n## SophiaG vs AdamW: per iteration amortised over a Hessian interval of {k}, {tokens} tokens per step")
+    per_iteration = {}
+    for name in ("adamw", "sophiag"):
+        model, optimizer = build(cfg, device, name)
+        batches = random_batches(cfg, device)
+        step = make_train_step(model, optimizer, batches, True, hardware.autocast_context(device, "float32"), tokens)
+
+        def interval():
+            for i in range(k):
+                step()
+                if name == "sophiag" and i == k - 1:
+                    _, loss = model(batches[0][0], None, sample_labels_from_vocab=REAL_VOCAB)
+                    loss.backward()
+                    optimizer.update_hessian()
+                    optimizer.zero_grad(set_to_none=True)
+        per_iteration[name] = timed(interval, device, 1, max(2, cfg["iters"] // k)) / k
+    print(f"AdamW   {per_iteration['adamw'] * 1000:8.1f} ms/iter")
+    print(f"SophiaG {per_iteration['sophiag'] * 1000:8.1f} ms/iter  ({per_iteration['sophiag'] / per_iteration['adamw']:.3f}x AdamW)")
+
+    step_times = {}
+    for name in ("adamw", "sophiag"):
+        model, optimizer = build(cfg, device, name)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        step_times[name] = timed(lambda: optimizer.step(**({"bs": tokens} if name == "sophiag" else {})),
+                                 device, cfg["warmup"], cfg["iters"])
+    print(f"optimizer.step() alone: AdamW(foreach) {step_times['adamw'] * 1000:.2f} ms, SophiaG {step_times['sophiag'] * 1000:.2f} ms "
+          f"({step_times['sophiag'] / step_times['adamw']:.2f}x)")
+
+    from head_loss import sample_labels
+
+    model, _ = build(cfg, device)
+    x = random_batches(cfg, device, 1)[0][0]
+    with torch.no_grad():
+        hidden = model.hidden_states(x).flatten(0, 1)
+        logits = model.lm_head(hidden)
+    categorical = timed(lambda: torch.distributions.Categorical(logits=logits).sample(), device, 1, 3)
+    ours = timed(lambda: sample_labels(hidden, model.lm_head.weight, REAL_VOCAB), device, 1, 5)
+    print(f"label sampling for {hidden.shape[0]} x {REAL_VOCAB}: torch.distributions.Categorical {categorical * 1000:.1f} ms, "
+          f"head_loss.sample_labels (logits included) {ours * 1000:.1f} ms")
+
+
+def sample_section(cfg, device):
+    model, _ = build(cfg, device)
+    model.eval()
+    prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
+    n = cfg["sample_tokens"]
+    print(f"\n## sampling {n} new tokens (block_size {cfg['block_size']}), batch 1")
+    results = {}
+    for use_cache in (False, True):
+        def generate():
+            model.generate(prompt, n, temperature=1.0, top_k=200, generator=torch.Generator(device).manual_seed(0),
+                           use_cache=use_cache, n_real_vocab=REAL_VOCAB)
+        results[use_cache] = timed(generate, device, 1, 3)
+    print(f"without KV cache {results[False] * 1000:8.1f} ms, with {results[True] * 1000:8.1f} ms "
+          f"({results[False] / results[True]:.2f}x)")
+    if n > cfg["block_size"]:
+        print(f"(past {cfg['block_size']} tokens the window slides and every step reruns the whole block, cache or not: "
+              f"absolute positions leave nothing to reuse)")
+
+
+def main():
+    argv = sys.argv[1:]
+    cfg = parse_args(DEFAULTS, argv)
+    device = hardware.pick_device(cfg["device"])
+    if cfg["case"]:
+        settings = dict(TRAIN_CASES)[cfg["case"]]
+        print(json.dumps(measure_train_case(cfg, device, settings)))
+        return
+    if cfg["section"] not in ("all", "train", "sophia", "sample"):
+        raise UserError(f"unknown --section={cfg['section']}; use all, train, sophia or sample")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
+    worker_argv = [a for a in argv if not a.startswith(("--case=", "--device="))]
+    if cfg["section"] in ("all", "train"):
+        train_section(cfg, device, worker_argv)
+    if cfg["section"] in ("all", "sophia"):
+        sophia_section(cfg, device)
+    if cfg["section"] in ("all", "sample"):
+        sample_section(cfg, device)
+
+
+if __name__ == "__main__":
+    run(main)
