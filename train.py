@@ -270,7 +270,7 @@ def main():
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        if iter_num % cfg["eval_interval"] == 0 and is_master:
+        if (iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"]) and is_master:
             losses = evaluate(raw_model, data, cfg, device, autocast)
             log.event("eval", iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr)
             log.text(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")

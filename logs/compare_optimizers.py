@@ -10,7 +10,9 @@ the hidden matrices with AdamW on the rest. Each gets the same model (config/tra
 warmup and cosine schedule decaying fully to lr/10 at the last step. The learning rate of each is
 the grid value with the lowest final val loss on sweep_seed; when that is at the edge of the grid
 the grid is extended (at most max_extensions times), so no method is judged on a rate that is too
-small or too large. The final numbers are the seeds in `seeds`, none of them the sweep seed.
+small or too large. To fit a CPU budget the sweep's runs are sweep_iters steps long, with the same
+warmup and a schedule that decays fully by their own last step. The final numbers are the seeds in
+`seeds`, none of them the sweep seed, at max_iters steps.
 
 Every run is an ordinary train.py run with its own out_dir under `out`/runs; a run whose
 metrics.jsonl already holds its last evaluation is skipped, an interrupted one resumes from its
@@ -42,6 +44,7 @@ DEFAULTS = dict(
     workers=2,  # runs at a time
     threads_per_run=1,  # torch threads per run (OMP_NUM_THREADS)
     max_iters=1000,
+    sweep_iters=500,  # the sweep's runs are shorter (with their own full schedule), to fit a CPU budget
     batch_size=6,  # 6 sequences x 64 tokens = 384 tokens per step on a CPU
     warmup_iters=100,
     eval_interval=250,
@@ -72,33 +75,39 @@ def slug(method):
 
 
 def run_dir(cfg, method, lr, seed):
-    return os.path.join(cfg["out"], "runs", f"{slug(method)}_lr{lr:g}_seed{seed}")
+    return os.path.join(cfg["out"], "runs", f"{slug(method)}_lr{lr:g}_seed{seed}_iters{iters_for(cfg, seed)}")
+
+
+def iters_for(cfg, seed):
+    """The sweep (on sweep_seed) runs sweep_iters steps, the final runs max_iters."""
+    return cfg["sweep_iters"] if seed == cfg["sweep_seed"] else cfg["max_iters"]
 
 
 def train_command(cfg, method, lr, seed, out_dir, resume):
+    iters = iters_for(cfg, seed)
     return [
         sys.executable, os.path.join(REPO, "train.py"), os.path.join(REPO, "config", "train_tiny_zh.py"),
         *METHODS[method]["args"], f"--learning_rate={lr}", f"--min_lr={lr / 10}", f"--seed={seed}",
         f"--out_dir={out_dir}", f"--data_dir={os.path.abspath(cfg['data_dir'])}", "--gradient_accumulation_steps=1", f"--batch_size={cfg['batch_size']}",
-        f"--max_iters={cfg['max_iters']}", f"--lr_decay_iters={cfg['max_iters']}", f"--warmup_iters={cfg['warmup_iters']}",
+        f"--max_iters={iters}", f"--lr_decay_iters={iters}", f"--warmup_iters={cfg['warmup_iters']}",
         f"--eval_interval={cfg['eval_interval']}", "--device=cpu", "--dtype=float32",
         f"--init_from={'resume' if resume else 'scratch'}",
     ]
 
 
-def finished(cfg, out_dir):
+def finished(out_dir, iters):
     """Whether the run's log holds its last evaluation."""
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         return False
     with open(path, encoding="utf-8") as f:
-        return any(e.get("event") == "eval" and e.get("iter") == cfg["max_iters"] for e in map(json.loads, f))
+        return any(e.get("event") == "eval" and e.get("iter") == iters for e in map(json.loads, f))
 
 
 def train_one(cfg, method, lr, seed):
     """Run (or finish) one training run; returns its out_dir."""
     out_dir = run_dir(cfg, method, lr, seed)
-    if finished(cfg, out_dir):
+    if finished(out_dir, iters_for(cfg, seed)):
         return out_dir
     resume = os.path.isfile(os.path.join(out_dir, "ckpt.pt"))
     os.makedirs(out_dir, exist_ok=True)
@@ -106,7 +115,7 @@ def train_one(cfg, method, lr, seed):
     with open(os.path.join(out_dir, "train.log"), "a", encoding="utf-8") as log:
         result = subprocess.run(train_command(cfg, method, lr, seed, out_dir, resume), cwd=REPO, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
-    if result.returncode != 0 or not finished(cfg, out_dir):
+    if result.returncode != 0 or not finished(out_dir, iters_for(cfg, seed)):
         raise RuntimeError(f"run {out_dir} failed (exit {result.returncode}); see {out_dir}/train.log")
     os.remove(os.path.join(out_dir, "ckpt.pt"))  # 80 MB each; the log is what the comparison needs
     print(f"finished {out_dir}", flush=True)
@@ -219,7 +228,8 @@ def results_markdown(cfg, grids, chosen, rows, target, total_seconds, machine):
         f"{cfg['max_iters'] * tokens / 1e6:.2f}M tokens per run; warmup {cfg['warmup_iters']} steps, cosine to lr/10 at step "
         f"{cfg['max_iters']}; val loss over the whole val split ({val_documents} documents of {cfg['data_dir']}) "
         f"every {cfg['eval_interval']} steps. Mean ± std over seeds {', '.join(map(str, cfg['seeds']))}; the learning rate of each "
-        f"optimizer is the best of its sweep on seed {cfg['sweep_seed']}.",
+        f"optimizer is the best final val loss of its sweep on seed {cfg['sweep_seed']} ({cfg['sweep_iters']}-step runs, same warmup, "
+        f"decayed fully by their last step; the best rate in bold).",
         "",
         f"| optimizer | lr (sweep) | train loss | val loss | vs AdamW (train / val) | val @{cfg['max_iters'] // 2} | "
         f"val @{cfg['max_iters']} | steps to AdamW's val loss | wall-clock per run |",
@@ -293,7 +303,7 @@ def main():
     cfg = parse_args(DEFAULTS, sys.argv[1:])
     if cfg["sweep_seed"] in cfg["seeds"]:
         raise UserError(f"--sweep_seed={cfg['sweep_seed']} is one of --seeds: the final numbers must not reuse the sweep's seed")
-    for key in ("workers", "threads_per_run", "max_iters", "batch_size"):
+    for key in ("workers", "threads_per_run", "max_iters", "sweep_iters", "batch_size"):
         if cfg[key] <= 0:
             raise UserError(f"--{key} must be positive")
     if not os.path.isfile(os.path.join(cfg["data_dir"], "meta.json")):
