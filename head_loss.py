@@ -6,14 +6,16 @@ computed chunk by chunk of rows, and because training always backpropagates thro
 gradients of the hidden states and of the head weight are computed in the same pass (as Liger's
 fused linear cross-entropy does). Peak extra memory is one chunk of logits instead of all of them.
 
-`sample_labels` draws labels from the model's own softmax, chunk by chunk, for SophiaG's
-Gauss-Newton-Bartlett Hessian estimate.
+The same pass can draw the targets from the model's own softmax instead of taking them as input:
+that is the loss of SophiaG's Gauss-Newton-Bartlett Hessian estimate, which then costs one head
+pass, not a forward to sample labels and another for their loss.
 """
 import torch
 
 # Logits elements per chunk: 64M fp32 = 256 MB. Bigger chunks run the matmuls faster (measured on
 # the tiny config on CPU: 332 ms for one 768-row chunk, 389 ms for three of 256), smaller ones save memory.
 CHUNK_ELEMENTS = 2**26
+SAMPLING_BLOCK = 64  # vocabulary entries per block in the two-level sampler
 
 
 def chunk_rows_for(n_rows, vocab_size):
@@ -30,13 +32,20 @@ def _compute_dtype(device_type, fallback):
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
+    """(mean loss, targets). targets is the given one, or, when sample_vocab > 0, labels drawn
+    from the softmax over the first sample_vocab columns."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows, compute_dtype, ignore_index, need_grad):
+    def forward(ctx, hidden, weight, targets, sample_vocab, generator, chunk_rows, compute_dtype, ignore_index,
+                need_grad):
         n_rows = hidden.shape[0]
         # logits, softmax and the accumulated gradients are at least float32, whatever the matmul dtype
         acc_dtype = torch.promote_types(compute_dtype, torch.float32)
-        valid = targets != ignore_index
-        n_valid = valid.sum().clamp(min=1).to(acc_dtype)
+        if sample_vocab:
+            targets = torch.empty(n_rows, dtype=torch.long, device=hidden.device)
+            n_valid = torch.tensor(float(n_rows), dtype=acc_dtype, device=hidden.device)
+        else:
+            n_valid = (targets != ignore_index).sum().clamp(min=1).to(acc_dtype)
         # One cast of the (small) operands up front; the big per-chunk tensors are made in place.
         hidden_c = hidden.to(compute_dtype)
         weight_c = weight.to(compute_dtype)
@@ -46,20 +55,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n_rows, chunk_rows):
             rows = slice(start, min(start + chunk_rows, n_rows))
             logits = (hidden_c[rows] @ weight_c.t()).to(acc_dtype)
-            chunk_valid = valid[rows]
-            safe_targets = targets[rows].clamp(min=0).unsqueeze(1)
-            target_logit = logits.gather(1, safe_targets).squeeze(1)
+            if not sample_vocab:
+                chunk_targets = targets[rows].clamp(min=0).unsqueeze(1)
+                target_logit = logits.gather(1, chunk_targets).squeeze(1)
             # log-sum-exp and softmax from one exp pass, in place: exp(logits - max) / sum
             row_max = logits.amax(dim=1, keepdim=True)
             probs = logits.sub_(row_max).exp_()
             row_sum = probs.sum(dim=1, keepdim=True)
             lse = (row_max + row_sum.log()).squeeze(1)
+            if sample_vocab:
+                targets[rows] = _sample_rows(probs, sample_vocab, generator)
+                chunk_targets = targets[rows].unsqueeze(1)
+                # a drawn label has a probability > 0, so its logit is recovered from probs exactly
+                target_logit = (row_max + probs.gather(1, chunk_targets).log()).squeeze(1)
+            chunk_valid = targets[rows] != ignore_index
             loss_sum += ((lse - target_logit) * chunk_valid).sum()
             if not need_grad:
                 continue
             # d(loss)/d(logits) = (softmax - onehot) / n_valid, zero for ignored rows.
             probs.div_(row_sum)
-            probs.scatter_add_(1, safe_targets, -torch.ones_like(safe_targets, dtype=probs.dtype))
+            probs.scatter_add_(1, chunk_targets, -torch.ones_like(chunk_targets, dtype=probs.dtype))
             probs.mul_((chunk_valid.to(probs.dtype) / n_valid).unsqueeze(1))
             probs_c = probs.to(compute_dtype)
             grad_hidden[rows] = probs_c @ weight_c
@@ -67,14 +82,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if need_grad:
             ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
-        return loss_sum / n_valid
+        ctx.mark_non_differentiable(targets)
+        return loss_sum / n_valid, targets
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, grad_targets):
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_hidden = (grad_hidden * grad_loss).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
         grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+
+
+def _apply(hidden, weight, targets, sample_vocab, generator, chunk_rows, ignore_index):
+    compute_dtype = _compute_dtype(hidden.device.type, hidden.dtype)
+    chunk_rows = chunk_rows or chunk_rows_for(hidden.shape[0], weight.shape[0])
+    # Under no_grad (evaluation) skip the gradient work; Function.forward cannot tell by itself.
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, sample_vocab, generator, chunk_rows, compute_dtype,
+                                         ignore_index, need_grad)
 
 
 def linear_cross_entropy(hidden, weight, targets, chunk_rows=None, ignore_index=-1):
@@ -83,42 +109,35 @@ def linear_cross_entropy(hidden, weight, targets, chunk_rows=None, ignore_index=
     hidden: (N, C), weight: (V, C), targets: (N,) with `ignore_index` rows left out of the mean.
     Matches F.cross_entropy(hidden @ weight.T, targets, ignore_index=...) in value and gradients.
     """
-    compute_dtype = _compute_dtype(hidden.device.type, hidden.dtype)
-    chunk_rows = chunk_rows or chunk_rows_for(hidden.shape[0], weight.shape[0])
-    # Under no_grad (evaluation) skip the gradient work; Function.forward cannot tell by itself.
-    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    with torch.autocast(hidden.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, compute_dtype, ignore_index, need_grad)
+    loss, _ = _apply(hidden, weight, targets, 0, None, chunk_rows, ignore_index)
+    return loss
 
 
-SAMPLING_BLOCK = 64  # vocabulary entries per block in the two-level sampler
+def sampled_label_cross_entropy(hidden, weight, n_real_vocab, generator=None, chunk_rows=None):
+    """(mean cross-entropy, labels) where each row's label is drawn from softmax(hidden @ weight.T)
+    over the first `n_real_vocab` columns (the padding rows of a padded vocabulary are never drawn),
+    in the same pass that computes the loss and its gradients."""
+    return _apply(hidden, weight, None, n_real_vocab, generator, chunk_rows, -1)
 
 
-@torch.no_grad()
-def sample_labels(hidden, weight, n_real_vocab, generator=None, chunk_rows=None):
-    """One label per row of `hidden`, drawn from softmax(hidden @ weight.T) over the first
-    `n_real_vocab` columns (the padding rows of a padded vocabulary are never drawn).
+def _sample_rows(probs, n_real_vocab, generator):
+    """One column per row of unnormalised probabilities (rows, V), among the first n_real_vocab.
 
     Exact inverse-CDF sampling in two levels, because torch.multinomial and
     torch.distributions.Categorical take seconds for 768 x 50257 on a CPU: pick a block of
     SAMPLING_BLOCK columns in proportion to its probability mass, then a column inside it in
-    proportion to its probability. Only one exp pass and one sum pass touch the whole row.
+    proportion to its probability. Only one pass (the block sums) touches the whole row.
     """
-    compute_dtype = _compute_dtype(hidden.device.type, hidden.dtype)
-    # Columns past n_real_vocab get zero probability. Blocks need a multiple of SAMPLING_BLOCK
-    # columns: a padded vocabulary (50304) already is one; otherwise pad the weight with zero rows.
-    padding = -weight.shape[0] % SAMPLING_BLOCK
-    weight_c = torch.nn.functional.pad(weight, (0, 0, 0, padding)).to(compute_dtype) if padding else weight.to(compute_dtype)
-    n_rows = hidden.shape[0]
-    labels = torch.empty(n_rows, dtype=torch.long, device=hidden.device)
-    chunk_rows = chunk_rows or chunk_rows_for(n_rows, weight_c.shape[0])
-    with torch.autocast(hidden.device.type, enabled=False):
-        for start in range(0, n_rows, chunk_rows):
-            rows = slice(start, min(start + chunk_rows, n_rows))
-            logits = (hidden[rows].to(compute_dtype) @ weight_c.t()).float()
-            logits[:, n_real_vocab:] = -float("inf")
-            probs = logits.sub_(logits.amax(dim=1, keepdim=True)).exp_()
-            labels[rows] = _two_level_inverse_cdf(probs, generator).clamp_(max=n_real_vocab - 1)
+    n_columns = probs.shape[1]
+    if n_columns % SAMPLING_BLOCK:  # blocks must be whole: a zero-padded copy of the real columns
+        real = probs[:, :n_real_vocab]
+        return _two_level_inverse_cdf(torch.nn.functional.pad(real, (0, -n_real_vocab % SAMPLING_BLOCK)), generator)
+    if n_real_vocab == n_columns:
+        return _two_level_inverse_cdf(probs, generator)
+    padding = probs[:, n_real_vocab:].clone()  # the padding columns: zero while sampling, then restored
+    probs[:, n_real_vocab:] = 0
+    labels = _two_level_inverse_cdf(probs, generator)
+    probs[:, n_real_vocab:] = padding
     return labels
 
 
@@ -132,5 +151,14 @@ def _two_level_inverse_cdf(probs, generator):
     mass_before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp_(min=0)), torch.zeros_like(u))
     row_index = torch.arange(n_rows, device=probs.device)
     inner_cdf = blocks[row_index, block.squeeze(1)].to(torch.float64).cumsum_(dim=1)
-    inner = torch.searchsorted(inner_cdf, u - mass_before).clamp_(max=SAMPLING_BLOCK - 1)
+    # capped at the block's own total, so rounding can never step past its last non-zero column
+    remainder = torch.minimum(u - mass_before, inner_cdf[:, -1:])
+    inner = torch.searchsorted(inner_cdf, remainder)
     return (block * SAMPLING_BLOCK + inner).squeeze(1)
+
+
+@torch.no_grad()
+def sample_labels(hidden, weight, n_real_vocab, generator=None, chunk_rows=None):
+    """Only the labels of sampled_label_cross_entropy (for tests and benchmarks)."""
+    _, labels = sampled_label_cross_entropy(hidden, weight, n_real_vocab, generator, chunk_rows)
+    return labels

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from head_loss import linear_cross_entropy, sample_labels
+from head_loss import linear_cross_entropy, sampled_label_cross_entropy
 
 
 @dataclass
@@ -164,9 +164,8 @@ class GPT(nn.Module):
         x = self.hidden_states(idx)
         weight = self.lm_head.weight
         if sample_labels_from_vocab:
-            x = x.flatten(0, 1)
-            labels = sample_labels(x.detach(), weight, sample_labels_from_vocab, label_generator)
-            return None, linear_cross_entropy(x, weight, labels)
+            loss, _ = sampled_label_cross_entropy(x.flatten(0, 1), weight, sample_labels_from_vocab, label_generator)
+            return None, loss
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
         return None, linear_cross_entropy(x.flatten(0, 1), weight, targets.flatten())

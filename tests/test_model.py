@@ -124,3 +124,22 @@ def test_generation_never_draws_padding_tokens():
 def test_config_validation(args, message):
     with pytest.raises(ValueError, match=message):
         GPTConfig(**args)
+
+
+@pytest.mark.parametrize("vocab_rows", [128, 70])  # a multiple of the sampler's block of 64, and not
+def test_sampled_label_loss_is_the_cross_entropy_of_its_own_labels(vocab_rows):
+    from head_loss import sampled_label_cross_entropy
+
+    torch.manual_seed(4)
+    hidden = torch.randn(40, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(vocab_rows, 8, dtype=torch.float64, requires_grad=True)
+    loss, labels = sampled_label_cross_entropy(hidden, weight, n_real_vocab=60, generator=torch.Generator().manual_seed(0),
+                                               chunk_rows=7)
+    loss.backward()
+    assert labels.max().item() < 60 and labels.unique().numel() > 10
+    h_ref, w_ref = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    expected = F.cross_entropy(h_ref @ w_ref.t(), labels)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(hidden.grad, h_ref.grad, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(weight.grad, w_ref.grad, rtol=1e-8, atol=1e-12)

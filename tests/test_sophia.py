@@ -344,6 +344,8 @@ def test_float16_hessian_estimate_undoes_the_loss_scale(float32_checkpoint, tiny
     checkpoint = train_sophiag(tiny_data, tmp_path, "--hess_interval=2", "--dtype=float16")
     assert checkpoint["scaler"]["scale"] > 1  # the loss really was scaled
     for h16, h32 in zip(hessians_of(checkpoint), hessians_of(float32_checkpoint)):
-        # float16 matmuls move the logits, hence the gradients, by a fraction of a percent
-        assert math.isclose(h16.norm().item(), h32.norm().item(), rel_tol=0.05)
+        # Float16 logits shift the sampler's cumulative distribution by ~1e-3, enough to draw other
+        # labels from a near-uniform untrained model, so the two estimates are different random
+        # draws of the same quantity: they agree within a factor 2, an unscaled one is off by 2**32.
+        assert 0.5 < h16.norm().item() / h32.norm().item() < 2.0
         assert torch.count_nonzero(h16) > 0
