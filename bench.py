@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import hardware
 import train
-from cli import UserError, run
+from cli import UserError, replace_marked_section, run
 from configurator import parse_args
 from model import GPT, GPTConfig
 from sophia import SophiaG
@@ -42,8 +42,15 @@ DEFAULTS = train.DEFAULTS | dict(
     iters=20,
     sample_tokens=256,
     case="",  # internal: the train case a worker process measures
+    readme="",  # also write the report between the <!-- bench:begin/end --> markers of this file
 )
 VOCAB_SIZE, REAL_VOCAB = 50304, 50257
+REPORT = []  # the lines of the report, for --readme
+
+
+def say(line=""):
+    print(line, flush=True)
+    REPORT.extend(line.splitlines() or [""])
 
 # Training cases: (name, settings). Each adds one lever to the one before it.
 TRAIN_CASES = [
@@ -133,23 +140,23 @@ def measure_train_case(cfg, device, settings):
 
 
 def train_section(cfg, device, argv):
-    print(f"## training: {cfg['n_layer']} layers, {cfg['n_embd']} wide, {cfg['batch_size']} x {cfg['block_size']} tokens "
+    say(f"## training: {cfg['n_layer']} layers, {cfg['n_embd']} wide, {cfg['batch_size']} x {cfg['block_size']} tokens "
           f"per iteration, on {hardware.device_name(device)}")
-    print(f"{'case':42} {'ms/iter':>9} {'tokens/s':>9} {'MFU':>7} {'peak MB':>8} {'speedup':>8}")
+    say(f"{'case':42} {'ms/iter':>9} {'tokens/s':>9} {'MFU':>7} {'peak MB':>8} {'speedup':>8}")
     baseline = None
     for name, settings in TRAIN_CASES:
         if settings["dtype"] != "float32" and device == "cpu" and not cpu_has_bf16_matmul():
-            print(f"{name:42} skipped: this CPU has no native bf16 matmul (no AVX512_BF16/AMX), autocast would be slower")
+            say(f"{name:42} skipped: this CPU has no native bf16 matmul (no AVX512_BF16/AMX), autocast would be slower")
             continue
         result = subprocess.run([sys.executable, __file__, *argv, f"--case={name}", f"--device={device}"],
                                 capture_output=True, text=True)
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            print(f"{name:42} failed: {last[:120]}")
+            say(f"{name:42} failed: {last[:120]}")
             continue
         numbers = json.loads(result.stdout.strip().splitlines()[-1])
         baseline = baseline or numbers
-        print(f"{name:42} {numbers['ms']:9.1f} {numbers['tokens_per_s']:9.0f} {numbers['mfu'] * 100:6.1f}% "
+        say(f"{name:42} {numbers['ms']:9.1f} {numbers['tokens_per_s']:9.0f} {numbers['mfu'] * 100:6.1f}% "
               f"{numbers['peak_mb']:8.0f} {baseline['ms'] / numbers['ms']:7.2f}x")
 
 
@@ -167,7 +174,7 @@ def sophia_section(cfg, device):
     tokens = cfg["batch_size"] * cfg["block_size"]
     if device == "cpu":
         hardware.keep_freed_memory()
-    print(f"\n## SophiaG vs AdamW: per iteration amortised over a Hessian interval of {k}, {tokens} tokens per step")
+    say(f"\n## SophiaG vs AdamW: per iteration amortised over a Hessian interval of {k}, {tokens} tokens per step")
     per_iteration = {}
     for name in ("adamw", "sophiag"):
         model, optimizer = build(cfg, device, name)
@@ -183,8 +190,8 @@ def sophia_section(cfg, device):
                     optimizer.update_hessian()
                     optimizer.zero_grad(set_to_none=True)
         per_iteration[name] = timed(interval, device, 1, max(2, cfg["iters"] // k)) / k
-    print(f"AdamW   {per_iteration['adamw'] * 1000:8.1f} ms/iter")
-    print(f"SophiaG {per_iteration['sophiag'] * 1000:8.1f} ms/iter  ({per_iteration['sophiag'] / per_iteration['adamw']:.3f}x AdamW)")
+    say(f"AdamW   {per_iteration['adamw'] * 1000:8.1f} ms/iter")
+    say(f"SophiaG {per_iteration['sophiag'] * 1000:8.1f} ms/iter  ({per_iteration['sophiag'] / per_iteration['adamw']:.3f}x AdamW)")
 
     step_times = {}
     for name in ("adamw", "sophiag"):
@@ -193,7 +200,7 @@ def sophia_section(cfg, device):
             p.grad = torch.randn_like(p) * 1e-3
         step_times[name] = timed(lambda: optimizer.step(**({"bs": tokens} if name == "sophiag" else {})),
                                  device, cfg["warmup"], cfg["iters"])
-    print(f"optimizer.step() alone: AdamW(foreach) {step_times['adamw'] * 1000:.2f} ms, SophiaG {step_times['sophiag'] * 1000:.2f} ms "
+    say(f"optimizer.step() alone: AdamW(foreach) {step_times['adamw'] * 1000:.2f} ms, SophiaG {step_times['sophiag'] * 1000:.2f} ms "
           f"({step_times['sophiag'] / step_times['adamw']:.2f}x)")
 
     from head_loss import sample_labels
@@ -205,7 +212,7 @@ def sophia_section(cfg, device):
         logits = model.lm_head(hidden)
     categorical = timed(lambda: torch.distributions.Categorical(logits=logits).sample(), device, 1, 3)
     ours = timed(lambda: sample_labels(hidden, model.lm_head.weight, REAL_VOCAB), device, 1, 5)
-    print(f"label sampling for {hidden.shape[0]} x {REAL_VOCAB}: torch.distributions.Categorical {categorical * 1000:.1f} ms, "
+    say(f"label sampling for {hidden.shape[0]} x {REAL_VOCAB}: torch.distributions.Categorical {categorical * 1000:.1f} ms, "
           f"head_loss.sample_labels (logits included) {ours * 1000:.1f} ms")
 
 
@@ -213,19 +220,18 @@ def sample_section(cfg, device):
     model, _ = build(cfg, device)
     model.eval()
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
-    n = cfg["sample_tokens"]
-    print(f"\n## sampling {n} new tokens (block_size {cfg['block_size']}), batch 1")
-    results = {}
-    for use_cache in (False, True):
-        def generate():
-            model.generate(prompt, n, temperature=1.0, top_k=200, generator=torch.Generator(device).manual_seed(0),
-                           use_cache=use_cache, n_real_vocab=REAL_VOCAB)
-        results[use_cache] = timed(generate, device, 1, 3)
-    print(f"without KV cache {results[False] * 1000:8.1f} ms, with {results[True] * 1000:8.1f} ms "
-          f"({results[False] / results[True]:.2f}x)")
-    if n > cfg["block_size"]:
-        print(f"(past {cfg['block_size']} tokens the window slides and every step reruns the whole block, cache or not: "
-              f"absolute positions leave nothing to reuse)")
+    say(f"\n## sampling with and without the KV cache (block_size {cfg['block_size']}, batch 1, top-k 200)")
+    for n in sorted({cfg["block_size"] - 1, cfg["sample_tokens"]}):
+        results = {}
+        for use_cache in (False, True):
+            def generate():
+                model.generate(prompt, n, temperature=1.0, top_k=200, generator=torch.Generator(device).manual_seed(0),
+                               use_cache=use_cache, n_real_vocab=REAL_VOCAB)
+            results[use_cache] = timed(generate, device, 1, 3)
+        say(f"{n:4d} new tokens: without KV cache {results[False] * 1000:8.1f} ms, with {results[True] * 1000:8.1f} ms "
+            f"({results[False] / results[True]:.2f}x)")
+    say(f"(past {cfg['block_size']} tokens the window slides and every step reruns the whole block, cache or not: "
+        f"with absolute positions there is nothing to reuse)")
 
 
 def main():
@@ -238,14 +244,19 @@ def main():
         return
     if cfg["section"] not in ("all", "train", "sophia", "sample"):
         raise UserError(f"unknown --section={cfg['section']}; use all, train, sophia or sample")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
-    worker_argv = [a for a in argv if not a.startswith(("--case=", "--device="))]
+    say(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
+    worker_argv = [a for a in argv if not a.startswith(("--case=", "--device=", "--readme="))]
     if cfg["section"] in ("all", "train"):
         train_section(cfg, device, worker_argv)
     if cfg["section"] in ("all", "sophia"):
         sophia_section(cfg, device)
     if cfg["section"] in ("all", "sample"):
         sample_section(cfg, device)
+    if cfg["readme"]:
+        command = " ".join(["python bench.py", *(a for a in argv if not a.startswith("--readme="))])
+        text = f"`{command}` on {hardware.device_name(device)}:\n\n```\n" + "\n".join(REPORT) + "\n```\n"
+        if not replace_marked_section(cfg["readme"], "bench", text):
+            raise UserError(f"{cfg['readme']} has no <!-- bench:begin --> / <!-- bench:end --> markers")
 
 
 if __name__ == "__main__":

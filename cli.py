@@ -39,3 +39,24 @@ def write_atomically(path, write):
     finally:
         if os.path.exists(temp_path):
             os.remove(temp_path)
+
+
+def replace_marked_section(path, name, text):
+    """Put text between the lines <!-- name:begin --> and <!-- name:end --> of a file (a README),
+    atomically. False, and nothing written, if the file or its markers are missing."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        content = f.read()
+    if begin not in content or end not in content:
+        return False
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    new_content = f"{head}{begin}\n{text}{end}{tail}"
+
+    def write(temp_path):
+        with open(temp_path, "w", encoding="utf-8") as f:
+            f.write(new_content)
+    write_atomically(path, write)
+    return True

@@ -285,11 +285,14 @@ class GPT(nn.Module):
 
 
 def sample_next_token(logits, temperature, top_k, generator):
-    """(B, vocab) logits -> (B, 1) tokens; temperature 0 means greedy."""
+    """(B, vocab) logits -> (B, 1) tokens; temperature 0 means greedy. With top_k the draw is among
+    the k largest logits only: the same distribution as masking the others to -inf, without a
+    multinomial over the whole vocabulary (milliseconds per token on a CPU)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits[logits < v[:, [-1]]] = -float("inf")
+    if top_k is not None and top_k < logits.size(-1):
+        values, indices = torch.topk(logits, top_k)
+        choice = torch.multinomial(F.softmax(values, dim=-1), num_samples=1, generator=generator)
+        return indices.gather(-1, choice)
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)

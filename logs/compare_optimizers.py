@@ -34,7 +34,7 @@ import numpy as np
 # This script lives in logs/; the repository root holds the modules and train.py.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from cli import UserError, run, write_atomically  # noqa: E402
+from cli import UserError, replace_marked_section, run, write_atomically  # noqa: E402
 from configurator import parse_args  # noqa: E402
 from plot_loss import load_run, plot  # noqa: E402
 
@@ -283,22 +283,6 @@ def experiment_span(cfg, grids, chosen):
     return max(ends) - min(starts)
 
 
-def update_readme(readme_path, table):
-    """Put the results between the README's compare markers (leaving it alone if it has none)."""
-    begin, end = "<!-- compare:begin -->", "<!-- compare:end -->"
-    if not os.path.isfile(readme_path):
-        return False
-    with open(readme_path, encoding="utf-8") as f:
-        text = f.read()
-    if begin not in text or end not in text:
-        return False
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    new_text = f"{head}{begin}\n{table}{end}{tail}"
-    write_atomically(readme_path, lambda path: Path(path).write_text(new_text, encoding="utf-8"))
-    return True
-
-
 def main():
     cfg = parse_args(DEFAULTS, sys.argv[1:])
     if cfg["sweep_seed"] in cfg["seeds"]:
@@ -322,7 +306,7 @@ def main():
     readme = os.path.join(REPO, cfg["readme"])
     print(table)
     print(f"wrote {cfg['out']}/results.md and {cfg['out']}/loss.png" +
-          (f"; updated {readme}" if update_readme(readme, table) else ""))
+          (f"; updated {readme}" if replace_marked_section(readme, "compare", table) else ""))
 
 
 if __name__ == "__main__":

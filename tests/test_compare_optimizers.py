@@ -39,16 +39,6 @@ def test_sweep_extends_a_grid_whose_best_rate_is_at_an_edge(monkeypatch):
     assert grids["SophiaG (k=10)"] == [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3] and chosen["SophiaG (k=10)"] == 8e-3
 
 
-def test_readme_section_is_replaced_between_markers(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- compare:begin -->\nold table\n<!-- compare:end -->\noutro\n", encoding="utf-8")
-    assert compare.update_readme(str(readme), "| new |\n")
-    assert readme.read_text(encoding="utf-8") == "intro\n<!-- compare:begin -->\n| new |\n<!-- compare:end -->\noutro\n"
-    plain = tmp_path / "PLAIN.md"
-    plain.write_text("no markers\n", encoding="utf-8")
-    assert not compare.update_readme(str(plain), "| new |\n")
-
-
 def test_the_sweep_seed_may_not_be_a_final_seed(monkeypatch):
     import cli
 
