@@ -234,6 +234,7 @@ def main():
     def save_checkpoint(path_name):
         state = ckpt.training_state(raw_model, optimizer, scaler, model_args, iter_num, best_val_loss, cfg, batch_generator)
         ckpt.save(state, os.path.join(cfg["out_dir"], path_name))
+        log.text(f"saved checkpoint {cfg['out_dir']}/{path_name} at iter {iter_num}")
 
     def sync_context(micro_step, count):
         """DDP all-reduces gradients only on the last micro-step; the others accumulate locally."""
@@ -280,7 +281,6 @@ def main():
                     save_checkpoint(ckpt.BEST_FILENAME)
             if iter_num > 0 and (cfg["always_save_checkpoint"] or losses["val"] <= best_val_loss):
                 save_checkpoint(ckpt.FILENAME)
-                log.text(f"saved checkpoint to {cfg['out_dir']}/{ckpt.FILENAME}")
             t_last, iters_since_log = time.perf_counter(), 0  # evaluation time is not training time
         if cfg["eval_only"] or iter_num >= cfg["max_iters"]:
             break
@@ -348,8 +348,7 @@ def main():
         if stop_requested(stop, world_size, device):
             if is_master:
                 save_checkpoint(ckpt.FILENAME)
-                log.text(f"received {stop.signal_name or 'a stop request'}: saved {cfg['out_dir']}/{ckpt.FILENAME} at iter {iter_num}; "
-                         f"continue with the same command plus --init_from=resume")
+                log.text(f"received {stop.signal_name or 'a stop request'}: continue with the same command plus --init_from=resume")
             break
         if cfg["ckpt_interval"] and iter_num % cfg["ckpt_interval"] == 0 and is_master:
             save_checkpoint(ckpt.FILENAME)

@@ -127,3 +127,15 @@ def test_learning_rate_schedule_warms_up_then_decays_fully():
     assert max(rates) == pytest.approx(1.0) and rates[10] == pytest.approx(1.0)
     assert rates[60] == pytest.approx(0.55)  # half way through the cosine
     assert rates[110] == rates[119] == 0.1
+
+
+def test_periodic_and_best_checkpoints(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    result = train_ok(*train_args(tiny_data, out, "--max_iters=5", "--lr_decay_iters=5", "--eval_interval=2",
+                                  "--ckpt_interval=3", "--always_save_checkpoint=False", "--keep_best_checkpoint=True"))
+    saves = [line.split(" at iter ")[1] + ":" + line.split("/")[-1].split(" ")[0]
+             for line in result.stdout.splitlines() if line.startswith("saved checkpoint")]
+    # best (and, as the val loss improves, latest) at each evaluation after 0; latest every 3 steps
+    assert saves == ["2:ckpt_best.pt", "2:ckpt.pt", "3:ckpt.pt", "4:ckpt_best.pt", "4:ckpt.pt", "5:ckpt_best.pt", "5:ckpt.pt"]
+    best = torch.load(out / "ckpt_best.pt", weights_only=True)
+    assert best["best_val_loss"] == min(e["val_loss"] for e in events(out, "eval"))
