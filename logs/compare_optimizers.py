@@ -246,6 +246,10 @@ def results_markdown(cfg, grids, chosen, rows, target, total_seconds, machine):
         lines.append(
             f"| {method} | {sweep_text} | {mean_std(row['train'])} | {mean_std(row['val'])} | {gains if method != BASELINE else '—'} | "
             f"{mean_std(row['val_half'])} | {mean_std(row['val'])} | {steps_text} | {np.mean(row['seconds']):.0f} s |")
+    at_edge = [m for m in rows if chosen[m] in (grids[m][0], grids[m][-1])]
+    if at_edge:
+        lines += ["", f"The best rate was at the edge of its sweep for {', '.join(at_edge)}: a wider sweep "
+                      f"(--max_extensions, {cfg['max_extensions']} here) may find a better one."]
     old = OLDER_TABLE
     lines += [
         "",
