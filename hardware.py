@@ -81,14 +81,44 @@ def device_name(device):
 
 @lru_cache(maxsize=None)
 def peak_flops(device, dtype):
-    """(FLOP/s, how it was obtained). Datasheet peak for known NVIDIA GPUs; otherwise the best
-    rate of a large dense matmul measured here, so that MFU on a CPU is against this CPU."""
+    """(FLOP/s, how it was obtained). Datasheet peak for known NVIDIA GPUs; for a Linux CPU the
+    vector units' peak at its clock (a measurement would read low whenever the CPU is shared,
+    putting MFU above 100%); otherwise the best rate of a dense matmul measured here."""
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name(device)
         for key, peaks in GPU_PEAKS.items():
             if key in name and dtype in peaks:
                 return peaks[dtype], f"datasheet {key} {dtype}"
+    if device == "cpu":
+        cpu_peak = cpu_peak_flops(dtype)
+        if cpu_peak:
+            return cpu_peak
     return measured_matmul_flops(device, dtype), f"measured {dtype} matmul"
+
+
+def cpu_peak_flops(dtype, cpuinfo_path="/proc/cpuinfo"):
+    """(FLOP/s, description) of the threads torch uses, from /proc/cpuinfo: clock x FLOPs per cycle
+    of the widest units the flags show (two FMA pipes per core); None where cpuinfo is missing."""
+    try:
+        with open(cpuinfo_path) as f:
+            info = f.read()
+    except OSError:
+        return None
+    mhz = [float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz")]
+    flags = next((set(line.split(":")[1].split()) for line in info.splitlines() if line.startswith("flags")), set())
+    if not mhz:
+        return None
+    # fp32 FLOPs per cycle per core: 2 FMA pipes x lanes x 2 (multiply and add)
+    per_cycle = 64 if "avx512f" in flags else 32 if "fma" in flags else 8
+    units = "AVX-512" if "avx512f" in flags else "AVX2/FMA" if "fma" in flags else "SSE"
+    if dtype == "bfloat16" and "amx_bf16" in flags:
+        per_cycle, units = 1024, "AMX-BF16"
+    elif dtype == "bfloat16" and "avx512_bf16" in flags:
+        per_cycle, units = 128, "AVX512-BF16"
+    elif dtype == "float16" and "amx_fp16" in flags:
+        per_cycle, units = 1024, "AMX-FP16"
+    threads = torch.get_num_threads()
+    return threads * max(mhz) * 1e6 * per_cycle, f"{threads} threads x {max(mhz):.0f} MHz x {per_cycle} {units} FLOP/cycle"
 
 
 def measured_matmul_flops(device, dtype, seconds=0.3):
