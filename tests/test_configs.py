@@ -1,0 +1,31 @@
+"""Every config file loads into train.py's options, and its tokens-per-step comment is its arithmetic."""
+import glob
+import os
+import re
+
+import pytest
+
+import train
+from configurator import parse_args
+from conftest import REPO
+
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "config", "*.py")))
+ARITHMETIC = re.compile(r"#.*?(\d+) batch(?: size)? \* (\d+) block(?: size)? \* (\d+) accumulation(?: \* (\d+) GPUs)? = ([\d,]+)")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_config_loads_and_is_valid(path):
+    cfg = parse_args(train.DEFAULTS, [path])
+    train.check_config(cfg)
+    assert cfg["optimizer"] in ("adamw", "sophiag", "muon")
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if "tiny_zh.py" in p or "gpt2" in p or "cpu" in p], ids=os.path.basename)
+def test_tokens_per_step_comment_matches_the_settings(path):
+    cfg = parse_args(train.DEFAULTS, [path])
+    with open(path, encoding="utf-8") as f:
+        match = ARITHMETIC.search(f.read())
+    assert match, "the config shows its tokens-per-step arithmetic"
+    batch, block, accumulation, gpus, total = match.groups()
+    assert (int(batch), int(block), int(accumulation)) == (cfg["batch_size"], cfg["block_size"], cfg["gradient_accumulation_steps"])
+    assert int(batch) * int(block) * int(accumulation) * int(gpus or 1) == int(total.replace(",", ""))
