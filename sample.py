@@ -85,6 +85,7 @@ def main():
     model = load_model(cfg)
     model.eval().to(device)
     if cfg["compile"]:
+        hardware.check_compile_works(device)
         model = torch.compile(model)
     prompt_ids = encoding.encode(prompt, allowed_special={"<|endoftext|>"}) if prompt else [EOT_TOKEN]
     block = model.config.block_size
