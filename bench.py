@@ -16,7 +16,6 @@ The batches are random tokens: speed does not depend on the text. Only the stead
 `warmup` iterations first, then `iters` timed ones.
 """
 import json
-import os
 import resource
 import statistics
 import subprocess

@@ -7,7 +7,6 @@
 gradient_accumulation_steps is per process: tokens per optimizer step are
 batch_size * block_size * gradient_accumulation_steps * world_size (printed at start).
 """
-import json
 import math
 import os
 import random

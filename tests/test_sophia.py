@@ -1,7 +1,6 @@
 """SophiaG against the paper's formulas, its state and statistics, GNB label sampling, and the
 Hessian estimate inside train.py's loop (float32 and, with a GradScaler, float16)."""
 import io
-import math
 import random
 import signal
 import sys
