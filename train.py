@@ -356,6 +356,9 @@ def main():
     if is_master and peak_source:
         print(f"MFU is against {peak / 1e12:.2f} TFLOP/s ({peak_source})")
     if world_size > 1:
+        # rank 0 may still be evaluating and saving: leave together, or a rank tearing down its
+        # process group while a peer is busy can abort ("terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
 
 
