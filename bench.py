@@ -1,20 +1,23 @@
 """Speed and memory of training and sampling, measured, with each speed lever against the baseline.
 
     python bench.py                                   # the tiny config on this machine's device
-    python bench.py config/train_gpt2_small_adam.py --device=cuda --batch_size=12
+    python bench.py config/train_gpt2_small_adam.py --device=cuda --dtype=bfloat16 --compile=True --repeats=1
     python bench.py --section=train --iters=30
 
 Sections (--section=all|train|sophia|sample):
-- train: ms per iteration (median after warm-up), tokens/s, MFU and peak RSS for the nanoGPT path
-  (fp32 eager, full logits materialised, F.cross_entropy) and for each lever added on top of it.
-  Each case runs in a fresh process, so allocator settings and peak memory are its own.
-- sophia: AdamW vs SophiaG per iteration amortised over a whole Hessian interval, the time of
-  optimizer.step() alone, and the cost of drawing the Hessian pass's labels.
-- sample: 256 new tokens with and without the KV cache (the same tokens either way: tests check it).
+- train: ms per iteration (median after warm-up), tokens/s, MFU and peak RSS (peak GPU memory on
+  CUDA) for the nanoGPT path (fp32 eager, full logits materialised, F.cross_entropy) and for each
+  lever added on top of it. Each case runs in fresh processes, `repeats` of them round-robin, so
+  allocator settings and peak memory are its own.
+- sophia: AdamW vs SophiaG per iteration, a SophiaG step plus 1/k of its Hessian pass, in the
+  configured dtype (and compiled with --compile=True); optimizer.step() alone; the cost of drawing
+  the Hessian pass's labels.
+- sample: new tokens with and without the KV cache (the same tokens either way: tests check it).
 
-The batches are random tokens: speed does not depend on the text. Only the steady state is timed:
-`warmup` iterations first, then `iters` timed ones.
+The batches are random tokens: speed does not depend on the text. What is compared is timed in
+alternation (see timed_in_alternation), `warmup` untimed rounds first, then `iters` timed ones.
 """
+import functools
 import json
 import resource
 import statistics
@@ -39,6 +42,7 @@ DEFAULTS = train.DEFAULTS | dict(
     section="all",
     warmup=5,
     iters=20,
+    repeats=3,  # processes per training case, run round-robin; the median is reported
     sample_tokens=256,
     case="",  # internal: the train case a worker process measures
     readme="",  # also write the report between the <!-- bench:begin/end --> markers of this file
@@ -67,18 +71,20 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, warmup, iters):
-    """Median seconds of fn() over iters calls, after warmup calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed_in_alternation(functions, device, warmup, iters):
+    """Median seconds per call of each of `functions` (name -> function), called in turn, round after
+    round: a shared machine's speed drifts, and timing one function's calls after another's would
+    credit the drift to one of them. The first `warmup` rounds are not timed."""
+    times = {name: [] for name in functions}
+    for round_index in range(warmup + iters):
+        for name, fn in functions.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def build(cfg, device, optimizer_name="adamw"):
@@ -129,7 +135,7 @@ def measure_train_case(cfg, device, settings):
     tokens = cfg["batch_size"] * cfg["block_size"]
     autocast = hardware.autocast_context(device, settings["dtype"])
     step = make_train_step(model, optimizer, random_batches(cfg, device), settings["fused_loss"], autocast, tokens)
-    seconds = timed(step, device, cfg["warmup"], cfg["iters"])
+    seconds = timed_in_alternation({"step": step}, device, cfg["warmup"], cfg["iters"])["step"]
     raw = getattr(model, "_orig_mod", model)
     peak, _ = hardware.peak_flops(device, settings["dtype"])
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -141,23 +147,37 @@ def measure_train_case(cfg, device, settings):
 
 def train_section(cfg, device, argv):
     say(f"## training: {cfg['n_layer']} layers, {cfg['n_embd']} wide, {cfg['batch_size']} x {cfg['block_size']} tokens "
-          f"per iteration, on {hardware.device_name(device)}")
+          f"per iteration, on {hardware.device_name(device)}; median of {cfg['repeats']} processes per case")
     say(f"{'case':42} {'ms/iter':>9} {'tokens/s':>9} {'MFU':>7} {'peak MB':>8} {'speedup':>8}")
-    baseline = None
-    for name, settings in TRAIN_CASES:
-        if settings["dtype"] != "float32" and device == "cpu" and not cpu_has_bf16_matmul():
-            say(f"{name:42} skipped: this CPU has no native bf16 matmul (no AVX512_BF16/AMX), autocast would be slower")
+    skipped = {name: "this CPU has no native bf16 matmul (no AVX512_BF16/AMX), autocast would be slower"
+               for name, settings in TRAIN_CASES
+               if settings["dtype"] != "float32" and device == "cpu" and not cpu_has_bf16_matmul()}
+    cases = [name for name, _ in TRAIN_CASES if name not in skipped]
+    # Round-robin over the cases, `repeats` times: a shared machine's speed drifts, and running each
+    # case's processes back to back would credit that drift to the case.
+    results = {name: [] for name in cases}
+    failures = {}
+    for _ in range(cfg["repeats"]):
+        for name in cases:
+            if name in failures:
+                continue
+            result = subprocess.run([sys.executable, __file__, *argv, f"--case={name}", f"--device={device}"],
+                                    capture_output=True, text=True)
+            if result.returncode != 0:
+                failures[name] = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            else:
+                results[name].append(json.loads(result.stdout.strip().splitlines()[-1]))
+    baseline_ms = None
+    tokens = cfg["batch_size"] * cfg["block_size"]
+    for name, _ in TRAIN_CASES:
+        if name in skipped or name in failures:
+            say(f"{name:42} {'skipped' if name in skipped else 'failed'}: {(skipped | failures)[name][:120]}")
             continue
-        result = subprocess.run([sys.executable, __file__, *argv, f"--case={name}", f"--device={device}"],
-                                capture_output=True, text=True)
-        if result.returncode != 0:
-            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            say(f"{name:42} failed: {last[:120]}")
-            continue
-        numbers = json.loads(result.stdout.strip().splitlines()[-1])
-        baseline = baseline or numbers
-        say(f"{name:42} {numbers['ms']:9.1f} {numbers['tokens_per_s']:9.0f} {numbers['mfu'] * 100:6.1f}% "
-              f"{numbers['peak_mb']:8.0f} {baseline['ms'] / numbers['ms']:7.2f}x")
+        ms = statistics.median(r["ms"] for r in results[name])
+        mfu = statistics.median(r["mfu"] for r in results[name])
+        peak_mb = max(r["peak_mb"] for r in results[name])
+        baseline_ms = baseline_ms or ms
+        say(f"{name:42} {ms:9.1f} {tokens / ms * 1000:9.0f} {mfu * 100:6.1f}% {peak_mb:8.0f} {baseline_ms / ms:7.2f}x")
 
 
 def cpu_has_bf16_matmul():
@@ -174,34 +194,33 @@ def sophia_section(cfg, device):
     tokens = cfg["batch_size"] * cfg["block_size"]
     if device == "cpu":
         hardware.keep_freed_memory()
-    say(f"\n## SophiaG vs AdamW: per iteration amortised over a Hessian interval of {k}, {tokens} tokens per step")
-    per_iteration = {}
+    say(f"\n## SophiaG vs AdamW: per iteration amortised over a Hessian interval of {k}, {tokens} tokens per step, "
+        f"{cfg['dtype']}{', compiled' if cfg['compile'] else ''}")
+    autocast = hardware.autocast_context(device, cfg["dtype"])
+    steps, models = {}, {}
     for name in ("adamw", "sophiag"):
         model, optimizer = build(cfg, device, name)
-        batches = random_batches(cfg, device)
-        step = make_train_step(model, optimizer, batches, True, hardware.autocast_context(device, "float32"), tokens)
+        models[name] = (torch.compile(model) if cfg["compile"] else model), optimizer
+        steps[name] = make_train_step(models[name][0], optimizer, random_batches(cfg, device), True, autocast, tokens)
+    hessian_pass = make_hessian_pass(*models["sophiag"], random_batches(cfg, device, 1)[0][0], autocast)
+    # The Hessian pass is timed every round, not every k-th step: its cost and a step's do not depend on
+    # how often the Hessian EMA was updated.
+    seconds = timed_in_alternation(dict(adamw=steps["adamw"], sophiag=steps["sophiag"], hessian=hessian_pass),
+                                   device, cfg["warmup"], cfg["iters"])
+    sophiag = seconds["sophiag"] + seconds["hessian"] / k
+    say(f"AdamW   {seconds['adamw'] * 1000:8.1f} ms/iter")
+    say(f"SophiaG {sophiag * 1000:8.1f} ms/iter  ({sophiag / seconds['adamw']:.3f}x AdamW): a step {seconds['sophiag'] * 1000:.1f} ms "
+        f"+ the Hessian pass {seconds['hessian'] * 1000:.1f} ms / {k}")
 
-        def interval():
-            for i in range(k):
-                step()
-                if name == "sophiag" and i == k - 1:
-                    _, loss = model(batches[0][0], None, sample_labels_from_vocab=REAL_VOCAB)
-                    loss.backward()
-                    optimizer.update_hessian()
-                    optimizer.zero_grad(set_to_none=True)
-        per_iteration[name] = timed(interval, device, 1, max(5, cfg["iters"] // k)) / k
-    say(f"AdamW   {per_iteration['adamw'] * 1000:8.1f} ms/iter")
-    say(f"SophiaG {per_iteration['sophiag'] * 1000:8.1f} ms/iter  ({per_iteration['sophiag'] / per_iteration['adamw']:.3f}x AdamW)")
-
-    step_times = {}
+    optimizers = {}
     for name in ("adamw", "sophiag"):
         model, optimizer = build(cfg, device, name)
         for p in model.parameters():
             p.grad = torch.randn_like(p) * 1e-3
-        step_times[name] = timed(lambda: optimizer.step(**({"bs": tokens} if name == "sophiag" else {})),
-                                 device, cfg["warmup"], cfg["iters"])
-    say(f"optimizer.step() alone: AdamW(foreach) {step_times['adamw'] * 1000:.2f} ms, SophiaG {step_times['sophiag'] * 1000:.2f} ms "
-          f"({step_times['sophiag'] / step_times['adamw']:.2f}x)")
+        optimizers[name] = functools.partial(optimizer.step, **({"bs": tokens} if name == "sophiag" else {}))
+    seconds = timed_in_alternation(optimizers, device, cfg["warmup"], cfg["iters"])
+    say(f"optimizer.step() alone: AdamW(foreach) {seconds['adamw'] * 1000:.2f} ms, SophiaG {seconds['sophiag'] * 1000:.2f} ms "
+        f"({seconds['sophiag'] / seconds['adamw']:.2f}x)")
 
     from head_loss import sample_labels
 
@@ -210,10 +229,21 @@ def sophia_section(cfg, device):
     with torch.no_grad():
         hidden = model.hidden_states(x).flatten(0, 1)
         logits = model.lm_head(hidden)
-    categorical = timed(lambda: torch.distributions.Categorical(logits=logits).sample(), device, 1, 3)
-    ours = timed(lambda: sample_labels(hidden, model.lm_head.weight, REAL_VOCAB), device, 1, 5)
-    say(f"label sampling for {hidden.shape[0]} x {REAL_VOCAB}: torch.distributions.Categorical {categorical * 1000:.1f} ms, "
-          f"head_loss.sample_labels (logits included) {ours * 1000:.1f} ms")
+    seconds = timed_in_alternation(dict(categorical=lambda: torch.distributions.Categorical(logits=logits).sample(),
+                                        ours=lambda: sample_labels(hidden, model.lm_head.weight, REAL_VOCAB)), device, 1, 3)
+    say(f"label sampling for {hidden.shape[0]} x {REAL_VOCAB}: torch.distributions.Categorical {seconds['categorical'] * 1000:.1f} ms, "
+        f"head_loss.sample_labels (logits included) {seconds['ours'] * 1000:.1f} ms")
+
+
+def make_hessian_pass(model, optimizer, x, autocast):
+    """SophiaG's Hessian estimate as train.py makes it: labels drawn from the model, backward, update."""
+    def hessian_pass():
+        with autocast:
+            _, loss = model(x, None, sample_labels_from_vocab=REAL_VOCAB)
+        loss.backward()
+        optimizer.update_hessian()
+        optimizer.zero_grad(set_to_none=True)
+    return hessian_pass
 
 
 def sample_section(cfg, device):
@@ -222,12 +252,10 @@ def sample_section(cfg, device):
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
     say(f"\n## sampling with and without the KV cache (block_size {cfg['block_size']}, batch 1, top-k 200)")
     for n in sorted({cfg["block_size"] - 1, cfg["sample_tokens"]}):
-        results = {}
-        for use_cache in (False, True):
-            def generate():
-                model.generate(prompt, n, temperature=1.0, top_k=200, generator=torch.Generator(device).manual_seed(0),
-                               use_cache=use_cache, n_real_vocab=REAL_VOCAB)
-            results[use_cache] = timed(generate, device, 1, 3)
+        results = timed_in_alternation(
+            {use_cache: functools.partial(model.generate, prompt, n, temperature=1.0, top_k=200, use_cache=use_cache,
+                                          generator=torch.Generator(device).manual_seed(0), n_real_vocab=REAL_VOCAB)
+             for use_cache in (False, True)}, device, 1, 5)
         say(f"{n:4d} new tokens: without KV cache {results[False] * 1000:8.1f} ms, with {results[True] * 1000:8.1f} ms "
             f"({results[False] / results[True]:.2f}x)")
     say(f"(past {cfg['block_size']} tokens the window slides and every step reruns the whole block, cache or not: "

@@ -58,6 +58,23 @@ def test_chunked_head_loss_matches_the_materialised_logits_in_value_and_gradient
         torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, chunk_rows=chunk_rows), expected.detach())
 
 
+def test_chunked_head_loss_stays_exact_where_a_targets_probability_underflows():
+    # logits hundreds apart: a target's float32 softmax probability is exactly zero, its loss ~300 nats
+    torch.manual_seed(3)
+    hidden = (torch.randn(16, 8) * 30).requires_grad_()
+    weight = torch.randn(40, 8).requires_grad_()
+    targets = torch.randint(0, 40, (16,))
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=5)
+    loss.backward()
+    h_ref, w_ref = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    expected = F.cross_entropy(h_ref @ w_ref.t(), targets)
+    expected.backward()
+    assert torch.softmax(hidden.detach() @ weight.detach().t(), 1).gather(1, targets[:, None]).min() == 0
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(hidden.grad.double(), h_ref.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(weight.grad.double(), w_ref.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_chunked_head_loss_under_bfloat16_autocast_stays_close_to_float32():
     torch.manual_seed(2)
     hidden = torch.randn(64, 32, requires_grad=True)
@@ -105,6 +122,18 @@ def test_kv_cache_generates_the_same_tokens(temperature, top_k):
                                       use_cache=use_cache))
     assert outputs[0].shape == (2, 35)  # longer than block_size 16: the window slides
     assert torch.equal(outputs[0], outputs[1])
+
+
+def test_greedy_generation_follows_the_argmax_of_the_full_forward():
+    # the reference: nanoGPT's loop, the whole cropped window through the model for every token
+    model = tiny_gpt()
+    idx = torch.randint(0, 320, (2, 5))
+    generated = model.generate(idx, 20, temperature=0.0)
+    with torch.no_grad():
+        for _ in range(20):
+            next_token = model.full_logits(idx[:, -model.config.block_size:])[:, -1].argmax(-1, keepdim=True)
+            idx = torch.cat((idx, next_token), dim=1)
+    assert torch.equal(generated, idx)
 
 
 def test_generation_never_draws_padding_tokens():
