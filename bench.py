@@ -66,11 +66,6 @@ TRAIN_CASES = [
 ]
 
 
-def synchronize(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def timed_in_alternation(functions, device, warmup, iters):
     """Median seconds per call of each of `functions` (name -> function), called in turn, round after
     round: a shared machine's speed drifts, and timing one function's calls after another's would
@@ -78,10 +73,10 @@ def timed_in_alternation(functions, device, warmup, iters):
     times = {name: [] for name in functions}
     for round_index in range(warmup + iters):
         for name, fn in functions.items():
-            synchronize(device)
+            hardware.synchronize(device)
             start = time.perf_counter()
             fn()
-            synchronize(device)
+            hardware.synchronize(device)
             if round_index >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
@@ -151,7 +146,7 @@ def train_section(cfg, device, argv):
     say(f"{'case':42} {'ms/iter':>9} {'tokens/s':>9} {'MFU':>7} {'peak MB':>8} {'speedup':>8}")
     skipped = {name: "this CPU has no native bf16 matmul (no AVX512_BF16/AMX), autocast would be slower"
                for name, settings in TRAIN_CASES
-               if settings["dtype"] != "float32" and device == "cpu" and not cpu_has_bf16_matmul()}
+               if settings["dtype"] != "float32" and device == "cpu" and not hardware.cpu_has_bf16_matmul()}
     cases = [name for name, _ in TRAIN_CASES if name not in skipped]
     # Round-robin over the cases, `repeats` times: a shared machine's speed drifts, and running each
     # case's processes back to back would credit that drift to the case.
@@ -178,15 +173,6 @@ def train_section(cfg, device, argv):
         peak_mb = max(r["peak_mb"] for r in results[name])
         baseline_ms = baseline_ms or ms
         say(f"{name:42} {ms:9.1f} {tokens / ms * 1000:9.0f} {mfu * 100:6.1f}% {peak_mb:8.0f} {baseline_ms / ms:7.2f}x")
-
-
-def cpu_has_bf16_matmul():
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def sophia_section(cfg, device):

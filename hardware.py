@@ -69,14 +69,9 @@ def device_name(device):
         return torch.cuda.get_device_name(device)
     if device == "mps":
         return "Apple MPS"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return f"CPU ({torch.get_num_threads()} threads)"
+    names = [line.split(":", 1)[1].strip() for line in _read_cpuinfo("/proc/cpuinfo").splitlines()
+             if line.startswith("model name")]
+    return f"{names[0] if names else 'CPU'} ({torch.get_num_threads()} threads)"
 
 
 @lru_cache(maxsize=None)
@@ -99,15 +94,11 @@ def peak_flops(device, dtype):
 def cpu_peak_flops(dtype, cpuinfo_path="/proc/cpuinfo"):
     """(FLOP/s, description) of the threads torch uses, from /proc/cpuinfo: clock x FLOPs per cycle
     of the widest units the flags show (two FMA pipes per core); None where cpuinfo is missing."""
-    try:
-        with open(cpuinfo_path) as f:
-            info = f.read()
-    except OSError:
-        return None
+    info = _read_cpuinfo(cpuinfo_path)
     mhz = [float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz")]
-    flags = next((set(line.split(":")[1].split()) for line in info.splitlines() if line.startswith("flags")), set())
     if not mhz:
         return None
+    flags = _cpu_flags(info)
     # fp32 FLOPs per cycle per core: 2 FMA pipes x lanes x 2 (multiply and add)
     per_cycle = 64 if "avx512f" in flags else 32 if "fma" in flags else 8
     units = "AVX-512" if "avx512f" in flags else "AVX2/FMA" if "fma" in flags else "SSE"
@@ -121,6 +112,24 @@ def cpu_peak_flops(dtype, cpuinfo_path="/proc/cpuinfo"):
     return threads * max(mhz) * 1e6 * per_cycle, f"{threads} threads x {max(mhz):.0f} MHz x {per_cycle} {units} FLOP/cycle"
 
 
+def cpu_has_bf16_matmul(cpuinfo_path="/proc/cpuinfo"):
+    """Whether the CPU multiplies bf16 natively (AVX512_BF16 or AMX); without, bf16 autocast is slower than fp32."""
+    return bool(_cpu_flags(_read_cpuinfo(cpuinfo_path)) & {"avx512_bf16", "amx_bf16"})
+
+
+def _read_cpuinfo(path):
+    """The text of /proc/cpuinfo, or "" where there is none (not Linux)."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _cpu_flags(info):
+    return next((set(line.split(":")[1].split()) for line in info.splitlines() if line.startswith("flags")), set())
+
+
 def measured_matmul_flops(device, dtype, seconds=0.3):
     torch_dtype = DTYPES[dtype]
     # CPUs without native half-precision matmuls take seconds for one 1024^3 float16 product
@@ -132,17 +141,18 @@ def measured_matmul_flops(device, dtype, seconds=0.3):
     best = float("inf")
     deadline = time.perf_counter() + seconds
     for _ in range(100):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         a @ b
-        _synchronize(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
         if time.perf_counter() > deadline:
             break
     return 2 * size**3 / best
 
 
-def _synchronize(device):
+def synchronize(device):
+    """Wait for the device's queued work, so a timer around it measures the work."""
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
     elif device == "mps":

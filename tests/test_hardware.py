@@ -25,8 +25,14 @@ def test_cpu_peak_counts_the_vector_units_the_flags_show(tmp_path, monkeypatch, 
     assert "2 threads x 2000 MHz" in description
 
 
+@pytest.mark.parametrize("flags, native", [("avx2 fma", False), ("avx512f avx512_bf16", True), ("amx_bf16 amx_tile", True)])
+def test_native_bf16_matmul_is_read_from_the_flags(tmp_path, flags, native):
+    assert hardware.cpu_has_bf16_matmul(fake_cpuinfo(tmp_path, flags)) is native
+
+
 def test_missing_cpuinfo_falls_back(tmp_path):
     assert hardware.cpu_peak_flops("float32", str(tmp_path / "none")) is None
+    assert hardware.cpu_has_bf16_matmul(str(tmp_path / "none")) is False
 
 
 def test_absent_devices_are_user_errors():
