@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from cli import UserError, write_atomically
-from model import GPT
+from model import GPT, GPTConfig
 
 FILENAME = "ckpt.pt"
 BEST_FILENAME = "ckpt_best.pt"
@@ -70,6 +70,14 @@ def load_model_state(model, checkpoint):
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"checkpoint does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def model_from(checkpoint, dropout=None):
+    """The GPT a checkpoint describes, with its weights; dropout replaces the saved rate unless None."""
+    model_args = checkpoint["model_args"] | ({} if dropout is None else {"dropout": dropout})
+    model = GPT(GPTConfig(**model_args))
+    load_model_state(model, checkpoint)
+    return model
 
 
 def restore_training_state(checkpoint, optimizer, scaler, batch_generator, rank):

@@ -25,7 +25,6 @@ import torch
 import checkpoint as ckpt
 from cli import UserError, run
 from configurator import parse_args
-from model import GPT, GPTConfig
 from tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, find_gpt2_ranks, gpt2_encoding, load_ranks
 
 DEFAULTS = dict(
@@ -233,8 +232,7 @@ def main():
     checkpoint_path = os.path.join(cfg["out_dir"], cfg["checkpoint_file"])
     check_export_dir(export_dir, checkpoint_path, cfg["overwrite"])
     checkpoint = ckpt.load(checkpoint_path)
-    model = GPT(GPTConfig(**checkpoint["model_args"]))
-    ckpt.load_model_state(model, checkpoint)
+    model = ckpt.model_from(checkpoint)
     model.eval()
     if model.config.vocab_size < GPT2_VOCAB_SIZE:
         raise UserError(f"the model's vocabulary has {model.config.vocab_size} rows, fewer than GPT-2's "

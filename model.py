@@ -239,7 +239,7 @@ class GPT(nn.Module):
 
             hidden = [p for name, p in self.transformer.h.named_parameters() if p.dim() == 2]
             hidden_ids = {id(p) for p in hidden}
-            rest = [g for g in self.param_groups(weight_decay)]
+            rest = self.param_groups(weight_decay)
             for group in rest:
                 group["params"] = [p for p in group["params"] if id(p) not in hidden_ids]
             return MuonWithAdamW(hidden, rest, lr=learning_rate, weight_decay=weight_decay, betas=betas)

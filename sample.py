@@ -14,7 +14,6 @@ import checkpoint as ckpt
 import hardware
 from cli import UserError, run
 from configurator import parse_args
-from model import GPT, GPTConfig
 from tokenizer import EOT_TOKEN, gpt2_encoding
 
 DEFAULTS = dict(
@@ -59,12 +58,8 @@ def decode_clean(encoding, tokens):
 
 def load_model(cfg):
     if cfg["init_from"] == "resume":
-        checkpoint = ckpt.load(os.path.join(cfg["out_dir"], ckpt.FILENAME))
-        model = GPT(GPTConfig(**(checkpoint["model_args"] | {"dropout": 0.0})))
-        ckpt.load_model_state(model, checkpoint)
-    else:
-        model = ckpt.gpt2_model(cfg["init_from"], dropout=0.0)
-    return model
+        return ckpt.model_from(ckpt.load(os.path.join(cfg["out_dir"], ckpt.FILENAME)), dropout=0.0)
+    return ckpt.gpt2_model(cfg["init_from"], dropout=0.0)
 
 
 def main():

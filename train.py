@@ -119,13 +119,11 @@ def check_config(cfg):
         raise UserError("--learning_rate must be positive and --min_lr zero or positive")
 
 
-def setup_distributed(cfg):
+def setup_distributed(backend, device):
     """(rank, local_rank, world_size); initialises the process group under torchrun."""
     if int(os.environ.get("RANK", -1)) == -1:
         return 0, 0, 1
     rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    device = hardware.pick_device(cfg["device"])
-    backend = cfg["backend"]
     if backend == "auto":
         backend = "nccl" if device.startswith("cuda") else "gloo"
     if device.startswith("cuda"):
@@ -151,9 +149,9 @@ class StopRequest:
 def main():
     cfg = parse_args(DEFAULTS, sys.argv[1:])
     check_config(cfg)
-    rank, local_rank, world_size = setup_distributed(cfg)
-    is_master = rank == 0
     device = hardware.pick_device(cfg["device"])
+    rank, local_rank, world_size = setup_distributed(cfg["backend"], device)
+    is_master = rank == 0
     if device == "cuda" and world_size > 1:
         device = f"cuda:{local_rank}"
     device_type = device.split(":")[0]
@@ -184,8 +182,7 @@ def main():
         model_args = checkpoint["model_args"] | {"dropout": cfg["dropout"]}
         if model_args["block_size"] != cfg["block_size"]:
             raise UserError(f"the checkpoint was trained with block_size {model_args['block_size']}; pass --block_size={model_args['block_size']}")
-        model = GPT(GPTConfig(**model_args))
-        ckpt.load_model_state(model, checkpoint)
+        model = ckpt.model_from(checkpoint, cfg["dropout"])
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
     else:
         model = ckpt.gpt2_model(cfg["init_from"], cfg["dropout"])
