@@ -95,13 +95,18 @@ def train_command(cfg, method, lr, seed, out_dir, resume):
     ]
 
 
-def finished(out_dir, iters):
-    """Whether the run's log holds its last evaluation."""
+def run_events(out_dir):
+    """The events of a run's metrics.jsonl, in order; [] before the run has started."""
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.isfile(path):
-        return False
+        return []
     with open(path, encoding="utf-8") as f:
-        return any(e.get("event") == "eval" and e.get("iter") == iters for e in map(json.loads, f))
+        return [json.loads(line) for line in f]
+
+
+def finished(out_dir, iters):
+    """Whether the run's log holds its last evaluation."""
+    return any(e.get("event") == "eval" and e.get("iter") == iters for e in run_events(out_dir))
 
 
 def train_one(cfg, method, lr, seed):
@@ -143,16 +148,17 @@ def sweep(cfg):
 
     for extensions in range(cfg["max_extensions"] + 1):
         train_all(cfg, [(m, lr, cfg["sweep_seed"]) for m, grid in grids.items() for lr in grid])
-        at_edge = [m for m, grid in grids.items() if best_lr(m) in (grid[0], grid[-1])]
+        best = {method: best_lr(method) for method in grids}
+        at_edge = [m for m, grid in grids.items() if best[m] in (grid[0], grid[-1])]
         if not at_edge or extensions == cfg["max_extensions"]:
             break
         for method in at_edge:
             grid = grids[method]
-            if best_lr(method) == grid[0]:
+            if best[method] == grid[0]:
                 grid.insert(0, grid[0] / 2)
             else:
                 grid.append(grid[-1] * 2)
-    return grids, {method: best_lr(method) for method in grids}
+    return grids, best
 
 
 def steps_to_reach(run_val, target):
@@ -174,15 +180,13 @@ def eval_at(run_, step):
 
 
 def train_eval_loss(out_dir, step):
-    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        losses = [e["train_loss"] for e in map(json.loads, f) if e.get("event") == "eval" and e["iter"] == step]
+    losses = [e["train_loss"] for e in run_events(out_dir) if e.get("event") == "eval" and e["iter"] == step]
     return losses[-1]
 
 
 def wall_seconds(out_dir):
     """First config event to last event of the run's log."""
-    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        events = [json.loads(line) for line in f]
+    events = run_events(out_dir)
     return events[-1]["time"] - events[0]["time"]
 
 
@@ -278,13 +282,8 @@ def experiment_span(cfg, grids, chosen):
     """Wall-clock seconds from the first run's start to the last run's end."""
     dirs = [run_dir(cfg, m, lr, cfg["sweep_seed"]) for m, grid in grids.items() for lr in grid]
     dirs += [run_dir(cfg, m, lr, s) for m, lr in chosen.items() for s in cfg["seeds"]]
-    starts, ends = [], []
-    for d in dirs:
-        with open(os.path.join(d, "metrics.jsonl"), encoding="utf-8") as f:
-            events = [json.loads(line) for line in f]
-        starts.append(events[0]["time"])
-        ends.append(events[-1]["time"])
-    return max(ends) - min(starts)
+    logs = [run_events(d) for d in dirs]
+    return max(events[-1]["time"] for events in logs) - min(events[0]["time"] for events in logs)
 
 
 def main():
