@@ -1,4 +1,5 @@
 """Shared test fixtures: a tiny learnable Chinese corpus, prepared once, and script runners."""
+import json
 import os
 import random
 import subprocess
@@ -33,13 +34,25 @@ def run_script(script, *args, timeout=300, cwd=REPO, env=None):
 
 
 def assert_user_error(result, *words):
-    """The contract for a user's mistake: exit status 2, one line on stderr naming it, no traceback."""
+    """The contract for a user's mistake, for a finished script (a CompletedProcess)."""
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
+    assert_one_line_error(result.returncode, result.stderr, *words)
+
+
+def assert_one_line_error(returncode, stderr, *words):
+    """The contract for a user's mistake: exit status 2, one line on stderr naming it, no traceback."""
+    assert returncode == 2, (returncode, stderr)
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
     for word in words:
         assert word in lines[0], (word, lines[0])
+
+
+def read_events(out_dir, kind=None):
+    """The events of a run's metrics.jsonl, all of them or those of one kind."""
+    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [e for e in map(json.loads, f) if kind is None or e["event"] == kind]
 
 
 @pytest.fixture(scope="session")

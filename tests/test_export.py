@@ -16,6 +16,7 @@ sys.path.insert(0, ROOT)
 import checkpoint as ckpt  # noqa: E402
 import cli  # noqa: E402
 import export  # noqa: E402
+from conftest import assert_one_line_error  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2_encoding  # noqa: E402
 
@@ -58,14 +59,6 @@ def run_export(monkeypatch, capsys, *args):
     except SystemExit as e:
         status = e.code
     return status, capsys.readouterr().err
-
-
-def assert_one_line_error(status, stderr, *words):
-    assert status == 2
-    assert "Traceback" not in stderr
-    assert len(stderr.strip().splitlines()) == 1, stderr
-    for word in words:
-        assert word in stderr
 
 
 def leftovers(parent):

@@ -1,20 +1,15 @@
-import json
 import sys
 import types
 
 import pytest
 
+from conftest import read_events
 from run_log import RunLog
 
 
 def config(tmp_path, **overrides):
     return dict(out_dir=str(tmp_path), init_from="scratch", tensorboard_log=False, wandb_log=False,
                 wandb_project="p", wandb_run_name="r") | overrides
-
-
-def read_events(tmp_path):
-    with open(tmp_path / "metrics.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
 
 
 def test_events_are_json_lines_with_the_config_first(tmp_path):

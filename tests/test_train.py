@@ -1,4 +1,3 @@
-import json
 import signal
 import subprocess
 import sys
@@ -9,17 +8,12 @@ import torch
 
 import cli
 import train
-from conftest import REPO, TINY_MODEL_ARGS, run_script
+from conftest import REPO, TINY_MODEL_ARGS, read_events, run_script
 
 
 def train_args(tiny_data, out_dir, *extra):
     return [f"--data_dir={tiny_data}", f"--out_dir={out_dir}", *TINY_MODEL_ARGS, "--warmup_iters=2",
             "--eval_iters=2", "--log_interval=1", *extra]
-
-
-def events(out_dir, kind):
-    with open(out_dir / "metrics.jsonl", encoding="utf-8") as f:
-        return [e for e in map(json.loads, f) if e["event"] == kind]
 
 
 def train_ok(*args):
@@ -32,7 +26,7 @@ def test_short_cpu_run_lowers_the_val_loss_clearly(tiny_data, tmp_path):
     out = tmp_path / "run"
     result = train_ok(*train_args(tiny_data, out, "--max_iters=60", "--lr_decay_iters=60", "--eval_interval=30",
                                   "--learning_rate=1e-2", "--min_lr=1e-3"))
-    evals = events(out, "eval")
+    evals = read_events(out, "eval")
     assert [e["iter"] for e in evals] == [0, 30, 60]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 3.0, evals
     assert "iter 59: loss" in result.stdout and "step 60: train loss" in result.stdout
@@ -42,9 +36,9 @@ def test_short_cpu_run_lowers_the_val_loss_clearly(tiny_data, tmp_path):
 def test_metrics_jsonl_records_the_config_and_every_step(tiny_data, tmp_path):
     out = tmp_path / "run"
     train_ok(*train_args(tiny_data, out, "--max_iters=5", "--lr_decay_iters=5", "--eval_interval=5"))
-    config = events(out, "config")[0]
+    config = read_events(out, "config")[0]
     assert config["config"]["max_iters"] == 5 and config["torch"] == torch.__version__
-    steps = events(out, "train")
+    steps = read_events(out, "train")
     assert [e["iter"] for e in steps] == list(range(5))
     assert all(e["mfu"] > 0 and e["tokens_per_sec"] > 0 and e["time_ms"] > 0 for e in steps)
 
@@ -62,7 +56,7 @@ def test_resume_continues_the_run_exactly(tiny_data, tmp_path, optimizer):
     assert "iter 4: loss" in result.stdout and "iter 3: loss" not in result.stdout
 
     def losses(out):
-        return {e["iter"]: e["loss"] for e in events(out, "train")}
+        return {e["iter"]: e["loss"] for e in read_events(out, "train")}
     assert losses(straight) == losses(resumed)
     a = torch.load(straight / "ckpt.pt", weights_only=True)
     b = torch.load(resumed / "ckpt.pt", weights_only=True)
@@ -78,7 +72,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_data, tmp_path):
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
-            if (out / "metrics.jsonl").exists() and len(events(out, "train")) >= 3:
+            if (out / "metrics.jsonl").exists() and len(read_events(out, "train")) >= 3:
                 break
             time.sleep(0.2)
         process.send_signal(signal.SIGTERM)
@@ -138,4 +132,4 @@ def test_periodic_and_best_checkpoints(tiny_data, tmp_path):
     # best (and, as the val loss improves, latest) at each evaluation after 0; latest every 3 steps
     assert saves == ["2:ckpt_best.pt", "2:ckpt.pt", "3:ckpt.pt", "4:ckpt_best.pt", "4:ckpt.pt", "5:ckpt_best.pt", "5:ckpt.pt"]
     best = torch.load(out / "ckpt_best.pt", weights_only=True)
-    assert best["best_val_loss"] == min(e["val_loss"] for e in events(out, "eval"))
+    assert best["best_val_loss"] == min(e["val_loss"] for e in read_events(out, "eval"))
