@@ -1,6 +1,7 @@
 """The device side of the scripts: which device and dtype to use, autocast, and the device's peak
 FLOP/s for model FLOPs utilisation (MFU)."""
 import os
+import re
 import time
 from contextlib import nullcontext
 from functools import lru_cache
@@ -11,15 +12,24 @@ from cli import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Dense (no sparsity) tensor-core peaks from the vendors' datasheets, FLOP/s, by dtype.
-# An entry matches when its key is in torch.cuda.get_device_name().
+# Dense (no sparsity) tensor-core peaks from the vendors' datasheets, FLOP/s, by dtype. "float32" is
+# the rate a float32 run's matmuls get: TF32 tensor cores where the GPU has them (allow_tf32 turns
+# them on), the FP32 rate where it has none (T4, V100) or where no TF32 figure is published (A10G).
+# A key matches when it stands as whole words in torch.cuda.get_device_name() ("L4" is not "L40S"),
+# and the first match wins, so the longer names come first.
 GPU_PEAKS = {
-    "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
-    "H100 PCIe": {"bfloat16": 756e12, "float16": 756e12, "float32": 51e12},
-    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
-    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
+    "H200 NVL": {"bfloat16": 835e12, "float16": 835e12, "float32": 417.5e12},
+    "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 494.5e12},
+    "GH200": {"bfloat16": 989e12, "float16": 989e12, "float32": 494.5e12},
+    "H100 NVL": {"bfloat16": 835e12, "float16": 835e12, "float32": 417.5e12},
+    "H100 PCIe": {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12},
+    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 494.5e12},
+    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12},
     "A10G": {"bfloat16": 70e12, "float16": 70e12, "float32": 31.2e12},
-    "L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 30.3e12},
+    "A10": {"bfloat16": 125e12, "float16": 125e12, "float32": 62.5e12},
+    "L40S": {"bfloat16": 362e12, "float16": 362e12, "float32": 183e12},
+    "L40": {"bfloat16": 181e12, "float16": 181e12, "float32": 90.5e12},
+    "L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 60e12},
     "T4": {"float16": 65e12, "float32": 8.1e12},
     "V100": {"float16": 125e12, "float32": 15.7e12},
     "RTX 4090": {"bfloat16": 165e12, "float16": 165e12, "float32": 82.6e12},
@@ -76,19 +86,31 @@ def device_name(device):
 
 @lru_cache(maxsize=None)
 def peak_flops(device, dtype):
-    """(FLOP/s, how it was obtained). Datasheet peak for known NVIDIA GPUs; for a Linux CPU the
-    vector units' peak at its clock (a measurement would read low whenever the CPU is shared,
-    putting MFU above 100%); otherwise the best rate of a dense matmul measured here."""
+    """(FLOP/s or None, how it was obtained). Datasheet peak for known NVIDIA GPUs; for a Linux CPU
+    the vector units' peak at its clock (a measurement would read low whenever the CPU is shared,
+    putting MFU above 100%); on MPS and other CPUs the rate of big dense matmuls measured here. An
+    NVIDIA GPU missing from GPU_PEAKS gets None: MFU is then not reported, because a measured rate
+    is the achievable one, not the peak, and would read MFU too high."""
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name(device)
-        for key, peaks in GPU_PEAKS.items():
-            if key in name and dtype in peaks:
-                return peaks[dtype], f"datasheet {key} {dtype}"
+        match = gpu_peak(name, dtype)
+        if match is None:
+            return None, f"no {dtype} datasheet peak for {name} in hardware.GPU_PEAKS"
+        return match[0], f"datasheet {match[1]} {dtype}"
     if device == "cpu":
         cpu_peak = cpu_peak_flops(dtype)
         if cpu_peak:
             return cpu_peak
     return measured_matmul_flops(device, dtype), f"measured {dtype} matmul"
+
+
+def gpu_peak(name, dtype):
+    """(FLOP/s, key) of the first GPU_PEAKS entry whose key stands as whole words in the device
+    name and that has a peak for dtype, or None."""
+    for key, peaks in GPU_PEAKS.items():
+        if dtype in peaks and re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name):
+            return peaks[dtype], key
+    return None
 
 
 def cpu_peak_flops(dtype, cpuinfo_path="/proc/cpuinfo"):
@@ -132,8 +154,9 @@ def _cpu_flags(info):
 
 def measured_matmul_flops(device, dtype, seconds=0.3):
     torch_dtype = DTYPES[dtype]
-    # CPUs without native half-precision matmuls take seconds for one 1024^3 float16 product
-    size = 256 if device == "cpu" and dtype == "float16" else 1024
+    # CPUs without native half-precision matmuls take seconds for one 1024^3 float16 product; a GPU
+    # needs 4096^3 for the work to outweigh the launch and the timer
+    size = (256 if dtype == "float16" else 1024) if device == "cpu" else 4096
     # a private generator: measuring must not move the training run's random state
     generator = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(size, size, device=device, dtype=torch_dtype, generator=generator)
@@ -149,6 +172,14 @@ def measured_matmul_flops(device, dtype, seconds=0.3):
         if time.perf_counter() > deadline:
             break
     return 2 * size**3 / best
+
+
+def allow_tf32(device):
+    """float32 matmuls on TensorFloat-32 tensor cores (CUDA, Ampere and newer), as nanoGPT does: inputs
+    rounded to 10 significand bits, float32 accumulation, several times the FP32 rate. Nothing
+    changes elsewhere (the setting is CUDA's only), so CPU runs keep their exact float32."""
+    if device.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")
 
 
 def synchronize(device):

@@ -42,3 +42,47 @@ def test_absent_devices_are_user_errors():
     with pytest.raises(UserError, match="unknown --device=tpu"):
         hardware.pick_device("tpu")
     assert hardware.pick_dtype("auto", "cpu") == "float32"
+
+
+@pytest.mark.parametrize("name, dtype, peak, key", [
+    ("NVIDIA L4", "bfloat16", 121e12, "L4"),
+    ("NVIDIA L40S", "bfloat16", 362e12, "L40S"),  # "L4" is a substring of it, not its name
+    ("NVIDIA L40", "float16", 181e12, "L40"),
+    ("NVIDIA A10", "bfloat16", 125e12, "A10"),
+    ("NVIDIA A10G", "bfloat16", 70e12, "A10G"),
+    ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12, "A100"),
+    ("NVIDIA A100-SXM4-80GB", "float32", 156e12, "A100"),  # TF32: allow_tf32 turns it on
+    ("NVIDIA H100 PCIe", "bfloat16", 756e12, "H100 PCIe"),
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12, "H100"),
+    ("NVIDIA H200", "bfloat16", 989e12, "H200"),
+    ("NVIDIA GH200 480GB", "bfloat16", 989e12, "GH200"),
+    ("Tesla T4", "float16", 65e12, "T4"),
+])
+def test_gpu_peaks_match_whole_names_only(monkeypatch, name, dtype, peak, key):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    hardware.peak_flops.cache_clear()
+    assert hardware.peak_flops("cuda", dtype) == (peak, f"datasheet {key} {dtype}")
+    hardware.peak_flops.cache_clear()
+
+
+@pytest.mark.parametrize("name, dtype", [("NVIDIA RTX PRO 6000 Blackwell", "bfloat16"), ("Tesla T4", "bfloat16")])
+def test_a_gpu_without_a_datasheet_peak_reports_no_mfu(monkeypatch, name, dtype):
+    # never a measured matmul: on a big GPU one 1024^3 product is launch-bound and MFU would read
+    # several times too high
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(hardware, "measured_matmul_flops", lambda *args: pytest.fail("measured a GPU's peak"))
+    hardware.peak_flops.cache_clear()
+    peak, source = hardware.peak_flops("cuda:1", dtype)
+    hardware.peak_flops.cache_clear()
+    assert peak is None and name in source and "GPU_PEAKS" in source
+
+
+def test_tf32_is_allowed_on_cuda_only():
+    assert torch.get_float32_matmul_precision() == "highest"
+    hardware.allow_tf32("cpu")
+    assert torch.get_float32_matmul_precision() == "highest"  # CPU float32 stays exact
+    try:
+        hardware.allow_tf32("cuda:0")
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision("highest")
