@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import hardware
+import head_loss
 import train
 from conftest import TINY_MODEL_ARGS
 from head_loss import sample_labels
@@ -242,6 +243,11 @@ def test_untracked_steps_record_no_statistics():
 
 # --- labels for the Gauss-Newton-Bartlett estimate --------------------------------------------------
 
+def test_mps_samples_labels_without_float64():
+    assert head_loss.cdf_dtype(torch.device("mps")) == torch.float32  # MPS has no float64
+    assert head_loss.cdf_dtype(torch.device("cpu")) == head_loss.cdf_dtype(torch.device("cuda")) == torch.float64
+
+
 def test_sampled_labels_never_reach_the_padding_columns():
     n_real_vocab, padded_vocab, n_embd = 10, 16, 8
     generator = torch.Generator().manual_seed(6)
@@ -256,12 +262,18 @@ def test_sampled_labels_never_reach_the_padding_columns():
     assert int(sample_labels(hidden, weight, padded_vocab, generator=generator).max()) >= n_real_vocab
 
 
-def test_sampled_label_frequencies_follow_the_models_softmax():
+@pytest.mark.parametrize("cdf_dtype", [torch.float64, torch.float32])  # float32: what MPS gets, forced here
+# one block of the sampler, then four (with softer logits, so that no label's expected count is a
+# handful, where the normal approximation of the bound below fails)
+@pytest.mark.parametrize("n_real_vocab, padded_vocab, weight_std", [(12, 16, 1.0), (200, 256, 0.3)])
+def test_sampled_label_frequencies_follow_the_models_softmax(monkeypatch, cdf_dtype, n_real_vocab, padded_vocab,
+                                                             weight_std):
     """Two hidden vectors on alternating rows, so that a chunk that mixed up rows would show.
     Each label's count is within 5 binomial standard errors of n * softmax probability."""
-    n_real_vocab, padded_vocab, n_embd, n_per_vector = 12, 16, 6, 20000
+    monkeypatch.setattr(head_loss, "cdf_dtype", lambda device: cdf_dtype)
+    n_embd, n_per_vector = 6, 20000
     generator = torch.Generator().manual_seed(7)
-    weight = torch.randn(padded_vocab, n_embd, generator=generator)
+    weight = torch.randn(padded_vocab, n_embd, generator=generator) * weight_std
     vectors = torch.randn(2, n_embd, generator=generator)
     hidden = vectors.repeat(n_per_vector, 1)  # rows 0, 2, 4, ... are vectors[0]
     labels = sample_labels(hidden, weight, n_real_vocab, generator=generator, chunk_rows=3001)
