@@ -14,6 +14,9 @@ from model import GPT, GPTConfig
 FILENAME = "ckpt.pt"
 BEST_FILENAME = "ckpt_best.pt"
 FORMAT = "open-gpt-training/1"
+# How an optimizer runs on this machine, not what it has learnt: load_state_dict would copy the saving
+# machine's choice (a CPU run's foreach=True over a fused CUDA AdamW, which a GradScaler then trips on).
+OPTIMIZER_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")
 
 
 def training_state(model, optimizer, scaler, model_args, iter_num, best_val_loss, config, batch_generator):
@@ -83,10 +86,11 @@ def model_from(checkpoint, dropout=None):
 def restore_training_state(checkpoint, optimizer, scaler, batch_generator, rank):
     """Optimizer, GradScaler and random states, so the resumed run is the run that was saved."""
     try:
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_optimizer_state(optimizer, checkpoint["optimizer"])
     except (ValueError, KeyError) as e:
         raise UserError(f"the checkpoint's optimizer state does not fit --optimizer ({e}); resume with the optimizer it was trained with") from None
-    scaler.load_state_dict(checkpoint["scaler"])
+    if checkpoint["scaler"]:  # a run without float16 saved its off GradScaler as {}: keep the fresh one
+        scaler.load_state_dict(checkpoint["scaler"])
     rng = checkpoint["rng"]
     batch_generator.set_state(rng["batches"])
     if rank != 0:
@@ -96,7 +100,22 @@ def restore_training_state(checkpoint, optimizer, scaler, batch_generator, rank)
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+        # one state per GPU of the saving machine; this one may have fewer (or more)
+        for index, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, index)
+
+
+def load_optimizer_state(optimizer, state):
+    """optimizer.load_state_dict, keeping this optimizer's implementation settings (fused, foreach,
+    capturable): a CPU checkpoint resumed on a GPU stays fused, a GPU one resumed on a CPU does not."""
+    implementation = [{k: group[k] for k in OPTIMIZER_IMPLEMENTATION_KEYS if k in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, settings in zip(optimizer.param_groups, implementation):
+        group.update(settings)
+        if group.get("fused") or group.get("capturable"):  # these keep the step count on the device
+            for p in group["params"]:
+                if "step" in optimizer.state.get(p, {}):
+                    optimizer.state[p]["step"] = optimizer.state[p]["step"].to(device=p.device, dtype=torch.float32)
 
 
 def _as_tuples(value):

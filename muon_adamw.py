@@ -38,3 +38,6 @@ class MuonWithAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         self.muon.load_state_dict(state_dict["muon"])
         self.adamw.load_state_dict(state_dict["adamw"])
+        # loading replaces the inner optimizers' group dicts: without this, the learning-rate schedule
+        # would set the lr of the old ones, which nothing reads any more
+        self.param_groups = self.muon.param_groups + self.adamw.param_groups
