@@ -126,6 +126,10 @@ def setup_distributed(backend, device):
     rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if backend == "auto":
         backend = "nccl" if device.startswith("cuda") else "gloo"
+    if device.startswith("cuda:") and world_size > 1:
+        # every process would train on that one GPU: each process's GPU is cuda:LOCAL_RANK
+        raise UserError(f"--device={device} names one GPU, but under torchrun each process takes cuda:LOCAL_RANK; "
+                        f"pass --device=cuda (pick the GPUs with CUDA_VISIBLE_DEVICES)")
     if device.startswith("cuda"):
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend)
@@ -156,6 +160,7 @@ def main():
         device = f"cuda:{local_rank}"
     device_type = device.split(":")[0]
     dtype = hardware.pick_dtype(cfg["dtype"], device)
+    hardware.allow_tf32(device)
     if device_type == "cpu":
         hardware.keep_freed_memory()
     if cfg["compile"]:
@@ -220,11 +225,14 @@ def main():
         if cfg["optimizer"] == "sophiag":
             log.text(f"SophiaG: Hessian EMA updated every {cfg['hess_interval']} steps" if uses_hessian else
                      "SophiaG with hess_interval=0: the Hessian is never estimated, so every step is sign momentum")
-    peak, peak_source = hardware.peak_flops(device, dtype) if is_master else (0.0, "")
+    peak, peak_source = hardware.peak_flops(device, dtype) if is_master else (None, "")
+    log.event("peak_flops", flops=peak, source=peak_source)
 
     def micro_batches(split_generator, count):
         """This rank's `count` micro-batches of the step, on the device."""
         xs, ys = data.train_micro_batches(split_generator, cfg["batch_size"], count, rank, world_size)
+        if device_type == "cuda":  # a copy from pageable memory is synchronous, non_blocking or not
+            xs, ys = [x.pin_memory() for x in xs], [y.pin_memory() for y in ys]
         return [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in zip(xs, ys)]
 
     def save_checkpoint(path_name):
@@ -254,7 +262,8 @@ def main():
         grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
         if scaler.is_enabled():  # the GradScaler scaled these gradients: undo it, skip on overflow
             torch._foreach_div_(grads, scaler.get_scale())
-            if not all(torch.isfinite(g).all() for g in grads):
+            # one wait for the device, not one per parameter: a non-finite entry makes its norm non-finite
+            if not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
                 optimizer.zero_grad(set_to_none=True)
                 return
         optimizer.update_hessian()
@@ -294,12 +303,15 @@ def main():
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"])
         else:
-            grad_norm = torch.zeros(())
-        loss_is_finite = torch.isfinite(loss_sum).float()
-        if world_size > 1:  # every rank must agree to skip, or one would step while another waits
-            dist.all_reduce(loss_is_finite, op=dist.ReduceOp.MIN)
-        loss_is_finite = bool(loss_is_finite)
-        step_is_finite = loss_is_finite and bool(torch.isfinite(grad_norm))
+            grad_norm = torch.zeros((), device=device)
+        # Every rank must agree to skip, or one would step while another waits; the stop request
+        # travels in the same all-reduce (as 1 - stop under MIN), and the host waits once for all three.
+        flags = torch.stack([torch.isfinite(loss_sum), torch.isfinite(grad_norm),
+                             torch.full((), stop.signal_name is None, device=device)]).float()
+        if world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        loss_is_finite, grad_is_finite, no_stop_request = (bool(flag) for flag in flags.tolist())
+        step_is_finite = loss_is_finite and grad_is_finite
         if step_is_finite or scaler.is_enabled():
             # with fp16 the GradScaler skips steps whose gradients overflowed and lowers its scale;
             # that is routine, not a fault
@@ -331,17 +343,18 @@ def main():
             t_now = time.perf_counter()
             dt, t_last, iters_since_log = (t_now - t_last) / iters_since_log, t_now, 0
             if is_master:
-                flops = raw_model.flops_per_token() * tokens_per_step / dt
+                # MFU of one process: its own share of the tokens against its own device's peak
+                flops = raw_model.flops_per_token() * tokens_per_step / world_size / dt
                 stats = optimizer.statistics() if cfg["optimizer"] == "sophiag" else {}
                 fields = dict(iter=iter_num - 1, loss=loss_sum.item(), lr=lr, time_ms=dt * 1000,
-                              tokens_per_sec=tokens_per_step / dt, mfu=flops / peak, grad_norm=float(grad_norm),
-                              bad_steps=total_bad_steps, **stats)
+                              tokens_per_sec=tokens_per_step / dt, mfu=flops / peak if peak else None,
+                              grad_norm=float(grad_norm), bad_steps=total_bad_steps, **stats)
                 log.event("train", **fields)
                 extra = "".join(f", {k} {v:.3f}" for k, v in stats.items() if k == "win_rate")
-                log.text(f"iter {iter_num - 1}: loss {fields['loss']:.4f}, time {dt * 1000:.2f}ms, "
-                         f"mfu {fields['mfu'] * 100:.2f}%{extra}")
+                mfu = f"{fields['mfu'] * 100:.2f}%" if peak else "n/a"
+                log.text(f"iter {iter_num - 1}: loss {fields['loss']:.4f}, time {dt * 1000:.2f}ms, mfu {mfu}{extra}")
 
-        if stop_requested(stop, world_size, device):
+        if not no_stop_request:  # agreed in the step's all-reduce: under DDP every rank stops here
             if is_master:
                 save_checkpoint(ckpt.FILENAME)
                 log.text(f"received {stop.signal_name or 'a stop request'}: continue with the same command plus --init_from=resume")
@@ -350,22 +363,15 @@ def main():
             save_checkpoint(ckpt.FILENAME)
 
     log.close()
-    if is_master and peak_source:
+    if is_master and peak:
         print(f"MFU is against {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+    elif is_master:
+        print(f"MFU not reported: {peak_source}")
     if world_size > 1:
         # rank 0 may still be evaluating and saving: leave together, or a rank tearing down its
         # process group while a peer is busy can abort ("terminate called without an active exception")
         dist.barrier()
         dist.destroy_process_group()
-
-
-def stop_requested(stop, world_size, device):
-    """Whether any rank got SIGTERM/SIGINT; all ranks agree, so none is left waiting."""
-    if world_size == 1:
-        return stop.signal_name is not None
-    flag = torch.tensor([1.0 if stop.signal_name else 0.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
 
 
 @torch.no_grad()

@@ -19,6 +19,8 @@ import time
 import pytest
 import torch
 
+import checkpoint as ckpt
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240  # a tiny run takes ~10-30 s; this is only the guard against a deadlock
 
@@ -171,6 +173,17 @@ def test_ranks_train_on_different_batches(runs):
     assert runs(one_process, "adamw", accumulation=2).losses[0] != pytest.approx(single_batch.losses[0], rel=1e-6, abs=1e-5)
     assert not torch.allclose(two.checkpoint["model"]["lm_head.weight"], single_batch.checkpoint["model"]["lm_head.weight"],
                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("launch, world_size, accumulation", [(one_process, 1, 2), (two_processes, 2, 1)])
+def test_mfu_is_one_processs_tokens_against_one_devices_peak(runs, launch, world_size, accumulation):
+    """tokens_per_sec counts every rank's tokens, but the peak is one device's: MFU divides by the
+    number of processes, or 8 GPUs at 40% each would report 320%."""
+    run = runs(launch, "adamw", accumulation)
+    peak = [e for e in run.events if e["event"] == "peak_flops"][0]["flops"]
+    flops_per_token = ckpt.model_from(run.checkpoint).flops_per_token()
+    for step in (e for e in run.events if e["event"] == "train"):
+        assert step["mfu"] == pytest.approx(flops_per_token * step["tokens_per_sec"] / world_size / peak, rel=1e-9)
 
 
 def test_two_nodes_train_like_two_processes_on_one_node(runs):

@@ -133,3 +133,13 @@ def test_periodic_and_best_checkpoints(tiny_data, tmp_path):
     assert saves == ["2:ckpt_best.pt", "2:ckpt.pt", "3:ckpt.pt", "4:ckpt_best.pt", "4:ckpt.pt", "5:ckpt_best.pt", "5:ckpt.pt"]
     best = torch.load(out / "ckpt_best.pt", weights_only=True)
     assert best["best_val_loss"] == min(e["val_loss"] for e in read_events(out, "eval"))
+
+
+@pytest.mark.parametrize("device", ["cuda:0", "cuda:1"])
+def test_a_named_gpu_under_torchrun_is_a_user_error(monkeypatch, device):
+    """Under torchrun each process trains on cuda:LOCAL_RANK; --device=cuda:N would put every rank on
+    GPU N. It is refused before any process group starts."""
+    for name, value in dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2").items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(cli.UserError, match=f"--device={device} names one GPU.*pass --device=cuda"):
+        train.setup_distributed("auto", device)
