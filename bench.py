@@ -136,8 +136,8 @@ def measure_train_case(cfg, device, settings):
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.startswith("cuda"):
         peak_rss_mb = torch.cuda.max_memory_allocated() / 2**20  # on a GPU the device memory is what counts
-    return dict(ms=seconds * 1000, tokens_per_s=tokens / seconds, mfu=raw.flops_per_token() * tokens / seconds / peak,
-                peak_mb=peak_rss_mb)
+    mfu = raw.flops_per_token() * tokens / seconds / peak if peak else None  # None: no datasheet peak for this GPU
+    return dict(ms=seconds * 1000, tokens_per_s=tokens / seconds, mfu=mfu, peak_mb=peak_rss_mb)
 
 
 def train_section(cfg, device, argv):
@@ -169,10 +169,10 @@ def train_section(cfg, device, argv):
             say(f"{name:42} {'skipped' if name in skipped else 'failed'}: {(skipped | failures)[name][:120]}")
             continue
         ms = statistics.median(r["ms"] for r in results[name])
-        mfu = statistics.median(r["mfu"] for r in results[name])
+        mfu = "n/a" if results[name][0]["mfu"] is None else f"{statistics.median(r['mfu'] for r in results[name]) * 100:6.1f}%"
         peak_mb = max(r["peak_mb"] for r in results[name])
         baseline_ms = baseline_ms or ms
-        say(f"{name:42} {ms:9.1f} {tokens / ms * 1000:9.0f} {mfu * 100:6.1f}% {peak_mb:8.0f} {baseline_ms / ms:7.2f}x")
+        say(f"{name:42} {ms:9.1f} {tokens / ms * 1000:9.0f} {mfu:>7} {peak_mb:8.0f} {baseline_ms / ms:7.2f}x")
 
 
 def sophia_section(cfg, device):
@@ -252,6 +252,7 @@ def main():
     argv = sys.argv[1:]
     cfg = parse_args(DEFAULTS, argv)
     device = hardware.pick_device(cfg["device"])
+    hardware.allow_tf32(device)  # as train.py does
     if cfg["case"]:
         settings = dict(TRAIN_CASES)[cfg["case"]]
         print(json.dumps(measure_train_case(cfg, device, settings)))
