@@ -360,3 +360,21 @@ def test_float16_hessian_estimate_undoes_the_loss_scale(float32_checkpoint, tiny
         # draws of the same quantity: they agree within a factor 2, an unscaled one is off by 2**32.
         assert 0.5 < h16.norm().item() / h32.norm().item() < 2.0
         assert torch.count_nonzero(h16) > 0
+
+
+@pytest.mark.skipif(not cpu_float16_autocast_works(), reason="this torch has no CPU float16 autocast with GradScaler")
+def test_float16_hessian_pass_with_overflowing_gradients_is_skipped(tiny_data, tmp_path, monkeypatch):
+    """An overflow in the Hessian pass (what a GradScaler's scale can cause in float16) leaves the
+    Hessian EMA as it was instead of filling it with inf; the training steps go on."""
+    import model as model_module
+
+    real_forward = model_module.GPT.forward
+
+    def forward_overflowing_on_sampled_labels(self, idx, targets=None, sample_labels_from_vocab=0, **kwargs):
+        logits, loss = real_forward(self, idx, targets, sample_labels_from_vocab, **kwargs)
+        return logits, loss * float("inf") if sample_labels_from_vocab else loss
+
+    monkeypatch.setattr(model_module.GPT, "forward", forward_overflowing_on_sampled_labels)
+    checkpoint = train_sophiag(tiny_data, tmp_path, "--hess_interval=2", "--dtype=float16")
+    assert all(torch.count_nonzero(h) == 0 for h in hessians_of(checkpoint))
+    assert all(s["step"].item() == 4 for s in checkpoint["optimizer"]["state"].values())
