@@ -81,7 +81,9 @@ def main():
     model.eval().to(device)
     if cfg["compile"]:
         hardware.check_compile_works(device)
-        model = torch.compile(model)
+        # generate never calls forward: every new token goes through hidden_states (the head is one
+        # matmul). Dynamic shapes, or each length of the growing KV cache would compile anew.
+        model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
     prompt_ids = encoding.encode(prompt, allowed_special={"<|endoftext|>"}) if prompt else [EOT_TOKEN]
     block = model.config.block_size
     if len(prompt_ids) > block:

@@ -1,6 +1,11 @@
-import pytest
+import sys
 
+import pytest
+import torch
+
+import hardware
 import sample
+from cli import UserError
 from conftest import TINY_MODEL_ARGS, assert_user_error, run_script
 from tokenizer import gpt2_encoding
 
@@ -32,6 +37,33 @@ def test_same_seed_gives_the_same_samples_with_and_without_kv_cache(trained_run)
     runs = [run_script("sample.py", f"--out_dir={trained_run}", "--start=浪花", "--num_samples=1",
                        "--max_new_tokens=20", "--device=cpu", "--seed=5", f"--use_kv_cache={cache}") for cache in (True, False)]
     assert runs[0].returncode == 0 and runs[0].stdout == runs[1].stdout
+
+
+def test_compiled_sampling_runs_compiled_code_for_every_token_and_samples_the_same(trained_run, monkeypatch, capsys):
+    try:
+        hardware.check_compile_works("cpu")
+    except UserError as e:
+        pytest.skip(str(e))
+    real_compile, compiled_calls = torch.compile, []
+
+    def counting_compile(fn, **kwargs):
+        compiled = real_compile(fn, **kwargs)
+
+        def call(*args, **call_kwargs):
+            compiled_calls.append(getattr(fn, "__name__", ""))
+            return compiled(*args, **call_kwargs)
+        return call
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    texts = []
+    for compile_model in (False, True):
+        monkeypatch.setattr(sys, "argv", ["sample.py", f"--out_dir={trained_run}", "--start=浪花", "--num_samples=1",
+                                          "--max_new_tokens=6", "--device=cpu", "--seed=5", f"--compile={compile_model}"])
+        sample.main()
+        texts.append(capsys.readouterr().out)
+    # hardware.check_compile_works compiles a lambda of its own; everything else is the model
+    assert len([name for name in compiled_calls if name != "<lambda>"]) == 6  # one call per new token
+    assert texts[0] == texts[1] and texts[0].startswith("浪花")
 
 
 def test_characters_split_across_tokens_decode_cleanly():
