@@ -1,0 +1,22 @@
+"""gpu_check.py's dry run goes through every part of the GPU check on the CPU with a tiny model
+(what it measures here means nothing; that every part runs, reports and is written out does)."""
+from conftest import assert_user_error, run_script
+
+
+def test_the_dry_run_reports_every_part_and_writes_what_it_printed(tiny_data, tmp_path):
+    report = tmp_path / "logs" / "gpu_check.txt"
+    result = run_script("gpu_check.py", "--dry_run=True", f"--data_dir={tiny_data}", f"--out={report}",
+                        f"--zh_out_dir={tmp_path / 'zh'}", "--zh_seconds=3")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert report.read_text(encoding="utf-8") == result.stdout
+    results = [line for line in result.stdout.splitlines() if line.startswith("RESULT:")]
+    assert len(results) == 3, result.stdout
+    assert "ms/step" in results[0] and "MFU" in results[0]
+    assert "per iteration against AdamW" in results[1]
+    # stopped by SIGTERM after its first step, so the run saved a checkpoint to resume from
+    assert "stopped by SIGTERM" in results[2] and "val loss" in results[2]
+    assert (tmp_path / "zh" / "ckpt.pt").exists()
+
+
+def test_without_a_gpu_it_says_to_use_the_dry_run():
+    assert_user_error(run_script("gpu_check.py"), "measures a CUDA GPU", "--dry_run=True")
