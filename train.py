@@ -164,6 +164,8 @@ def main():
 
     data_dir = cfg["data_dir"] or os.path.join("data", cfg["dataset"])
     data = TokenData(data_dir, cfg["block_size"])
+    tokenizer = data.load_tokenizer()
+    token_byte_lengths = torch.from_numpy(tokenizer.token_byte_lengths)
 
     random.seed(cfg["seed"] + rank)
     np.random.seed(cfg["seed"] + rank)
@@ -179,12 +181,14 @@ def main():
         model = GPT(GPTConfig(**model_args))
     elif cfg["init_from"] == "resume":
         checkpoint = ckpt.load(os.path.join(cfg["out_dir"], ckpt.FILENAME))
+        ckpt.check_same_tokenizer(checkpoint, tokenizer, data_dir)
         model_args = checkpoint["model_args"] | {"dropout": cfg["dropout"]}
         if model_args["block_size"] != cfg["block_size"]:
             raise UserError(f"the checkpoint was trained with block_size {model_args['block_size']}; pass --block_size={model_args['block_size']}")
         model = ckpt.model_from(checkpoint, cfg["dropout"])
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
     else:
+        ckpt.check_gpt2_tokenizer(cfg["init_from"], tokenizer, data_dir)
         model = ckpt.gpt2_model(cfg["init_from"], cfg["dropout"])
         if cfg["block_size"] > model.config.block_size:
             raise UserError(f"--block_size={cfg['block_size']} exceeds {cfg['init_from']}'s {model.config.block_size}")
@@ -228,7 +232,8 @@ def main():
         return [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in zip(xs, ys)]
 
     def save_checkpoint(path_name):
-        state = ckpt.training_state(raw_model, optimizer, scaler, model_args, iter_num, best_val_loss, cfg, batch_generator)
+        state = ckpt.training_state(raw_model, optimizer, scaler, model_args, iter_num, best_val_loss, cfg, batch_generator,
+                                    tokenizer)
         ckpt.save(state, os.path.join(cfg["out_dir"], path_name))
         log.text(f"saved checkpoint {cfg['out_dir']}/{path_name} at iter {iter_num}")
 
@@ -268,14 +273,17 @@ def main():
             group["lr"] = lr
 
         if (iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"]) and is_master:
-            losses = evaluate(raw_model, data, cfg, device, autocast)
-            log.event("eval", iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr)
-            log.text(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            if losses["val"] < best_val_loss:
-                best_val_loss = losses["val"]
+            metrics = evaluate(raw_model, data, cfg, device, autocast, token_byte_lengths)
+            train, val = metrics["train"], metrics["val"]
+            log.event("eval", iter=iter_num, train_loss=train["loss"], val_loss=val["loss"], train_bpc=train["bpc"],
+                      val_bpc=val["bpc"], val_bpb=val["bpb"], lr=lr)
+            log.text(f"step {iter_num}: train loss {train['loss']:.4f}, val loss {val['loss']:.4f}, "
+                     f"val {val['bpc']:.3f} bits/char ({val['bpb']:.3f} bits/byte)")
+            if val["loss"] < best_val_loss:
+                best_val_loss = val["loss"]
                 if iter_num > 0 and cfg["keep_best_checkpoint"]:
                     save_checkpoint(ckpt.BEST_FILENAME)
-            if iter_num > 0 and (cfg["always_save_checkpoint"] or losses["val"] <= best_val_loss):
+            if iter_num > 0 and (cfg["always_save_checkpoint"] or val["loss"] <= best_val_loss):
                 save_checkpoint(ckpt.FILENAME)
             t_last, iters_since_log = time.perf_counter(), 0  # evaluation time is not training time
         if cfg["eval_only"] or iter_num >= cfg["max_iters"]:
@@ -369,20 +377,25 @@ def stop_requested(stop, world_size, device):
 
 
 @torch.no_grad()
-def evaluate(model, data, cfg, device, autocast):
-    """Mean loss per token on eval_iters train batches (the same windows every time) and on
-    eval_iters batches of the val split's consecutive windows (all of them with val_full_split)."""
+def evaluate(model, data, cfg, device, autocast, token_byte_lengths):
+    """Per split: mean loss per token, and the same information as bits per UTF-8 byte and bits per
+    character, which do not depend on the tokenizer. On eval_iters train batches (the same windows
+    every time) and eval_iters batches of the val split's consecutive windows (all of them with
+    val_full_split). Bits per byte are exact over the tokens evaluated (each target's byte length
+    from the tokenizer); bits per character scale them by the split's bytes per character."""
     model.eval()
     out = {}
     for split in ("train", "val"):
-        loss_sum, n_tokens = 0.0, 0
+        loss_sum, n_tokens, n_bytes = 0.0, 0, 0
         n_batches = 0 if split == "val" and cfg["val_full_split"] else cfg["eval_iters"]
         for x, y in data.eval_batches(split, cfg["batch_size"], n_batches):
             with autocast:
                 _, loss = model(x.to(device), y.to(device))
             loss_sum += loss.item() * y.numel()  # the last batch may be short: weight by tokens
             n_tokens += y.numel()
-        out[split] = loss_sum / n_tokens
+            n_bytes += int(token_byte_lengths[y].sum())
+        bits_per_byte = loss_sum / math.log(2) / n_bytes
+        out[split] = dict(loss=loss_sum / n_tokens, bpb=bits_per_byte, bpc=bits_per_byte * data.bytes_per_character(split))
     model.train()
     return out
 

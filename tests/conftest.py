@@ -62,6 +62,6 @@ def tiny_data(tmp_path_factory):
     corpus = root / "corpus.txt"
     corpus.write_text("\n".join(tiny_documents(400)) + "\n", encoding="utf-8")
     out = root / "data"
-    result = run_script("prepare.py", f"--input={corpus}", f"--out={out}", "--min_val_docs=40")
+    result = run_script("prepare.py", f"--input={corpus}", f"--out={out}", "--min_val_docs=40", "--tokenizer=gpt2")
     assert result.returncode == 0, result.stderr
     return out
