@@ -84,6 +84,7 @@ DEFAULTS = dict(
     device="auto",  # auto | cpu | cuda | cuda:N | mps
     dtype="auto",  # auto | float32 | bfloat16 | float16
     compile=False,
+    chunked_head_loss=True,  # False: nanoGPT's full logits + F.cross_entropy (the reference path; more memory)
     seed=1337,
 )
 
@@ -287,6 +288,7 @@ def main():
         model_args = {k: getattr(model.config, k) for k in model_args}
     if model.config.vocab_size < data.vocab_size:
         raise UserError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the data's ({data.vocab_size})")
+    model.chunked_head_loss = cfg["chunked_head_loss"]
     model.to(device)
 
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
