@@ -33,6 +33,9 @@ def normalise(text):
     """The text as written, less what is not content: line endings become \\n, a byte-order mark
     goes, and so do blank lines (whitespace only) at the start and the end. Spaces, tabs, U+3000
     and newlines inside the text are kept: poems, dialogue and paragraphs keep their shape."""
+    if "\n" not in text and "\r" not in text:  # one line, the common case: the same result, faster
+        text = text.lstrip("\ufeff")
+        return text if text.strip() else ""
     lines = text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n").split("\n")
     first = next((i for i, line in enumerate(lines) if line.strip()), len(lines))
     last = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].strip()), -1)

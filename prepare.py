@@ -63,7 +63,7 @@ DEFAULTS = dict(
     seed=2357,
     tokenizer="bpe",  # bpe (trained on the train split) | gpt2 | a tokenizer.json or a folder holding one
     vocab_size=8192,  # with --tokenizer=bpe; chosen by measurement, see the README's tokenizer table
-    tokenizer_sample_chars=10_000_000,  # bpe learns from at most this much train text (~0.3 GB of memory per 1M Chinese characters)
+    tokenizer_sample_chars=10_000_000,  # bpe learns from at most this much train text (~0.25 GB of memory per 1M Chinese characters)
     num_proc=os.cpu_count() or 1,  # tokenising processes
     skip_bad_docs=False,  # skip (and count) lines that are not UTF-8 or not JSON, instead of stopping
 )

@@ -451,3 +451,18 @@ def test_a_line_that_is_not_utf8_is_named_or_with_skip_bad_docs_skipped(tmp_path
     kept = docs[:2999] + docs[3000:]
     split = default_split(len(kept))
     assert decoded_documents(out / "val.bin") == [d for i, d in enumerate(kept) if split.is_val(i)]
+
+
+def test_what_a_kill_9_left_beside_the_folder_is_cleaned_up_or_put_back(tmp_path):
+    from staged_folder import remove_stale_folders
+    out = tmp_path / "data"
+    old = tmp_path / ".data.old-123"  # killed between the two renames: the old folder is only here
+    old.mkdir()
+    (old / "meta.json").write_text("{}", encoding="utf-8")
+    (tmp_path / ".data.new-123").mkdir()  # killed while writing
+    remove_stale_folders(str(out))
+    assert (out / "meta.json").read_text(encoding="utf-8") == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    old.mkdir()  # with the folder in place, a leftover old one is only removed
+    remove_stale_folders(str(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"] and (out / "meta.json").exists()
