@@ -11,8 +11,8 @@
     python prepare.py --tokenizer=bpe --vocab_size=16384   # train a byte-level BPE of another size
     python prepare.py --input=more.txt --tokenizer=data/zh_default   # reuse a folder's tokenizer.json
 
-A corpus of any size goes through in bounded memory: no step holds more than a chunk of documents
-per process (and the tokenizer's training sample). The steps:
+A corpus of any size goes through in bounded memory: only a few chunks of documents (~1M characters
+each) are held at a time, and the tokenizer's training sample. The steps:
 1. Read the corpus (corpus.py reads it lazily) to count its documents and, for a trained
    tokenizer, keep a seeded sample of at most --tokenizer_sample_chars characters of it.
 2. Split by document, from positions alone (DocumentSplit): document i is val when a keyed hash of
@@ -35,6 +35,7 @@ import contextlib
 import hashlib
 import heapq
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -320,7 +321,8 @@ def prepare(cfg, corpus, out):
         meta["tokenizer"]["trained_on"] = dict(documents=len(train_sample), characters=sum(map(len, train_sample)))
     del sample, train_sample  # free the sample's memory for pass 2
     with staged_folder(out) as stage:
-        encoded = encoded_chunks(chunks(corpus, split), tokenizer, dtype, cfg["num_proc"])
+        num_proc = min(cfg["num_proc"], math.ceil(n_docs / CHUNK_DOCS))  # a one-chunk corpus starts no process
+        encoded = encoded_chunks(chunks(corpus, split), tokenizer, dtype, num_proc)
         with progress("tokenizing", n_docs) as bar, contextlib.closing(encoded):  # closing stops the workers
             meta["splits"] = write_token_files(stage, encoded, bar)
         n_read = sum(s["documents"] for s in meta["splits"].values())
