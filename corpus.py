@@ -220,8 +220,10 @@ def hf_corpus(name, split, text_field, streaming=False):
     except Exception as e:  # offline, unknown name, bad split: all worth one line
         raise UserError(f"could not load dataset {name} (split {split}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     columns = dataset.column_names  # None for a stream whose columns are not known before reading
-    if columns is not None and text_field not in columns:
-        raise UserError(f"dataset {name} has no column {text_field!r} (it has {columns}); set --text_field")
+    if columns is not None:
+        if text_field not in columns:
+            raise UserError(f"dataset {name} has no column {text_field!r} (it has {columns}); set --text_field")
+        dataset = dataset.select_columns([text_field])  # the other columns are never read
 
     def read_texts(bad):
         try:
