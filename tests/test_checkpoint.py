@@ -4,6 +4,7 @@ optimizer runs here, a GradScaler the checkpoint did not use, the GPUs this mach
 import copy
 import io
 import random
+import types
 
 import numpy as np
 import pytest
@@ -34,7 +35,8 @@ def saved_run(optimizer_kwargs, scaler_enabled=False, optimizer_name="adamw"):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scaler = torch.amp.GradScaler("cpu", enabled=scaler_enabled)
-    state = ckpt.training_state(model, optimizer, scaler, {}, 1, 0.0, {}, torch.Generator())
+    tokenizer = types.SimpleNamespace(spec={})  # what the checkpoint records of it does not matter here
+    state = ckpt.training_state(model, optimizer, scaler, {}, 1, 0.0, {}, torch.Generator(), tokenizer)
     buffer = io.BytesIO()  # through bytes, as on disk: the loaded tensors are the checkpoint's own
     torch.save(state, buffer)
     buffer.seek(0)

@@ -1,5 +1,9 @@
 """gpu_check.py's dry run goes through every part of the GPU check on the CPU with a tiny model
 (what it measures here means nothing; that every part runs, reports and is written out does)."""
+import signal
+import sys
+
+import gpu_check
 from conftest import assert_user_error, run_script
 
 
@@ -13,9 +17,17 @@ def test_the_dry_run_reports_every_part_and_writes_what_it_printed(tiny_data, tm
     assert len(results) == 3, result.stdout
     assert "ms/step" in results[0] and "MFU" in results[0]
     assert "per iteration against AdamW" in results[1]
-    # stopped by SIGTERM after its first step, so the run saved a checkpoint to resume from
-    assert "stopped by SIGTERM" in results[2] and "val loss" in results[2]
+    assert "4 steps (finished)" in results[2] and "bits/char) @4" in results[2]
     assert (tmp_path / "zh" / "ckpt.pt").exists()
+
+
+def test_a_part_past_its_time_limit_is_stopped_with_the_signal_given(tmp_path):
+    """How the Chinese recipe is stopped should it overrun: SIGTERM, once stop_when agrees."""
+    report = gpu_check.Report(str(tmp_path / "report.txt"))
+    command = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
+    status, stopped, lines = gpu_check.run_part(report, command, 1, stop_signal=signal.SIGTERM)
+    assert stopped and status == -signal.SIGTERM and lines == ["started"]
+    assert report.lines[-1] == "started"
 
 
 def test_without_a_gpu_it_says_to_use_the_dry_run():
