@@ -23,6 +23,7 @@ import concurrent.futures
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -54,6 +55,7 @@ DEFAULTS = dict(
     readme="README.md",
 )
 
+# Each method's name is the label its runs get in plots (optimizers.REGISTRY[...].run_label; tested).
 METHODS = {
     "AdamW": dict(args=["--optimizer=adamw", "--beta1=0.9", "--beta2=0.95", "--weight_decay=0.1"],
                   grid=(1e-3, 2e-3, 4e-3)),
@@ -71,7 +73,8 @@ OLDER_TABLE = {"AdamW": (2.8763, 2.7097), "Sophia": (2.7042, 2.5157)}
 
 
 def slug(method):
-    return method.split(" ")[0].lower() + ("-k0" if "k=0" in method else "-k10" if "k=10" in method else "")
+    """A folder name for a method: "SophiaG (k=10)" -> "sophiag-k-10"."""
+    return re.sub(r"[^a-z0-9]+", "-", method.lower()).strip("-")
 
 
 def run_dir(cfg, method, lr, seed):
