@@ -490,17 +490,38 @@ class TrainingBatchRecorder:
 
 
 def test_same_seed_runs_of_adamw_and_sophiag_train_on_the_same_batches(tiny_data, tmp_path):
-    """The Hessian pass (here after every step) draws its windows and labels from a generator of
-    its own, so SophiaG's training batches are AdamW's: same-seed runs are paired on data."""
+    """The Hessian pass (here after every step) draws its windows, labels and dropout masks from
+    streams of its own, so SophiaG's training batches and dropout masks are AdamW's: same-seed runs
+    are paired."""
     recorded = {}
     for optimizer in ("adamw", "sophiag"):
         with pytest.MonkeyPatch.context() as monkeypatch:
             recorder = TrainingBatchRecorder(monkeypatch)
             train_sophiag(tiny_data, tmp_path / optimizer, f"--optimizer={optimizer}", "--hess_interval=1",
-                          "--gradient_accumulation_steps=2", "--seed=7")
+                          "--gradient_accumulation_steps=2", "--seed=7", "--dropout=0.1")
         recorded[optimizer] = recorder
     adamw, sophiag = recorded["adamw"].batches, recorded["sophiag"].batches
     assert len(adamw) == len(sophiag) == 8  # 4 steps x 2 micro-batches
     for (x_a, y_a), (x_s, y_s) in zip(adamw, sophiag):
         assert torch.equal(x_a, x_s) and torch.equal(y_a, y_s)
     assert not torch.equal(adamw[0][0], adamw[2][0])  # the batches do change from step to step
+    for state_a, state_s in zip(recorded["adamw"].rng_states, recorded["sophiag"].rng_states):
+        assert torch.equal(state_a, state_s)  # dropout draws the same masks in both runs
+
+
+def test_the_hessian_pass_runs_with_dropout_on(tiny_data, tmp_path, monkeypatch):
+    """The decision documented in optimizers.hessian_pass: the sampled-label forward runs in
+    training mode, so dropout (here 0.1) applies to it as to the training steps."""
+    import model as model_module
+
+    modes = []
+    real_forward = model_module.GPT.forward
+
+    def forward(gpt, idx, targets=None, sample_labels_from_vocab=0, label_generator=None):
+        if sample_labels_from_vocab:
+            modes.append(gpt.training)
+        return real_forward(gpt, idx, targets, sample_labels_from_vocab, label_generator)
+
+    monkeypatch.setattr(model_module.GPT, "forward", forward)
+    train_sophiag(tiny_data, tmp_path, "--hess_interval=2", "--dropout=0.1")
+    assert modes == [True, True]
