@@ -26,7 +26,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 import hardware
 import optimizers
@@ -105,26 +104,11 @@ class RandomTokens:
         return [w[:, :-1] for w in windows], [w[:, 1:] for w in windows]
 
 
-class FullLogitsLoss(torch.nn.Module):
-    """The GPT behind the same forward, but computing the loss as nanoGPT does: the full (B, T, vocab)
-    logits, then F.cross_entropy."""
-
-    def __init__(self, gpt):
-        super().__init__()
-        self.gpt = gpt
-
-    def forward(self, idx, targets=None, **kwargs):
-        if targets is None:
-            return self.gpt(idx, targets, **kwargs)
-        logits = self.gpt.full_logits(idx)
-        return None, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-
-
 def build_training(cfg, device, optimizer_name, dtype, compile_model=False, fused_loss=True):
     """The train.Training that train.py would build for this model and optimizer, on random tokens."""
     model, optimizer = build(cfg, device, optimizer_name)
-    forward = model if fused_loss else FullLogitsLoss(model)
-    return train.Training(cfg=cfg | dict(optimizer=optimizer_name), model=torch.compile(forward) if compile_model else forward,
+    model.chunked_head_loss = fused_loss  # False: nanoGPT's full logits and F.cross_entropy, as --chunked_head_loss=False
+    return train.Training(cfg=cfg | dict(optimizer=optimizer_name), model=torch.compile(model) if compile_model else model,
                           raw_model=model, optimizer=optimizer,
                           scaler=torch.amp.GradScaler(device.split(":")[0], enabled=(dtype == "float16")),
                           autocast=hardware.autocast_context(device, dtype), data=RandomTokens(cfg["block_size"]),

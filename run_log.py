@@ -54,6 +54,15 @@ class RunLog:
             self.wandb.finish()
 
 
+def read_events(out_dir):
+    """The events of a run's metrics.jsonl, in order; [] before the run has started."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
 def _open_tensorboard(out_dir):
     try:
         from torch.utils.tensorboard import SummaryWriter

@@ -77,6 +77,9 @@ DEFAULTS = dict(
     warmup_iters=2000,
     lr_decay_iters=600000,
     min_lr=6e-5,
+    # train for a wall-clock budget: after a few warm-up steps the step time is measured and
+    # max_iters = lr_decay_iters are set so that warm-up, decay and evaluations end inside it (0 = off)
+    max_minutes=0.0,
     # faults
     max_bad_steps=10,  # stop after this many consecutive steps with a non-finite loss or gradient
     # system
@@ -84,6 +87,7 @@ DEFAULTS = dict(
     device="auto",  # auto | cpu | cuda | cuda:N | mps
     dtype="auto",  # auto | float32 | bfloat16 | float16
     compile=False,
+    chunked_head_loss=True,  # False: nanoGPT's full logits + F.cross_entropy (the reference path; more memory)
     seed=1337,
 )
 
@@ -141,6 +145,93 @@ def stream_seed(seed, stream):
     return int(np.random.SeedSequence([seed % 2**63, *stream.encode()]).generate_state(1, np.uint64)[0] >> 1)
 
 
+class TimeBudget:
+    """--max_minutes: the schedule's horizon from measured step time.
+
+    The clock starts with the training loop (the first evaluation counts). The steps from
+    FIRST_TIMED_ITER to LAST_TIMED_ITER are timed (the first ones pay for allocation and compiling);
+    they lie inside the warm-up, whose learning rates do not depend on the horizon, so the run
+    follows exactly the schedule of a run told its horizon up front. Then max_iters = lr_decay_iters
+    = the last step whose training and evaluations (each as long as the longest so far) still fit.
+    The horizon is saved with the config in every checkpoint: a resumed run continues that schedule
+    and does not measure again. Should the machine slow down later, the run stops at the budget
+    with an evaluation, before its planned horizon (and says so)."""
+
+    FIRST_TIMED_ITER, LAST_TIMED_ITER = 2, 12
+
+    def __init__(self, cfg, iter_num, resumed_config, world_size, device):
+        self.cfg, self.world_size, self.device = cfg, world_size, device
+        self.enabled = False
+        if resumed_config and resumed_config.get("max_minutes") and iter_num >= self.LAST_TIMED_ITER:
+            cfg["max_iters"], cfg["lr_decay_iters"] = resumed_config["max_iters"], resumed_config["lr_decay_iters"]
+            cfg["max_minutes"] = resumed_config["max_minutes"]
+            return  # the horizon was fixed before the checkpoint: keep it, no new measuring, no guard
+        self.seconds = cfg["max_minutes"] * 60
+        self.enabled = self.seconds > 0
+        if not self.enabled:
+            return
+        if cfg["decay_lr"] and cfg["warmup_iters"] < self.LAST_TIMED_ITER:
+            raise UserError(f"--max_minutes needs --warmup_iters of at least {self.LAST_TIMED_ITER}: the step time "
+                            f"is measured during warm-up, before the decay's length is known")
+        cfg["max_iters"] = cfg["lr_decay_iters"] = 10**9  # until measured: a horizon no run reaches
+        self.fixed = False
+        self.start = time.perf_counter()
+        self.longest_eval = self.eval_seconds_since_timing = 0.0
+        self.timing_start = self.timing_iter = None
+
+    def evaluated(self, seconds):
+        """An evaluation (with its checkpoint save) took this long."""
+        if self.enabled:
+            self.longest_eval = max(self.longest_eval, seconds)
+            self.eval_seconds_since_timing += seconds
+
+    def after_step(self, iter_num):
+        """Called after each step: times steps, fixes the horizon once, stops a run about to overrun.
+        Returns (event name, line to log), or None."""
+        if not self.enabled:
+            return None
+        note = None
+        if not self.fixed and self.timing_start is None and iter_num >= self.FIRST_TIMED_ITER:
+            hardware.synchronize(self.device)
+            self.timing_start, self.timing_iter, self.eval_seconds_since_timing = time.perf_counter(), iter_num, 0.0
+        elif not self.fixed and iter_num >= self.LAST_TIMED_ITER and self.timing_start is not None:
+            hardware.synchronize(self.device)
+            now = time.perf_counter()
+            step_seconds = (now - self.timing_start - self.eval_seconds_since_timing) / (iter_num - self.timing_iter)
+            horizon = self._horizon(iter_num, self.seconds - (now - self.start), step_seconds)
+            if horizon <= self.cfg["warmup_iters"]:
+                raise UserError(f"--max_minutes={self.cfg['max_minutes']:g} leaves room for {horizon} steps of "
+                                f"{step_seconds * 1000:.0f} ms, not more than --warmup_iters={self.cfg['warmup_iters']}; "
+                                f"give more minutes or fewer warm-up steps")
+            self.cfg["max_iters"] = self.cfg["lr_decay_iters"] = horizon
+            self.fixed, self.step_seconds = True, step_seconds
+            note = ("time_budget", f"time budget {self.cfg['max_minutes']:g} min: {step_seconds * 1000:.1f} ms per step, "
+                                   f"{self.longest_eval:.1f} s per evaluation -> max_iters = lr_decay_iters = {horizon}")
+        elif self.fixed and self.elapsed() + self.step_seconds + self.longest_eval > self.seconds and iter_num < self.cfg["max_iters"]:
+            self.cfg["max_iters"] = iter_num  # the loop evaluates and saves at max_iters, then stops
+            note = ("time_budget_stop", f"time budget reached at iter {iter_num}, before the planned horizon: stopping with an evaluation")
+        if self.world_size > 1:  # rank 0 alone evaluates, so its clock decides; all ranks must agree
+            agreed = torch.tensor([self.cfg["max_iters"], self.cfg["lr_decay_iters"]], dtype=torch.float64, device=self.device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+            self.cfg["max_iters"], self.cfg["lr_decay_iters"] = map(int, agreed.tolist())
+        return note
+
+    def elapsed(self):
+        return time.perf_counter() - self.start
+
+    def _horizon(self, iter_num, seconds_left, step_seconds):
+        """The last iteration whose steps and evaluations (every eval_interval and at the end) fit."""
+        interval = self.cfg["eval_interval"]
+        n_steps = max(0, int((seconds_left - self.longest_eval) / step_seconds))
+        while n_steps > 0:
+            horizon = iter_num + n_steps
+            n_evals = horizon // interval - iter_num // interval + (horizon % interval != 0)
+            if n_steps * step_seconds + n_evals * self.longest_eval <= seconds_left:
+                return horizon
+            n_steps -= max(1, int(self.longest_eval / step_seconds))
+        return iter_num
+
+
 class StopRequest:
     """Remembers SIGTERM/SIGINT so the loop can checkpoint at the next step boundary and exit."""
 
@@ -155,7 +246,7 @@ class StopRequest:
         self.signal_name = signal.Signals(signum).name
 
 
-def build_model(cfg, data):
+def build_model(cfg, data, data_dir, tokenizer):
     """(model, model_args, checkpoint): the GPT that init_from names, on the CPU; the checkpoint
     when resuming (its optimizer and random states are restored later), else None."""
     checkpoint = None
@@ -166,11 +257,13 @@ def build_model(cfg, data):
         model = GPT(GPTConfig(**model_args))
     elif cfg["init_from"] == "resume":
         checkpoint = ckpt.load(os.path.join(cfg["out_dir"], ckpt.FILENAME))
+        ckpt.check_same_tokenizer(checkpoint, tokenizer, data_dir)
         model_args = checkpoint["model_args"] | {"dropout": cfg["dropout"]}
         if model_args["block_size"] != cfg["block_size"]:
             raise UserError(f"the checkpoint was trained with block_size {model_args['block_size']}; pass --block_size={model_args['block_size']}")
         model = ckpt.model_from(checkpoint, cfg["dropout"])
     else:
+        ckpt.check_gpt2_tokenizer(cfg["init_from"], tokenizer, data_dir)
         model = ckpt.gpt2_model(cfg["init_from"], cfg["dropout"])
         if cfg["block_size"] > model.config.block_size:
             raise UserError(f"--block_size={cfg['block_size']} exceeds {cfg['init_from']}'s {model.config.block_size}")
@@ -178,6 +271,7 @@ def build_model(cfg, data):
         model_args = {k: getattr(model.config, k) for k in model_args}
     if model.config.vocab_size < data.vocab_size:
         raise UserError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the data's ({data.vocab_size})")
+    model.chunked_head_loss = cfg["chunked_head_loss"]
     return model, model_args, checkpoint
 
 
@@ -312,10 +406,10 @@ def log_training_step(t, log, iter_num, lr, step, seconds, total_bad_steps, peak
              f"{t.spec.log_text(stats)}")
 
 
-def save_training_state(t, model_args, iter_num, best_val_loss, file_name, log):
+def save_training_state(t, model_args, iter_num, best_val_loss, tokenizer, file_name, log):
     """Write out_dir/file_name: everything --init_from=resume needs to continue exactly."""
     state = ckpt.training_state(t.raw_model, t.optimizer, t.scaler, model_args, iter_num, best_val_loss, t.cfg,
-                                t.batch_generator, t.hessian_generator)
+                                t.batch_generator, tokenizer, t.hessian_generator)
     ckpt.save(state, os.path.join(t.cfg["out_dir"], file_name))
     log.text(f"saved checkpoint {t.cfg['out_dir']}/{file_name} at iter {iter_num}")
 
@@ -337,6 +431,8 @@ def main():
 
     data_dir = cfg["data_dir"] or os.path.join("data", cfg["dataset"])
     data = TokenData(data_dir, cfg["block_size"])
+    tokenizer = data.load_tokenizer()
+    token_byte_lengths = torch.from_numpy(tokenizer.token_byte_lengths)
 
     random.seed(cfg["seed"] + rank)
     np.random.seed(cfg["seed"] + rank)
@@ -347,8 +443,9 @@ def main():
     # different optimizers train on the same batches, and seeds are paired across them.
     hessian_generator = torch.Generator().manual_seed(stream_seed(cfg["seed"], "hessian"))
 
-    model, model_args, checkpoint = build_model(cfg, data)
+    model, model_args, checkpoint = build_model(cfg, data, data_dir, tokenizer)
     iter_num, best_val_loss = (checkpoint["iter_num"], checkpoint["best_val_loss"]) if checkpoint else (0, float("inf"))
+    resumed_config = checkpoint["config"] if checkpoint else None
     model.to(device)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     optimizer = build_optimizer(cfg, model, device_type)
@@ -378,8 +475,9 @@ def main():
     peak, peak_source = hardware.peak_flops(device, dtype) if is_master else (0.0, "")
 
     def save_checkpoint(file_name):
-        save_training_state(t, model_args, iter_num, best_val_loss, file_name, log)
+        save_training_state(t, model_args, iter_num, best_val_loss, tokenizer, file_name, log)
 
+    budget = TimeBudget(cfg, iter_num, resumed_config, world_size, device)
     bad_steps, total_bad_steps = 0, 0
     clock = StepClock()
     while True:
@@ -388,15 +486,20 @@ def main():
             group["lr"] = lr
 
         if (iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"]) and is_master:
-            losses = evaluate(raw_model, data, cfg, device, t.autocast)
-            log.event("eval", iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr)
-            log.text(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            if losses["val"] < best_val_loss:
-                best_val_loss = losses["val"]
+            t_eval = time.perf_counter()
+            metrics = evaluate(raw_model, data, cfg, device, t.autocast, token_byte_lengths)
+            train, val = metrics["train"], metrics["val"]
+            log.event("eval", iter=iter_num, train_loss=train["loss"], val_loss=val["loss"], train_bpc=train["bpc"],
+                      val_bpc=val["bpc"], val_bpb=val["bpb"], lr=lr)
+            log.text(f"step {iter_num}: train loss {train['loss']:.4f}, val loss {val['loss']:.4f}, "
+                     f"val {val['bpc']:.3f} bits/char ({val['bpb']:.3f} bits/byte)")
+            if val["loss"] < best_val_loss:
+                best_val_loss = val["loss"]
                 if iter_num > 0 and cfg["keep_best_checkpoint"]:
                     save_checkpoint(ckpt.BEST_FILENAME)
-            if iter_num > 0 and (cfg["always_save_checkpoint"] or losses["val"] <= best_val_loss):
+            if iter_num > 0 and (cfg["always_save_checkpoint"] or val["loss"] <= best_val_loss):
                 save_checkpoint(ckpt.FILENAME)
+            budget.evaluated(time.perf_counter() - t_eval)
             clock.restart()  # evaluation time is not training time
         if cfg["eval_only"] or iter_num >= cfg["max_iters"]:
             break
@@ -413,9 +516,14 @@ def main():
         else:
             bad_steps = 0
         clock.count_iteration()
-        if log_due:
-            log_training_step(t, log, iter_num, lr, step, clock.lap(), total_bad_steps, peak)
         iter_num += 1
+        budget_note = budget.after_step(iter_num)
+        if budget_note:
+            event, line = budget_note
+            log.text(line)
+            log.event(event, iter=iter_num, max_iters=cfg["max_iters"], lr_decay_iters=cfg["lr_decay_iters"])
+        if log_due:
+            log_training_step(t, log, iter_num - 1, lr, step, clock.lap(), total_bad_steps, peak)
 
         if stop_requested(stop, world_size, device):
             if is_master:
@@ -425,6 +533,9 @@ def main():
         if cfg["ckpt_interval"] and iter_num % cfg["ckpt_interval"] == 0 and is_master:
             save_checkpoint(ckpt.FILENAME)
 
+    if budget.enabled:
+        log.event("time_budget_end", iter=iter_num, elapsed_seconds=budget.elapsed(), budget_seconds=budget.seconds)
+        log.text(f"trained for {budget.elapsed():.1f} s of the {budget.seconds:.0f} s budget")
     log.close()
     if is_master and peak_source:
         print(f"MFU is against {peak / 1e12:.2f} TFLOP/s ({peak_source})")
@@ -445,20 +556,25 @@ def stop_requested(stop, world_size, device):
 
 
 @torch.no_grad()
-def evaluate(model, data, cfg, device, autocast):
-    """Mean loss per token on eval_iters train batches (the same windows every time) and on
-    eval_iters batches of the val split's consecutive windows (all of them with val_full_split)."""
+def evaluate(model, data, cfg, device, autocast, token_byte_lengths):
+    """Per split: mean loss per token, and the same information as bits per UTF-8 byte and bits per
+    character, which do not depend on the tokenizer. On eval_iters train batches (the same windows
+    every time) and eval_iters batches of the val split's consecutive windows (all of them with
+    val_full_split). Bits per byte are exact over the tokens evaluated (each target's byte length
+    from the tokenizer); bits per character scale them by the split's bytes per character."""
     model.eval()
     out = {}
     for split in ("train", "val"):
-        loss_sum, n_tokens = 0.0, 0
+        loss_sum, n_tokens, n_bytes = 0.0, 0, 0
         n_batches = 0 if split == "val" and cfg["val_full_split"] else cfg["eval_iters"]
         for x, y in data.eval_batches(split, cfg["batch_size"], n_batches):
             with autocast:
                 _, loss = model(x.to(device), y.to(device))
             loss_sum += loss.item() * y.numel()  # the last batch may be short: weight by tokens
             n_tokens += y.numel()
-        out[split] = loss_sum / n_tokens
+            n_bytes += int(token_byte_lengths[y].sum())
+        bits_per_byte = loss_sum / math.log(2) / n_bytes
+        out[split] = dict(loss=loss_sum / n_tokens, bpb=bits_per_byte, bpc=bits_per_byte * data.bytes_per_character(split))
     model.train()
     return out
 

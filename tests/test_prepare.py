@@ -7,16 +7,17 @@ import pytest
 
 import prepare
 from conftest import assert_user_error, run_script, tiny_documents
-from tokenizer import EOT_TOKEN, gpt2_encoding
+from data import TokenData
 
 
 def decoded_documents(bin_path):
+    """The documents of a split, decoded with the folder's own tokenizer (checked against meta.json)."""
+    tokenizer = TokenData(str(bin_path.parent), 1).load_tokenizer()
     tokens = np.fromfile(bin_path, dtype=np.uint16).tolist()
-    encoding = gpt2_encoding()
     docs, current = [], []
     for t in tokens:
-        if t == EOT_TOKEN:
-            docs.append(encoding.decode(current))
+        if t == tokenizer.eot_token:
+            docs.append(tokenizer.decode_bytes(current).decode("utf-8"))
             current = []
         else:
             current.append(t)
@@ -30,13 +31,13 @@ def prepare_ok(*args):
     return result
 
 
-def test_decoding_the_splits_gives_back_exactly_the_documents(tmp_path):
-    docs = tiny_documents(300, seed=1)
+@pytest.mark.parametrize("tokenizer", ["gpt2", "bpe"])
+def test_decoding_the_splits_gives_back_exactly_the_documents(tmp_path, tokenizer):
+    docs = [f"  {d}\u3000 \t" for d in tiny_documents(300, seed=1)]  # the blanks around each line are its own
     source = tmp_path / "in.txt"
-    # blank lines and stray whitespace are not documents
-    source.write_text("\n\n".join(f"  {d}\u3000 " for d in docs) + "\n", encoding="utf-8")
+    source.write_text("\n \n".join(docs) + "\r\n", encoding="utf-8")  # blank lines are not documents
     out = tmp_path / "out"
-    prepare_ok(f"--input={source}", f"--out={out}")
+    prepare_ok(f"--input={source}", f"--out={out}", f"--tokenizer={tokenizer}", "--vocab_size=300")
     train, val = decoded_documents(out / "train.bin"), decoded_documents(out / "val.bin")
     defaults = prepare.DEFAULTS
     train_idx, val_idx = prepare.split_documents(len(docs), defaults["val_fraction"], defaults["min_val_docs"], defaults["seed"])
@@ -49,9 +50,10 @@ def test_meta_counts_match_the_files(tmp_path):
     source = tmp_path / "in.txt"
     source.write_text("\n".join(docs), encoding="utf-8")
     out = tmp_path / "out"
-    prepare_ok(f"--input={source}", f"--out={out}")
+    prepare_ok(f"--input={source}", f"--out={out}", "--vocab_size=300")
     meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
-    assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257 and meta["dtype"] == "uint16"
+    assert meta["tokenizer"]["kind"] == "bpe" and meta["vocab_size"] == meta["tokenizer"]["vocab_size"] == 300
+    assert meta["tokenizer"]["file"] == "tokenizer.json" and meta["dtype"] == "uint16"
     for split in ("train", "val"):
         split_docs = decoded_documents(out / f"{split}.bin")
         counts = meta["splits"][split]
@@ -95,7 +97,7 @@ def test_hugging_face_dataset_from_a_local_folder(tmp_path):
     docs = tiny_documents(60, seed=3)
     (folder / "train.jsonl").write_text("\n".join(json.dumps({"text": d}, ensure_ascii=False) for d in docs), encoding="utf-8")
     out = tmp_path / "out"
-    prepare_ok(f"--hf_dataset={folder}", f"--out={out}")
+    prepare_ok(f"--hf_dataset={folder}", f"--out={out}", "--tokenizer=gpt2")
     assert sorted(decoded_documents(out / "train.bin") + decoded_documents(out / "val.bin")) == sorted(docs)
 
 
@@ -110,12 +112,39 @@ def test_default_corpus_has_no_tag_debris():
     assert len(people_daily) > 19_000 and len(sanguo) > 1_500
     tag = re.compile(r"/[A-Za-z]{1,3}(\s|$)")
     assert not [d for d in people_daily if tag.search(d)][:3]
-    assert sanguo[0].startswith("第一回") and all("\u3000" not in d and "\t" not in d for d in sanguo)
+    assert sanguo[0].startswith("第一回") and sanguo[1].startswith("\t滚滚长江")  # its paragraph indent is kept
+    assert all(d.strip() and "\n" not in d for d in sanguo)  # one paragraph per document
+
+
+def test_documents_keep_their_whitespace_exactly(tmp_path):
+    poem = "静夜思\n\n\t床前明月光，\u3000疑是地上霜。\n  举头望明月，  低头思故乡。"
+    docs = [poem, "a  b\tc", *tiny_documents(40, seed=4)]
+    source = tmp_path / "in.jsonl"
+    lines = [json.dumps({"text": "\ufeff\n \n" + poem + "\r\n\n"}, ensure_ascii=False)]  # only the ends are blank
+    lines += [json.dumps({"text": d}, ensure_ascii=False) for d in docs[1:]]
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    prepare_ok(f"--input={source}", f"--out={out}", "--vocab_size=300", "--min_val_docs=20")
+    assert sorted(decoded_documents(out / "train.bin") + decoded_documents(out / "val.bin")) == sorted(docs)
+
+
+def test_normalise_changes_only_line_endings_bom_and_blank_end_lines():
+    assert prepare.normalise("\ufeff \n\u3000\n 第一行\r\n\t第二行  \r第三行\n\n \n") == " 第一行\n\t第二行  \n第三行"
+    assert prepare.normalise("a\u3000\u3000b  c") == "a\u3000\u3000b  c"
+    assert prepare.normalise(" \n\t\u3000 \n") == ""
+
+
+def test_same_corpus_with_two_tokenizers_gets_two_folders():
+    cfg = dict(prepare.DEFAULTS)
+    assert prepare.default_out("zh_default", cfg) == os.path.join("data", "zh_default")
+    assert prepare.default_out("zh_default", cfg | {"tokenizer": "gpt2"}) == os.path.join("data", "zh_default_gpt2")
+    assert prepare.default_out("zh_default", cfg | {"vocab_size": 4096}) == os.path.join("data", "zh_default_bpe4096")
 
 
 @pytest.mark.parametrize("content, words", [
     ("", ["no text"]),
     ("\n \n\u3000\n", ["no text"]),
+    ("甲乙\n丙丁\n", ["--vocab_size=8192 is too large for this corpus"]),
 ])
 def test_empty_input_is_an_error_and_writes_nothing(tmp_path, content, words):
     source = tmp_path / "empty.txt"
