@@ -162,7 +162,7 @@ def hessian_pass(t):
     Dropout stays on, as in the training steps: the curvature to estimate is that of the loss the
     steps minimise, whose gradients make m. Measured on the tiny CPU config (dropout 0.1, SophiaG,
     step 300, the mean of 40 estimates each way): with dropout the estimate is 1.1-1.5x larger on
-    the blocks' matrices and 1.08x in all (the embedding dominates); one estimate is no noisier
+    the blocks' matrices and 1.07x in all (the embedding dominates); one estimate is no noisier
     (median coefficient of variation 0.275 vs 0.278 without); the win_rate this h gives at rho =
     0.05 / 0.5 / 5 is 0.0026 / 0.011 / 0.037 (0.0022 / 0.0098 / 0.033 without). The authors' configs
     use dropout 0, where the choice does not arise. Its masks come from a stream of the Hessian

@@ -7,7 +7,8 @@ optimizer, then several seeds at the chosen rate, then a table and a plot.
 Methods: AdamW; SophiaG with the Hessian estimated every 10 steps; SophiaG with hess_interval=0
 (the configuration of the project this one is modelled on: no Hessian, so sign momentum); Muon on
 the hidden matrices with AdamW on the rest. Each gets the same model (config/train_tiny_zh.py), data,
-warmup and cosine schedule decaying fully to lr/10 at the last step. The learning rate of each is
+warmup and cosine schedule decaying fully to lr/10 at the last step, and no weight decay on the
+embeddings (the Sophia authors' choice; README says why). The learning rate of each is
 the grid value with the lowest final val loss on sweep_seed; when that is at the edge of the grid
 the grid is extended (at most max_extensions times), so no method is judged on a rate that is too
 small or too large. To fit a CPU budget the sweep's runs are sweep_iters steps long, with the same
@@ -94,6 +95,7 @@ def train_command(cfg, method, lr, seed, out_dir, resume):
         f"--out_dir={out_dir}", f"--data_dir={os.path.abspath(cfg['data_dir'])}", "--gradient_accumulation_steps=1", f"--batch_size={cfg['batch_size']}",
         f"--max_iters={iters}", f"--lr_decay_iters={iters}", f"--warmup_iters={cfg['warmup_iters']}",
         f"--eval_interval={cfg['eval_interval']}", "--device=cpu", "--dtype=float32",
+        "--decay_embeddings=False",  # the Sophia authors' weight decay, for every method (README: why)
         f"--init_from={'resume' if resume else 'scratch'}",
     ]
 
