@@ -6,6 +6,12 @@
 
 gradient_accumulation_steps is per process: tokens per optimizer step are
 batch_size * block_size * gradient_accumulation_steps * world_size (printed at start).
+
+Where to change what: DEFAULTS (every option); build_model (init_from); build_optimizer, and
+optimizers.py for anything about one optimizer (its groups, its step's arguments, SophiaG's Hessian
+pass); train_step (one optimizer step: micro-batches, clipping, skipping a non-finite step; bench.py
+times this same function); log_training_step (what a log line holds); save_training_state (the
+checkpoint); evaluate; main (the loop: learning rate, evaluation and checkpoints, steps, logging, stop).
 """
 import math
 import os
