@@ -9,7 +9,7 @@ Adding a fifth optimizer, say Lion, touches this file and one config:
    tables) and `build(model, cfg, device_type)` returning the torch.optim.Optimizer, its parameter
    groups from `param_groups(model, cfg)` so that it decays what the others decay. Override
    `step_kwargs` if its step() takes arguments, `after_step` if it needs a pass of its own after
-   the step (as SophiaG's Hessian estimate), `before_step`/`statistics`/`text_fields` to log
+   the step (as SophiaG's Hessian estimate), `before_step`/`statistics`/`log_text` to log
    numbers, `describe` for a line at start, `run_label` if a setting makes it another method;
 2. add it to REGISTRY under its --optimizer name (train.py's choices and error message, bench.py
    and the plots' labels follow);
@@ -195,11 +195,12 @@ def own_random_stream(device, seed):
     """Inside, the global random state (dropout's) of the CPU and of a CUDA device starts from
     `seed`; on leaving it is what it was before."""
     device = torch.device(device)
-    on_cuda = device.type == "cuda"
-    with torch.random.fork_rng(devices=[device.index or 0] if on_cuda else [], device_type="cuda"):
+    cuda_index = (torch.cuda.current_device() if device.index is None else device.index) if device.type == "cuda" else None
+    with torch.random.fork_rng(devices=[] if cuda_index is None else [cuda_index], device_type="cuda"):
         torch.random.default_generator.manual_seed(seed)
-        if on_cuda:
-            torch.cuda.default_generators[device.index or 0].manual_seed(seed)
+        if cuda_index is not None:
+            with torch.cuda.device(cuda_index):
+                torch.cuda.manual_seed(seed)  # the current device's generator only
         yield
 
 
