@@ -7,11 +7,11 @@
 Sections (--section=all|train|sophia|sample):
 - train: ms per iteration of train.train_step, the step train.py runs (median after warm-up),
   tokens/s, MFU and peak RSS (peak GPU memory on CUDA) for the nanoGPT path (fp32 eager, full
-  logits materialised, F.cross_entropy) and for each lever added on top of it. Each case runs in fresh processes, `repeats` of them round-robin, so
-  allocator settings and peak memory are its own.
+  logits materialised, F.cross_entropy) and for each lever added on top of it. Each case runs in
+  fresh processes, `repeats` of them round-robin, so allocator settings and peak memory are its own.
 - sophia: AdamW vs SophiaG per iteration of train.train_step, a SophiaG step plus 1/k of its
-  Hessian pass, in the configured dtype (and compiled with --compile=True); optimizer.step() alone; the cost of drawing
-  the Hessian pass's labels.
+  Hessian pass, in the configured dtype (and compiled with --compile=True); optimizer.step()
+  alone; the cost of drawing the Hessian pass's labels.
 - sample: new tokens with and without the KV cache (the same tokens either way: tests check it).
 
 The batches are random tokens: speed does not depend on the text. What is compared is timed in
