@@ -123,8 +123,7 @@ def tokenizer_of(checkpoint):
 
 def check_same_tokenizer(checkpoint, data_tokenizer, data_dir):
     """Resuming on data made with another tokenizer would train on ids that mean other text."""
-    spec = checkpoint.get("tokenizer") or {"kind": "gpt2"}
-    trained = tok.GPT2_RANKS_SHA256 if spec["kind"] == "gpt2" else tokenizer_of(checkpoint).sha256
+    trained = tokenizer_of(checkpoint).sha256
     if trained != data_tokenizer.sha256:
         raise UserError(f"the checkpoint was trained with another tokenizer than {data_dir}'s "
                         f"(sha256 {trained[:12]} vs {data_tokenizer.sha256[:12]}); use the data folder it was trained on")
@@ -133,23 +132,16 @@ def check_same_tokenizer(checkpoint, data_tokenizer, data_dir):
 def pretrained_tokenizer(name_or_dir):
     """The tokenizer of transformers weights: a folder's own tokenizer.json, else GPT-2's."""
     path = os.path.join(name_or_dir, "tokenizer.json")
-    if not os.path.isfile(path):
-        return tok.GPT2Tokenizer()
     try:
-        return tok.read_tokenizer_file(path)
-    except ValueError as e:
+        return tok.read_tokenizer_file(path) if os.path.isfile(path) else tok.GPT2Tokenizer()
+    except (FileNotFoundError, ValueError) as e:  # GPT-2's ranks not installed; a foreign tokenizer.json
         raise UserError(str(e)) from None
 
 
 def check_gpt2_tokenizer(name_or_dir, data_tokenizer, data_dir):
     """Weights trained with one vocabulary read nonsense from ids of another."""
-    try:
-        weights_tokenizer = pretrained_tokenizer(name_or_dir)
-        same = (weights_tokenizer.eot_token == data_tokenizer.eot_token
-                and weights_tokenizer.token_bytes == data_tokenizer.token_bytes)
-    except FileNotFoundError as e:
-        raise UserError(str(e)) from None
-    if not same:
+    weights_tokenizer = pretrained_tokenizer(name_or_dir)
+    if (weights_tokenizer.eot_token, weights_tokenizer.token_bytes) != (data_tokenizer.eot_token, data_tokenizer.token_bytes):
         raise UserError(f"--init_from={name_or_dir} was trained with the {weights_tokenizer.kind} tokenizer "
                         f"({weights_tokenizer.n_vocab} tokens) but {data_dir} holds {data_tokenizer.kind} tokens "
                         f"({data_tokenizer.n_vocab}); prepare the data with that tokenizer "

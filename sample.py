@@ -62,11 +62,7 @@ def load_model(cfg):
     if cfg["init_from"] == "resume":
         checkpoint = ckpt.load(os.path.join(cfg["out_dir"], ckpt.FILENAME))
         return ckpt.model_from(checkpoint, dropout=0.0), ckpt.tokenizer_of(checkpoint)
-    try:
-        tokenizer = ckpt.pretrained_tokenizer(cfg["init_from"])
-    except FileNotFoundError as e:
-        raise UserError(str(e)) from None
-    return ckpt.gpt2_model(cfg["init_from"], dropout=0.0), tokenizer
+    return ckpt.gpt2_model(cfg["init_from"], dropout=0.0), ckpt.pretrained_tokenizer(cfg["init_from"])
 
 
 def main():

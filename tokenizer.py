@@ -58,8 +58,9 @@ class Tokenizer:
     n_vocab = 0
     eot_token = 0
 
-    def encode_batch(self, texts):
-        """Token ids of each text, with special-token text treated as ordinary text."""
+    def encode_batch(self, texts, num_threads=None):
+        """Token ids of each text, with special-token text treated as ordinary text; on
+        num_threads threads (None: all cores; prepare.py's worker processes use one each)."""
         raise NotImplementedError
 
     def encode(self, text):
@@ -108,8 +109,10 @@ class GPT2Tokenizer(Tokenizer):
     def __init__(self):
         self.encoding = gpt2_encoding()
 
-    def encode_batch(self, texts):
-        return self.encoding.encode_ordinary_batch(list(texts), num_threads=os.cpu_count() or 1)
+    def encode_batch(self, texts, num_threads=None):
+        if num_threads == 1:  # no thread pool at all: cheaper than one of one thread
+            return [self.encoding.encode_ordinary(text) for text in texts]
+        return self.encoding.encode_ordinary_batch(list(texts), num_threads=num_threads or os.cpu_count() or 1)
 
     def single_token_bytes(self, token):
         return self.encoding.decode_single_token_bytes(token)
@@ -160,7 +163,9 @@ class BPETokenizer(Tokenizer):
             raise TokenizerError(f"{source} does not give text back exactly (a normaliser or a non-byte-level "
                                  f"pre-tokeniser?); use a byte-level tokenizer or --tokenizer=bpe")
 
-    def encode_batch(self, texts):
+    def encode_batch(self, texts, num_threads=None):
+        if num_threads == 1:  # encode_batch would use every core (Rust threads)
+            return [self.hf.encode(text, add_special_tokens=False).ids for text in texts]
         return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
 
     def single_token_bytes(self, token):

@@ -169,7 +169,8 @@ class TimeBudget:
         self.cfg, self.world_size, self.device = cfg, world_size, device
         self.enabled = False
         if resumed_config and resumed_config.get("max_minutes") and iter_num >= self.LAST_TIMED_ITER:
-            cfg["max_iters"], cfg["lr_decay_iters"] = resumed_config["max_iters"], resumed_config["lr_decay_iters"]
+            for key in ("max_iters", "lr_decay_iters", "warmup_iters"):
+                cfg[key] = resumed_config[key]
             cfg["max_minutes"] = resumed_config["max_minutes"]
             return  # the horizon was fixed before the checkpoint: keep it, no new measuring, no guard
         self.seconds = cfg["max_minutes"] * 60
@@ -205,21 +206,25 @@ class TimeBudget:
             now = time.perf_counter()
             step_seconds = (now - self.timing_start - self.eval_seconds_since_timing) / (iter_num - self.timing_iter)
             horizon = self._horizon(iter_num, self.seconds - (now - self.start), step_seconds)
-            if horizon <= self.cfg["warmup_iters"]:
+            if horizon <= 2 * self.LAST_TIMED_ITER:
                 raise UserError(f"--max_minutes={self.cfg['max_minutes']:g} leaves room for {horizon} steps of "
-                                f"{step_seconds * 1000:.0f} ms, not more than --warmup_iters={self.cfg['warmup_iters']}; "
-                                f"give more minutes or fewer warm-up steps")
+                                f"{step_seconds * 1000:.0f} ms, too few to warm up and decay; give more minutes")
+            shortened = ""
+            if horizon < 2 * self.cfg["warmup_iters"]:  # the warm-up would leave no room to decay: a tenth of the run
+                self.cfg["warmup_iters"] = max(self.LAST_TIMED_ITER, horizon // 10)
+                shortened = f", warm-up shortened to {self.cfg['warmup_iters']} steps"
             self.cfg["max_iters"] = self.cfg["lr_decay_iters"] = horizon
             self.fixed, self.step_seconds = True, step_seconds
             note = ("time_budget", f"time budget {self.cfg['max_minutes']:g} min: {step_seconds * 1000:.1f} ms per step, "
-                                   f"{self.longest_eval:.1f} s per evaluation -> max_iters = lr_decay_iters = {horizon}")
+                                   f"{self.longest_eval:.1f} s per evaluation -> max_iters = lr_decay_iters = {horizon}{shortened}")
         elif self.fixed and self.elapsed() + self.step_seconds + self.longest_eval > self.seconds and iter_num < self.cfg["max_iters"]:
             self.cfg["max_iters"] = iter_num  # the loop evaluates and saves at max_iters, then stops
             note = ("time_budget_stop", f"time budget reached at iter {iter_num}, before the planned horizon: stopping with an evaluation")
         if self.world_size > 1:  # rank 0 alone evaluates, so its clock decides; all ranks must agree
-            agreed = torch.tensor([self.cfg["max_iters"], self.cfg["lr_decay_iters"]], dtype=torch.float64, device=self.device)
+            keys = ("max_iters", "lr_decay_iters", "warmup_iters")
+            agreed = torch.tensor([self.cfg[key] for key in keys], dtype=torch.float64, device=self.device)
             dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-            self.cfg["max_iters"], self.cfg["lr_decay_iters"] = map(int, agreed.tolist())
+            self.cfg.update(zip(keys, map(int, agreed.tolist())))
         return note
 
     def elapsed(self):

@@ -90,9 +90,10 @@ def test_tokenizer_trained_on_train_split_only(tmp_path):
     import prepare
     docs = tiny_documents(200, seed=5)
     defaults = prepare.DEFAULTS
-    _, val_idx = prepare.split_documents(len(docs), defaults["val_fraction"], 20, defaults["seed"])
-    for i in val_idx:
-        docs[i] = "魑魅魍魉" * 5 + docs[i]
+    split = prepare.DocumentSplit(len(docs), defaults["val_fraction"], 20, defaults["seed"])
+    for i in range(len(docs)):
+        if split.is_val(i):
+            docs[i] = "魑魅魍魉" * 5 + docs[i]
     source = tmp_path / "in.txt"
     source.write_text("\n".join(docs), encoding="utf-8")
     out = tmp_path / "out"
