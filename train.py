@@ -206,7 +206,7 @@ class TimeBudget:
             now = time.perf_counter()
             step_seconds = (now - self.timing_start - self.eval_seconds_since_timing) / (iter_num - self.timing_iter)
             horizon = self._horizon(iter_num, self.seconds - (now - self.start), step_seconds)
-            if horizon <= 2 * self.LAST_TIMED_ITER:
+            if horizon <= self.LAST_TIMED_ITER + 2:
                 raise UserError(f"--max_minutes={self.cfg['max_minutes']:g} leaves room for {horizon} steps of "
                                 f"{step_seconds * 1000:.0f} ms, too few to warm up and decay; give more minutes")
             shortened = ""
