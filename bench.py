@@ -43,10 +43,10 @@ DEFAULTS = train.DEFAULTS | dict(
     iters=20,
     repeats=3,  # processes per training case, run round-robin; the median is reported
     sample_tokens=256,
+    vocab_size=50257,  # tokens of the tokenizer; 8192 for the default trained BPE (padded to a multiple of 64 in the model)
     case="",  # internal: the train case a worker process measures
     readme="",  # also write the report between the <!-- bench:begin/end --> markers of this file
 )
-VOCAB_SIZE, REAL_VOCAB = 50304, 50257
 REPORT = []  # the lines of the report, for --readme
 
 
@@ -82,25 +82,24 @@ def timed_in_alternation(functions, device, warmup, iters):
 
 
 def build(cfg, device, optimizer_name="adamw"):
-    """A GPT with the GPT-2 vocabulary and the optimizer optimizers.py builds for it."""
+    """A GPT with vocab_size tokens (padded as train.py pads them) and the optimizer optimizers.py builds for it."""
     torch.manual_seed(0)
     config = GPTConfig(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], block_size=cfg["block_size"],
-                       vocab_size=VOCAB_SIZE, dropout=cfg["dropout"], bias=cfg["bias"])
+                       vocab_size=(cfg["vocab_size"] + 63) // 64 * 64, dropout=cfg["dropout"], bias=cfg["bias"])
     model = GPT(config).to(device)
     optimizer = optimizers.REGISTRY[optimizer_name].build(model, cfg | dict(optimizer=optimizer_name), device.split(":")[0])
     return model, optimizer
 
 
 class RandomTokens:
-    """Stands in for data.TokenData in train.train_step: random windows of GPT-2 token ids (the
-    speed of a step does not depend on the text)."""
-    vocab_size = REAL_VOCAB
+    """Stands in for data.TokenData in train.train_step: random windows of token ids (the speed of a
+    step does not depend on the text)."""
 
-    def __init__(self, block_size):
-        self.block_size = block_size
+    def __init__(self, block_size, vocab_size):
+        self.block_size, self.vocab_size = block_size, vocab_size
 
     def train_micro_batches(self, generator, batch_size, count, rank, world_size):
-        windows = torch.randint(REAL_VOCAB, (world_size, count, batch_size, self.block_size + 1), generator=generator)[rank]
+        windows = torch.randint(self.vocab_size, (world_size, count, batch_size, self.block_size + 1), generator=generator)[rank]
         return [w[:, :-1] for w in windows], [w[:, 1:] for w in windows]
 
 
@@ -111,7 +110,7 @@ def build_training(cfg, device, optimizer_name, dtype, compile_model=False, fuse
     return train.Training(cfg=cfg | dict(optimizer=optimizer_name), model=torch.compile(model) if compile_model else model,
                           raw_model=model, optimizer=optimizer,
                           scaler=torch.amp.GradScaler(device.split(":")[0], enabled=(dtype == "float16")),
-                          autocast=hardware.autocast_context(device, dtype), data=RandomTokens(cfg["block_size"]),
+                          autocast=hardware.autocast_context(device, dtype), data=RandomTokens(cfg["block_size"], cfg["vocab_size"]),
                           device=device, rank=0, world_size=1, batch_generator=torch.Generator().manual_seed(0),
                           hessian_generator=torch.Generator().manual_seed(1))
 
@@ -196,19 +195,20 @@ def sophia_section(cfg, device):
             p.grad = torch.randn_like(p) * 1e-3
         optimizer_steps[name] = functools.partial(optimizer.step, **optimizers.REGISTRY[name].step_kwargs(tokens))
     seconds = timed_in_alternation(optimizer_steps, device, cfg["warmup"], cfg["iters"])
-    say(f"optimizer.step() alone: AdamW(foreach) {seconds['adamw'] * 1000:.2f} ms, SophiaG {seconds['sophiag'] * 1000:.2f} ms "
+    say(f"optimizer.step() alone: AdamW {seconds['adamw'] * 1000:.2f} ms, SophiaG {seconds['sophiag'] * 1000:.2f} ms "
         f"({seconds['sophiag'] / seconds['adamw']:.2f}x)")
 
     from head_loss import sample_labels
 
     model, _ = build(cfg, device)
-    x = torch.randint(0, REAL_VOCAB, (cfg["batch_size"], cfg["block_size"]), device=device)
+    real_vocab = cfg["vocab_size"]
+    x = torch.randint(0, real_vocab, (cfg["batch_size"], cfg["block_size"]), device=device)
     with torch.no_grad():
         hidden = model.hidden_states(x).flatten(0, 1)
         logits = model.lm_head(hidden)
     seconds = timed_in_alternation(dict(categorical=lambda: torch.distributions.Categorical(logits=logits).sample(),
-                                        ours=lambda: sample_labels(hidden, model.lm_head.weight, REAL_VOCAB)), device, 1, 3)
-    say(f"label sampling for {hidden.shape[0]} x {REAL_VOCAB}: torch.distributions.Categorical {seconds['categorical'] * 1000:.1f} ms, "
+                                        ours=lambda: sample_labels(hidden, model.lm_head.weight, real_vocab)), device, 1, 3)
+    say(f"label sampling for {hidden.shape[0]} x {real_vocab}: torch.distributions.Categorical {seconds['categorical'] * 1000:.1f} ms, "
         f"head_loss.sample_labels (logits included) {seconds['ours'] * 1000:.1f} ms")
 
 
@@ -220,7 +220,7 @@ def sample_section(cfg, device):
     for n in sorted({cfg["block_size"] - 1, cfg["sample_tokens"]}):
         results = timed_in_alternation(
             {use_cache: functools.partial(model.generate, prompt, n, temperature=1.0, top_k=200, use_cache=use_cache,
-                                          generator=torch.Generator(device).manual_seed(0), n_real_vocab=REAL_VOCAB)
+                                          generator=torch.Generator(device).manual_seed(0), n_real_vocab=cfg["vocab_size"])
              for use_cache in (False, True)}, device, 1, 5)
         say(f"{n:4d} new tokens: without KV cache {results[False] * 1000:8.1f} ms, with {results[True] * 1000:8.1f} ms "
             f"({results[False] / results[True]:.2f}x)")
