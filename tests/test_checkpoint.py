@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import checkpoint as ckpt
+import optimizers
+import train
 from model import GPT, GPTConfig
 
 
@@ -24,13 +26,18 @@ def loss_of(model):
     return model(x, y)[1]
 
 
+def muon(model):
+    """train.py's --optimizer=muon, with its default settings."""
+    return optimizers.REGISTRY["muon"].build(model, dict(train.DEFAULTS, learning_rate=1e-2), "cpu")
+
+
 def saved_run(optimizer_kwargs, scaler_enabled=False, optimizer_name="adamw"):
     """(model, checkpoint) after one optimizer step."""
     model = tiny_model()
     if optimizer_name == "adamw":
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, **optimizer_kwargs)
     else:
-        optimizer = model.configure_optimizers(optimizer_name, 0.1, 1e-2, (0.9, 0.95), "cpu")
+        optimizer = muon(model)
     loss_of(model).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -45,7 +52,7 @@ def saved_run(optimizer_kwargs, scaler_enabled=False, optimizer_name="adamw"):
 
 def resumed(state, optimizer, scaler):
     # rank 1: the process-local random states are left alone (rank 0's are tested below)
-    ckpt.restore_training_state(state, optimizer, scaler, torch.Generator(), rank=1)
+    ckpt.restore_training_state(state, optimizer, scaler, torch.Generator(), torch.Generator(), rank=1)
 
 
 @pytest.mark.parametrize("saved, here", [(dict(foreach=True), dict(fused=True)), (dict(fused=True), dict(foreach=True))])
@@ -90,7 +97,7 @@ def test_a_float16_runs_grad_scaler_is_restored():
 
 def test_muons_learning_rate_schedule_still_reaches_it_after_a_resume():
     _, state = saved_run({}, optimizer_name="muon")
-    optimizer = tiny_model().configure_optimizers("muon", 0.1, 1e-2, (0.9, 0.95), "cpu")
+    optimizer = muon(tiny_model())
     resumed(state, optimizer, torch.amp.GradScaler("cpu", enabled=False))
     for group in optimizer.param_groups:  # what train.py's schedule does every step
         group["lr"] = 0.123
@@ -116,7 +123,8 @@ def test_cuda_random_states_of_more_gpus_than_this_machine_has(monkeypatch):
     with torch.random.fork_rng(devices=[]):
         try:
             ckpt.restore_training_state(state, torch.optim.AdamW(tiny_model().parameters(), foreach=True),
-                                        torch.amp.GradScaler("cpu", enabled=False), torch.Generator(), rank=0)
+                                        torch.amp.GradScaler("cpu", enabled=False), torch.Generator(), torch.Generator(),
+                                        rank=0)
         finally:
             random.setstate(python_state)
             np.random.set_state(numpy_state)
