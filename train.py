@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint as ckpt
 import hardware
+import output_folder
 from cli import UserError, run
 from configurator import parse_args
 from data import TokenData
@@ -40,6 +41,7 @@ DEFAULTS = dict(
     ckpt_interval=0,  # also save every N iterations whatever the val loss (0 = off)
     keep_best_checkpoint=False,  # also keep ckpt_best.pt, the checkpoint with the best val loss
     init_from="scratch",  # scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a transformers folder
+    overwrite_out_dir=False,  # let a new run replace the checkpoints of an earlier run in out_dir
     # logging
     wandb_log=False,
     wandb_project="open-gpt-training",
@@ -117,6 +119,51 @@ def check_config(cfg):
         raise UserError(f"--lr_decay_iters ({cfg['lr_decay_iters']}) must exceed --warmup_iters ({cfg['warmup_iters']})")
     if cfg["learning_rate"] <= 0 or cfg["min_lr"] < 0:
         raise UserError("--learning_rate must be positive and --min_lr zero or positive")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= cfg[key] < 1.0:
+            raise UserError(f"--{key} must be in [0, 1), got {cfg[key]}")
+    for key in ("grad_clip", "weight_decay", "rho"):
+        if not cfg[key] >= 0:  # written so that nan fails too
+            raise UserError(f"--{key} must be zero or positive, got {cfg[key]}")
+    if not 0 <= cfg["seed"] < 2**31:  # numpy takes seeds below 2**32, and each rank adds its rank
+        raise UserError(f"--seed must be between 0 and {2**31 - 1}, got {cfg['seed']}")
+
+
+# What a checkpoint fixes: the model's shape, and the optimizer whose state (hyperparameters included:
+# load_state_dict restores them) it holds. A resumed run must be given the same values.
+CHECKPOINT_SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "scale_attn_by_inverse_layer_idx")
+CHECKPOINT_OPTIMIZER = ("optimizer", "beta1", "beta2", "weight_decay")
+
+
+def check_resume_matches(cfg, checkpoint, path):
+    """A one-line error listing every value the checkpoint fixes that the command line changed."""
+    saved = {key: checkpoint["model_args"][key] for key in CHECKPOINT_SHAPE if key in checkpoint["model_args"]}
+    saved_config = checkpoint.get("config") or {}
+    keys = CHECKPOINT_OPTIMIZER + (("rho",) if cfg["optimizer"] == "sophiag" else ())
+    saved |= {key: saved_config[key] for key in keys if saved_config.get(key) is not None}
+    differing = [key for key, value in saved.items() if cfg[key] != value]
+    if differing:
+        theirs = ", ".join(f"{key} {saved[key]}" for key in differing)
+        fix = " ".join(f"--{key}={saved[key]}" for key in differing)
+        raise UserError(f"the checkpoint {path} was trained with {theirs}, and a resumed run keeps them; "
+                        f"pass {fix} (the run's own command plus --init_from=resume), or start a new run in another --out_dir")
+
+
+def claim_out_dir(cfg):
+    """Make out_dir, lock it for this run (rank 0 only), and refuse to let a new run overwrite the
+    checkpoint of an earlier one unless --overwrite_out_dir=True. Returns the lock: keep it."""
+    out_dir = cfg["out_dir"]
+    output_folder.make(out_dir, "--out_dir")
+    lock = output_folder.FolderLock(out_dir, "--out_dir")
+    if cfg["init_from"] != "resume":
+        saved = [name for name in (ckpt.FILENAME, ckpt.BEST_FILENAME) if os.path.exists(os.path.join(out_dir, name))]
+        if saved and not cfg["overwrite_out_dir"]:
+            lock.release()
+            raise UserError(f"{out_dir} holds the checkpoint of an earlier run ({saved[0]}); continue it with "
+                            f"--init_from=resume, or start over with --overwrite_out_dir=True")
+        for name in saved:  # so that a resume after a crash can never pick up the earlier run's state
+            os.remove(os.path.join(out_dir, name))
+    return lock
 
 
 def setup_distributed(backend, device):
@@ -137,13 +184,20 @@ class StopRequest:
 
     def __init__(self):
         self.signal_name = None
+        self.signum = None
+        self.stopped = False  # set when the loop stops for a signal, this process's or another rank's
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         if self.signal_name is not None:  # a second signal: the user means it
             raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
+        self.signum, self.signal_name = signum, signal.Signals(signum).name
+
+    def exit_status(self):
+        """128 + the signal's number, as a shell reports a process a signal ended: 130 for SIGINT
+        (Ctrl-C), 143 for SIGTERM; 143 on a rank that stopped because another rank was signalled."""
+        return 128 + (self.signum or signal.SIGTERM)
 
 
 def main():
@@ -178,10 +232,10 @@ def main():
     if cfg["init_from"] == "scratch":
         model = GPT(GPTConfig(**model_args))
     elif cfg["init_from"] == "resume":
-        checkpoint = ckpt.load(os.path.join(cfg["out_dir"], ckpt.FILENAME))
+        checkpoint_path = os.path.join(cfg["out_dir"], ckpt.FILENAME)
+        checkpoint = ckpt.load(checkpoint_path)
+        check_resume_matches(cfg, checkpoint, checkpoint_path)
         model_args = checkpoint["model_args"] | {"dropout": cfg["dropout"]}
-        if model_args["block_size"] != cfg["block_size"]:
-            raise UserError(f"the checkpoint was trained with block_size {model_args['block_size']}; pass --block_size={model_args['block_size']}")
         model = ckpt.model_from(checkpoint, cfg["dropout"])
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
     else:
@@ -190,8 +244,10 @@ def main():
             raise UserError(f"--block_size={cfg['block_size']} exceeds {cfg['init_from']}'s {model.config.block_size}")
         model.crop_block_size(cfg["block_size"])
         model_args = {k: getattr(model.config, k) for k in model_args}
+        cfg |= {key: model_args[key] for key in CHECKPOINT_SHAPE}  # the log records GPT-2's shape, not our defaults
     if model.config.vocab_size < data.vocab_size:
         raise UserError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the data's ({data.vocab_size})")
+    out_dir_lock = claim_out_dir(cfg) if is_master else None
     model.to(device)
 
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
@@ -212,7 +268,6 @@ def main():
     stop = StopRequest()
 
     if is_master:
-        os.makedirs(cfg["out_dir"], exist_ok=True)
         log.text(f"tokens per optimizer step: {tokens_per_step:,} = {cfg['batch_size']} batch x {cfg['block_size']} block "
                  f"x {cfg['gradient_accumulation_steps']} accumulation x {world_size} processes")
         log.text(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters, {cfg['optimizer']} optimizer, "
@@ -227,10 +282,15 @@ def main():
         xs, ys = data.train_micro_batches(split_generator, cfg["batch_size"], count, rank, world_size)
         return [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in zip(xs, ys)]
 
+    last_saved_iter = iter_num if cfg["init_from"] == "resume" else None
+
     def save_checkpoint(path_name):
+        nonlocal last_saved_iter
         state = ckpt.training_state(raw_model, optimizer, scaler, model_args, iter_num, best_val_loss, cfg, batch_generator)
         ckpt.save(state, os.path.join(cfg["out_dir"], path_name))
         log.text(f"saved checkpoint {cfg['out_dir']}/{path_name} at iter {iter_num}")
+        if path_name == ckpt.FILENAME:
+            last_saved_iter = iter_num
 
     def sync_context(micro_step, count):
         """DDP all-reduces gradients only on the last micro-step; the others accumulate locally."""
@@ -317,8 +377,7 @@ def main():
             total_bad_steps += 1
             log.text(f"iter {iter_num}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
             if bad_steps >= cfg["max_bad_steps"]:
-                raise UserError(f"{bad_steps} consecutive steps had a non-finite loss or gradient; stopped at iter {iter_num}. "
-                                f"The last good checkpoint in {cfg['out_dir']} is intact; lower --learning_rate or use --dtype=float32")
+                raise UserError(diverged_message(bad_steps, iter_num, last_saved_iter, cfg, dtype))
 
         if uses_hessian and iter_num % cfg["hess_interval"] == cfg["hess_interval"] - 1:
             estimate_hessian()
@@ -342,9 +401,11 @@ def main():
                          f"mfu {fields['mfu'] * 100:.2f}%{extra}")
 
         if stop_requested(stop, world_size, device):
+            stop.stopped = True
             if is_master:
                 save_checkpoint(ckpt.FILENAME)
-                log.text(f"received {stop.signal_name or 'a stop request'}: continue with the same command plus --init_from=resume")
+                log.text(f"received {stop.signal_name or 'a stop request'}: stopping with exit status {stop.exit_status()}; "
+                         f"continue with the same command plus --init_from=resume")
             break
         if cfg["ckpt_interval"] and iter_num % cfg["ckpt_interval"] == 0 and is_master:
             save_checkpoint(ckpt.FILENAME)
@@ -357,6 +418,24 @@ def main():
         # process group while a peer is busy can abort ("terminate called without an active exception")
         dist.barrier()
         dist.destroy_process_group()
+    if out_dir_lock is not None:
+        out_dir_lock.release()
+    if stop.stopped:
+        # saved but not finished: a non-zero status, so `train.py && export.py` does not go on
+        sys.exit(stop.exit_status())
+
+
+def diverged_message(bad_steps, iter_num, last_saved_iter, cfg, dtype):
+    """Why the run stopped, what is left in out_dir, and what to change; without claiming the
+    checkpoint is good: the weights may have been diverging for a while before the loss broke."""
+    if last_saved_iter is None:
+        kept = "no checkpoint of this run was saved"
+    else:
+        kept = (f"the latest checkpoint, {cfg['out_dir']}/{ckpt.FILENAME} (iter {last_saved_iter}), holds no step with a "
+                f"non-finite loss but may already be diverging: check the losses before it in metrics.jsonl")
+    fix = "lower --learning_rate" + (f", or train in --dtype=float32 instead of {dtype}" if dtype != "float32" else "")
+    return (f"{bad_steps} consecutive steps had a non-finite loss or gradient; stopped at iter {iter_num}; "
+            f"{kept}; {fix}")
 
 
 def stop_requested(stop, world_size, device):
