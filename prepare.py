@@ -92,7 +92,7 @@ def normalised(texts):
 def read_text_file(path, text_field):
     try:
         with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+            lines = f.read().split("\n")  # not splitlines(): U+2028, U+0085... may sit inside a JSON string
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); convert it, e.g. iconv -f GBK -t UTF-8") from None
     if not path.endswith(".jsonl"):

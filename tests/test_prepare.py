@@ -88,6 +88,14 @@ def test_jsonl_and_folders_are_read(tmp_path):
     assert prepare.input_documents(str(folder), "text") == ["第一篇", "第二篇", "第三篇", "第四篇"]
 
 
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
+    """U+2028, U+2029 and U+0085 are legal inside a JSON string; only "\\n" ends a JSONL record."""
+    texts = ["第一行\u2028第二行", "段落\u2029段落", "下一行\x85字符"]
+    source = tmp_path / "a.jsonl"
+    source.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    assert prepare.input_documents(str(source), "text") == [prepare.normalise(t) for t in texts]
+
+
 def test_hugging_face_dataset_from_a_local_folder(tmp_path):
     pytest.importorskip("datasets", reason="datasets is in requirements-test.txt")
     folder = tmp_path / "hf_corpus"
