@@ -143,7 +143,9 @@ def restore_training_state(checkpoint, optimizer, scaler, batch_generator, rank)
         optimizer.load_state_dict(checkpoint["optimizer"])
     except (ValueError, KeyError) as e:
         raise UserError(f"the checkpoint's optimizer state does not fit --optimizer ({e}); resume with the optimizer it was trained with") from None
-    scaler.load_state_dict(checkpoint["scaler"])
+    if checkpoint["scaler"] or not scaler.is_enabled():
+        scaler.load_state_dict(checkpoint["scaler"])
+    # else: a run saved without float16 goes on in float16: its GradScaler starts afresh, as a new run's does
     rng = checkpoint["rng"]
     batch_generator.set_state(rng["batches"])
     if rank != 0:

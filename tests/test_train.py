@@ -66,6 +66,16 @@ def test_resume_continues_the_run_exactly(tiny_data, tmp_path, optimizer):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+def test_a_run_resumes_in_another_dtype(tiny_data, tmp_path):
+    """Moving a run to a machine with other number formats: a float32 checkpoint goes on in float16
+    (whose GradScaler then starts afresh) and back."""
+    out = tmp_path / "run"
+    train_ok(*train_args(tiny_data, out, "--max_iters=3", "--lr_decay_iters=9", "--eval_interval=3"))
+    train_ok(*train_args(tiny_data, out, "--max_iters=6", "--lr_decay_iters=9", "--eval_interval=3", "--init_from=resume", "--dtype=float16"))
+    train_ok(*train_args(tiny_data, out, "--max_iters=9", "--lr_decay_iters=9", "--eval_interval=3", "--init_from=resume"))
+    assert [e["iter"] for e in read_events(out, "train")] == list(range(9))
+
+
 LONG_RUN = ("--max_iters=100000", "--lr_decay_iters=100000", "--eval_interval=100000")
 
 
