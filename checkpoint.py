@@ -14,9 +14,9 @@ import sys
 import numpy as np
 import torch
 
-from cli import UserError, write_atomically
+import tokenizer as tok
+from cli import UserError, space_left, write_atomically
 from model import GPT, GPTConfig
-from output_folder import space_left
 
 FILENAME = "ckpt.pt"
 BEST_FILENAME = "ckpt_best.pt"
@@ -24,8 +24,9 @@ FORMAT = "open-gpt-training/2"  # /2 added the checksum
 UNCHECKED_FORMAT = "open-gpt-training/1"  # still loads, unverified: it predates the checksum
 
 
-def training_state(model, optimizer, scaler, model_args, iter_num, best_val_loss, config, batch_generator):
-    """Everything `init_from=resume` needs to continue the run exactly."""
+def training_state(model, optimizer, scaler, model_args, iter_num, best_val_loss, config, batch_generator, tokenizer):
+    """Everything `init_from=resume` needs to continue the run exactly, and the tokenizer that
+    sample.py and export.py need to turn its tokens into text without the data folder."""
     np_state = np.random.get_state()
     rng = dict(
         python=random.getstate(),
@@ -45,6 +46,7 @@ def training_state(model, optimizer, scaler, model_args, iter_num, best_val_loss
         best_val_loss=best_val_loss,
         config=config,
         rng=rng,
+        tokenizer=tokenizer.spec,
     )
 
 
@@ -161,6 +163,41 @@ def restore_training_state(checkpoint, optimizer, scaler, batch_generator, rank)
 def _as_tuples(value):
     """random.setstate wants the tuples that a save/load round trip may have made lists."""
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def tokenizer_of(checkpoint):
+    """The tokenizer a checkpoint was trained with (checkpoints from before trained tokenizers: GPT-2's)."""
+    try:
+        return tok.from_spec(checkpoint.get("tokenizer") or {"kind": "gpt2"})
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"the checkpoint's tokenizer cannot be loaded: {e}") from None
+
+
+def check_same_tokenizer(checkpoint, data_tokenizer, data_dir):
+    """Resuming on data made with another tokenizer would train on ids that mean other text."""
+    trained = tokenizer_of(checkpoint).sha256
+    if trained != data_tokenizer.sha256:
+        raise UserError(f"the checkpoint was trained with another tokenizer than {data_dir}'s "
+                        f"(sha256 {trained[:12]} vs {data_tokenizer.sha256[:12]}); use the data folder it was trained on")
+
+
+def pretrained_tokenizer(name_or_dir):
+    """The tokenizer of transformers weights: a folder's own tokenizer.json, else GPT-2's."""
+    path = os.path.join(name_or_dir, "tokenizer.json")
+    try:
+        return tok.read_tokenizer_file(path) if os.path.isfile(path) else tok.GPT2Tokenizer()
+    except (FileNotFoundError, ValueError) as e:  # GPT-2's ranks not installed; a foreign tokenizer.json
+        raise UserError(str(e)) from None
+
+
+def check_gpt2_tokenizer(name_or_dir, data_tokenizer, data_dir):
+    """Weights trained with one vocabulary read nonsense from ids of another."""
+    weights_tokenizer = pretrained_tokenizer(name_or_dir)
+    if (weights_tokenizer.eot_token, weights_tokenizer.token_bytes) != (data_tokenizer.eot_token, data_tokenizer.token_bytes):
+        raise UserError(f"--init_from={name_or_dir} was trained with the {weights_tokenizer.kind} tokenizer "
+                        f"({weights_tokenizer.n_vocab} tokens) but {data_dir} holds {data_tokenizer.kind} tokens "
+                        f"({data_tokenizer.n_vocab}); prepare the data with that tokenizer "
+                        f"(python prepare.py --tokenizer={'gpt2' if weights_tokenizer.kind == 'gpt2' else name_or_dir})")
 
 
 def gpt2_model(name_or_dir, dropout):

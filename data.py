@@ -12,6 +12,7 @@ import os
 import numpy as np
 import torch
 
+import tokenizer as tok
 from cli import UserError
 
 SPLITS = ("train", "val")
@@ -32,6 +33,7 @@ class TokenData:
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{meta_path} is damaged ({type(e).__name__}: {e}); rerun python prepare.py --out={data_dir}") from None
         self.meta = meta
+        self.data_dir = data_dir
         self.block_size = block_size
         self.tokens = {split: self._open(data_dir, split) for split in SPLITS}
 
@@ -39,6 +41,33 @@ class TokenData:
     def padded_vocab_size(self):
         """The vocabulary rounded up to a multiple of 64 (50257 -> 50304): faster matmuls on GPUs."""
         return (self.vocab_size + 63) // 64 * 64
+
+    @property
+    def tokenizer_record(self):
+        """meta.json's tokenizer entry as a dict; folders prepared before trained tokenizers say "gpt2"."""
+        record = self.meta.get("tokenizer", "gpt2")
+        return {"kind": record} if isinstance(record, str) else record
+
+    def load_tokenizer(self):
+        """The folder's tokenizer, checked against the sha256 meta.json recorded for it."""
+        record = self.tokenizer_record
+        try:
+            if record.get("kind") == "gpt2":
+                tokenizer = tok.GPT2Tokenizer()
+            else:
+                tokenizer = tok.read_tokenizer_file(os.path.join(self.data_dir, record.get("file", "tokenizer.json")))
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(f"{e}; rerun python prepare.py --out={self.data_dir}") from None
+        if record.get("sha256", tokenizer.sha256) != tokenizer.sha256 or tokenizer.n_vocab != self.vocab_size:
+            raise UserError(f"{self.data_dir}'s tokenizer is not the one its token files were made with "
+                            f"(sha256 or size differs from meta.json); rerun python prepare.py --out={self.data_dir}")
+        return tokenizer
+
+    def bytes_per_character(self, split):
+        """UTF-8 bytes per character of a split, each document's <|endoftext|> counted as one of each
+        (as the per-token byte table counts it): turns bits per byte into bits per character."""
+        s = self.meta["splits"][split]
+        return (s["bytes"] + s["documents"]) / (s["characters"] + s["documents"])
 
     def _open(self, data_dir, split):
         path = os.path.join(data_dir, f"{split}.bin")

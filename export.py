@@ -11,8 +11,9 @@ names, so the export is a copy with three differences handled here:
   computes exactly what our bias-free layers compute.
 - a padded vocabulary (50304 rows for 50257 tokens) is kept as is; generation_config.json
   suppresses the padding ids, as sample.py does with n_real_vocab.
-The tokenizer files (vocab.json, merges.txt, tokenizer.json) are rebuilt from tiktoken's GPT-2
-ranks, which tokenizer.py finds offline, so no model hub is needed.
+The tokenizer is the checkpoint's own: a trained BPE's tokenizer.json goes out through
+PreTrainedTokenizerFast; GPT-2's files (vocab.json, merges.txt, tokenizer.json) are rebuilt from
+tiktoken's GPT-2 ranks, which tokenizer.py finds offline. No model hub is needed either way.
 """
 import json
 import os
@@ -23,10 +24,9 @@ from functools import lru_cache
 import torch
 
 import checkpoint as ckpt
-from cli import UserError, run
+from cli import UserError, run, space_left
 from configurator import parse_args
-from output_folder import space_left
-from tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, find_gpt2_ranks, gpt2_encoding, load_ranks
+from tokenizer import EOT_TOKEN, bytes_to_unicode, find_gpt2_ranks, load_ranks
 
 DEFAULTS = dict(
     out_dir="out",
@@ -47,17 +47,6 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 SAMPLING = dict(do_sample=True, temperature=0.8, top_k=200)
 # Exercises the tokenizer's hard cases: contractions, digits, whitespace runs, Chinese, emoji.
 CHECK_TEXT = "Hello world, it's 2024!  滚滚长江东逝水，浪花淘尽英雄。 🙂\n\n\tend  "
-
-
-def bytes_to_unicode():
-    """GPT-2's map from each byte to a printable character, so that byte strings can be vocabulary
-    keys: printable Latin-1 bytes stand for themselves, the other 68 take the characters from
-    U+0100 on, in byte order (openai/gpt-2 encoder.py)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    table = {b: chr(b) for b in printable}
-    table.update({b: chr(256 + n) for n, b in enumerate(others)})
-    return table
 
 
 def merge_parts(ranks, token, rank):
@@ -95,7 +84,22 @@ def gpt2_vocab_and_merges():
     return vocab, merges
 
 
-def save_tokenizer(model_max_length, folder):
+def save_tokenizer(tokenizer, model_max_length, folder):
+    """The checkpoint's tokenizer as transformers files, so AutoTokenizer.from_pretrained(folder)
+    gives our ids. A trained BPE: its tokenizer.json through PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    if tokenizer.kind == "gpt2":
+        save_gpt2_tokenizer(model_max_length, folder)
+        return
+    eot = tokenizer.hf.id_to_token(tokenizer.eot_token)
+    hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=HFTokenizer.from_str(tokenizer.json_text),
+                                           model_max_length=model_max_length, bos_token=eot, eos_token=eot)
+    hf_tokenizer.save_pretrained(folder)
+
+
+def save_gpt2_tokenizer(model_max_length, folder):
     """GPT-2's tokenizer files: vocab.json and merges.txt from the ranks, then transformers' own
     files (tokenizer.json, tokenizer_config.json) by loading and saving them with GPT2TokenizerFast."""
     from transformers import GPT2TokenizerFast
@@ -109,7 +113,7 @@ def save_tokenizer(model_max_length, folder):
     hf_tokenizer.save_pretrained(folder)
 
 
-def gpt2_config(config):
+def gpt2_config(config, eot_token):
     """transformers' GPT2Config for our GPTConfig."""
     from transformers import GPT2Config
 
@@ -122,15 +126,15 @@ def gpt2_config(config):
         # The dropout the model was trained with: it does nothing in eval mode, and fine-tuning the
         # export with transformers then regularises as our training did.
         resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
-        bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN, tie_word_embeddings=True,
+        bos_token_id=eot_token, eos_token_id=eot_token, tie_word_embeddings=True,
     )
 
 
-def gpt2_lm_head_model(model):
+def gpt2_lm_head_model(model, tokenizer):
     """A transformers GPT2LMHeadModel computing what our GPT computes."""
     from transformers import GenerationConfig, GPT2LMHeadModel
 
-    hf_model = GPT2LMHeadModel(gpt2_config(model.config))
+    hf_model = GPT2LMHeadModel(gpt2_config(model.config, tokenizer.eot_token))
     ours = model.state_dict()
     copied = set()
     with torch.no_grad():
@@ -146,8 +150,8 @@ def gpt2_lm_head_model(model):
     left_over = set(ours) - copied - {"lm_head.weight"}
     assert not left_over, f"weights not exported: {sorted(left_over)[:3]}"
     hf_model.generation_config = GenerationConfig(
-        bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN, pad_token_id=EOT_TOKEN,
-        suppress_tokens=list(range(GPT2_VOCAB_SIZE, model.config.vocab_size)) or None, **SAMPLING,
+        bos_token_id=tokenizer.eot_token, eos_token_id=tokenizer.eot_token, pad_token_id=tokenizer.eot_token,
+        suppress_tokens=list(range(tokenizer.n_vocab, model.config.vocab_size)) or None, **SAMPLING,
     )
     return hf_model.eval()
 
@@ -168,15 +172,15 @@ def save_provenance(folder, checkpoint_path, checkpoint):
         json.dump(record, f, indent=2, ensure_ascii=False, default=str)
 
 
-def verify_export(model, folder):
-    """Load the folder as a user would and check it against our model and tiktoken. A mismatch is a
-    bug in this file, so it is loud, and the folder is never put in place."""
+def verify_export(model, tokenizer, folder):
+    """Load the folder as a user would and check it against our model and tokenizer. A mismatch is
+    a bug in this file, so it is loud, and the folder is never put in place."""
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
     assert os.path.isfile(os.path.join(folder, "model.safetensors")), "save_pretrained wrote no model.safetensors"
-    ids = gpt2_encoding().encode(CHECK_TEXT)
+    ids = tokenizer.encode(CHECK_TEXT)
     hf_ids = AutoTokenizer.from_pretrained(folder)(CHECK_TEXT)["input_ids"]
-    assert hf_ids == ids, f"exported tokenizer gives {hf_ids}, tiktoken gives {ids}"
+    assert hf_ids == ids, f"exported tokenizer gives {hf_ids}, ours gives {ids}"
     hf_model = GPT2LMHeadModel.from_pretrained(folder).eval()
     idx = torch.tensor([ids[:model.config.block_size]])
     with torch.no_grad():
@@ -262,13 +266,10 @@ def main():
     checkpoint = ckpt.load(checkpoint_path)
     model = ckpt.model_from(checkpoint)
     model.eval()
-    if model.config.vocab_size < GPT2_VOCAB_SIZE:
-        raise UserError(f"the model's vocabulary has {model.config.vocab_size} rows, fewer than GPT-2's "
-                        f"{GPT2_VOCAB_SIZE} tokens; it was not trained with the GPT-2 tokenizer")
-    try:
-        gpt2_encoding()  # raises with the install hint when the ranks are missing
-    except (OSError, ValueError) as e:
-        raise UserError(f"GPT-2 tokenizer ranks unavailable: {e}") from None
+    tokenizer = ckpt.tokenizer_of(checkpoint)
+    if model.config.vocab_size < tokenizer.n_vocab:
+        raise UserError(f"the model's vocabulary has {model.config.vocab_size} rows, fewer than its tokenizer's "
+                        f"{tokenizer.n_vocab} tokens; the checkpoint is damaged or was edited")
     try:
         import transformers
     except ImportError:
@@ -278,10 +279,10 @@ def main():
     transformers.logging.disable_progress_bar()
 
     def write(folder):
-        gpt2_lm_head_model(model).save_pretrained(folder)
-        save_tokenizer(model.config.block_size, folder)
+        gpt2_lm_head_model(model, tokenizer).save_pretrained(folder)
+        save_tokenizer(tokenizer, model.config.block_size, folder)
         save_provenance(folder, checkpoint_path, checkpoint)
-        verify_export(model, folder)
+        verify_export(model, tokenizer, folder)
 
     try:
         write_folder_atomically(export_dir, write)

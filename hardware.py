@@ -46,11 +46,14 @@ def pick_device(requested):
 
 
 def pick_dtype(requested, device):
-    """'auto' -> bfloat16 on GPUs that support it, float16 on older CUDA GPUs, else float32."""
+    """'auto' -> bfloat16 on GPUs that support it, float16 on older CUDA GPUs, bfloat16 on CPUs that
+    multiply it natively (AVX512_BF16, AMX: faster than float32 there, measured in bench.py), else float32."""
     if requested == "auto":
         if device.startswith("cuda"):
             # a T4 (sm 7.5) only emulates bfloat16, slowly; by default the check counts emulation as support
             return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
+        if device == "cpu" and cpu_has_bf16_matmul():
+            return "bfloat16"
         return "float32"
     if requested not in DTYPES:
         raise UserError(f"unknown --dtype={requested}; use float32, bfloat16, float16 or auto")
@@ -115,6 +118,11 @@ def cpu_peak_flops(dtype, cpuinfo_path="/proc/cpuinfo"):
 def cpu_has_bf16_matmul(cpuinfo_path="/proc/cpuinfo"):
     """Whether the CPU multiplies bf16 natively (AVX512_BF16 or AMX); without, bf16 autocast is slower than fp32."""
     return bool(_cpu_flags(_read_cpuinfo(cpuinfo_path)) & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_flags(cpuinfo_path="/proc/cpuinfo"):
+    """The CPU's feature flags (avx2, avx512f, avx512_bf16, amx_bf16, ...); empty where unknown."""
+    return _cpu_flags(_read_cpuinfo(cpuinfo_path))
 
 
 def _read_cpuinfo(path):

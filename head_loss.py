@@ -72,25 +72,37 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss_sum += ((lse - target_logit) * chunk_valid).sum()
             if not need_grad:
                 continue
-            # d(loss)/d(logits) = (softmax - onehot) * valid / n_valid = (exp - sum * onehot) * scale per row,
-            # scale = valid / (sum * n_valid). The scale goes on the small (rows, C) operands and results
-            # instead of the chunk: two fewer passes over rows x vocab (~16 ms a step on the tiny config's CPU).
+            # d(loss)/d(logits) = (softmax - onehot) * valid / n_valid = (exp - sum * onehot) * row_scale / n_valid,
+            # row_scale = valid / sum. The 1/n_valid (~1e-4) waits for backward, where it multiplies the
+            # (small) results with grad_loss: it is below float16's resolution on anything this size.
             probs.scatter_add_(1, chunk_targets, -row_sum)
-            row_scale = chunk_valid.to(acc_dtype).unsqueeze(1) / (row_sum * n_valid)
-            probs_c = probs.to(compute_dtype)
-            grad_hidden[rows] = (probs_c @ weight_c) * row_scale
-            grad_weight += probs_c.t() @ (hidden_c[rows] * row_scale).to(compute_dtype)
+            row_scale = chunk_valid.to(acc_dtype).unsqueeze(1) / row_sum
+            if compute_dtype == torch.float16:
+                # float16 tops out at 65504 and loses ~1/vocab (row_scale on a flat softmax) to its
+                # subnormals: scale the chunk into softmax - onehot, in [-1, 1], as it is cast. On CUDA the
+                # multiply writes the float16 copy directly, so it costs what the plain cast did.
+                probs_c = torch.mul(probs, row_scale, out=torch.empty_like(probs, dtype=compute_dtype))
+                grad_hidden[rows] = probs_c @ weight_c
+                grad_weight += probs_c.t() @ hidden_c[rows]
+            else:
+                # float32 and bfloat16 have the range: the scale goes on the small (rows, C) operands and
+                # results instead of the chunk, two fewer passes over rows x vocab (~16 ms a step on the tiny
+                # config's CPU).
+                probs_c = probs.to(compute_dtype)
+                grad_hidden[rows] = (probs_c @ weight_c) * row_scale
+                grad_weight += probs_c.t() @ (hidden_c[rows] * row_scale).to(compute_dtype)
         if need_grad:
-            ctx.save_for_backward(grad_hidden, grad_weight)
+            ctx.save_for_backward(grad_hidden, grad_weight, n_valid)
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         ctx.mark_non_differentiable(targets)
         return loss_sum / n_valid, targets
 
     @staticmethod
     def backward(ctx, grad_loss, grad_targets):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        grad_hidden = (grad_hidden * grad_loss).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
-        grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        grad_hidden, grad_weight, n_valid = ctx.saved_tensors
+        scale = grad_loss / n_valid  # float32: the GradScaler's factor and the mean's 1/n_valid meet here
+        grad_hidden = (grad_hidden * scale).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = (grad_weight * scale).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 

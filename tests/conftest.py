@@ -63,7 +63,19 @@ def tiny_data(tmp_path_factory):
     corpus = root / "corpus.txt"
     corpus.write_text("\n".join(tiny_documents(400)) + "\n", encoding="utf-8")
     out = root / "data"
-    result = run_script("prepare.py", f"--input={corpus}", f"--out={out}", "--min_val_docs=40")
+    result = run_script("prepare.py", f"--input={corpus}", f"--out={out}", "--min_val_docs=40", "--tokenizer=gpt2")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bpe_data(tmp_path_factory):
+    """The same documents with a byte-level BPE of 300 tokens trained on their train split."""
+    root = tmp_path_factory.mktemp("tiny_bpe_data")
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(tiny_documents(400)) + "\n", encoding="utf-8")
+    out = root / "data"
+    result = run_script("prepare.py", f"--input={corpus}", f"--out={out}", "--min_val_docs=40", "--vocab_size=300")
     assert result.returncode == 0, result.stderr
     return out
 

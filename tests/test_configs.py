@@ -20,7 +20,7 @@ def test_config_loads_and_is_valid(path):
     assert cfg["optimizer"] in ("adamw", "sophiag", "muon")
 
 
-@pytest.mark.parametrize("path", [p for p in CONFIGS if "tiny_zh.py" in p or "gpt2" in p or "cpu" in p], ids=os.path.basename)
+@pytest.mark.parametrize("path", [p for p in CONFIGS if "tiny_zh.py" in p or "gpt2" in p or "cpu" in p or "speedrun" in p], ids=os.path.basename)
 def test_tokens_per_step_comment_matches_the_settings(path):
     cfg = parse_args(train.DEFAULTS, [path])
     with open(path, encoding="utf-8") as f:

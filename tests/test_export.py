@@ -18,7 +18,8 @@ import cli  # noqa: E402
 import export  # noqa: E402
 from conftest import assert_one_line_error  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2_encoding  # noqa: E402
+from conftest import tiny_documents  # noqa: E402
+from tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, GPT2Tokenizer, gpt2_encoding, train_bpe  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -33,18 +34,18 @@ TEXTS = [
 ]
 
 
-def write_checkpoint(out_dir, bias, seed=0):
+def write_checkpoint(out_dir, bias, seed=0, tokenizer=None, vocab_size=TINY["vocab_size"]):
     """A tiny model with every parameter random (biases and LayerNorm weights too, so a weight
     exported to the wrong place shows in the logits), saved as train.py saves it."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(**TINY, bias=bias))
+    model = GPT(GPTConfig(**TINY | {"vocab_size": vocab_size}, bias=bias))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
     optimizer = torch.optim.AdamW(model.parameters())
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    state = ckpt.training_state(model, optimizer, scaler, dict(TINY, bias=bias), 2, 9.9, {"bias": bias},
-                                torch.Generator().manual_seed(0))
+    state = ckpt.training_state(model, optimizer, scaler, dict(TINY, bias=bias, vocab_size=vocab_size), 2, 9.9,
+                                {"bias": bias}, torch.Generator().manual_seed(0), tokenizer or GPT2Tokenizer())
     os.makedirs(out_dir, exist_ok=True)
     ckpt.save(state, os.path.join(out_dir, ckpt.FILENAME))
     return model.eval()
@@ -154,6 +155,27 @@ def test_pipeline_generates_offline(exports, offline):
     prompt = "长江"  # 6 tokens: with 8 new ones, within the tiny model's 16 positions
     text = generator(prompt, max_new_tokens=8, do_sample=False)[0]["generated_text"]
     assert text.startswith(prompt) and len(text) > len(prompt)
+
+
+def test_trained_tokenizer_exports_with_our_ids_and_generates_offline(tmp_path, offline):
+    from transformers import AutoTokenizer, pipeline
+
+    bpe = train_bpe(tiny_documents(300), 300)
+    write_checkpoint(tmp_path / "run", bias=False, tokenizer=bpe, vocab_size=320)  # padded like train.py's
+    status = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), f"--out_dir={tmp_path / 'run'}",
+                             f"--export_dir={tmp_path / 'hf'}"], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert status.returncode == 0, status.stderr
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in TEXTS[:5] + ["滚滚长江东逝水\n\t浪花淘尽英雄"]:
+        assert hf_tokenizer(text)["input_ids"] == bpe.encode(text), text
+    assert hf_tokenizer.eos_token_id == bpe.eot_token == 0
+    generator = pipeline("text-generation", model=str(tmp_path / "hf"))
+    text = generator("长江", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert text.startswith("长江")
+    # and sample.py reads the folder back with the same tokenizer
+    loaded = ckpt.pretrained_tokenizer(str(tmp_path / "hf"))
+    assert loaded.token_bytes == bpe.token_bytes and loaded.eot_token == bpe.eot_token
 
 
 def test_generation_never_picks_padding_tokens(exports, offline):

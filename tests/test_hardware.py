@@ -41,4 +41,10 @@ def test_absent_devices_are_user_errors():
             hardware.pick_device("cuda")
     with pytest.raises(UserError, match="unknown --device=tpu"):
         hardware.pick_device("tpu")
-    assert hardware.pick_dtype("auto", "cpu") == "float32"
+
+
+@pytest.mark.parametrize("native_bf16, expected", [(True, "bfloat16"), (False, "float32")])
+def test_auto_dtype_on_a_cpu_is_bfloat16_only_where_it_is_native(monkeypatch, native_bf16, expected):
+    monkeypatch.setattr(hardware, "cpu_has_bf16_matmul", lambda: native_bf16)
+    assert hardware.pick_dtype("auto", "cpu") == expected
+    assert hardware.pick_dtype("auto", "mps") == "float32"

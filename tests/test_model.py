@@ -172,3 +172,24 @@ def test_sampled_label_loss_is_the_cross_entropy_of_its_own_labels(vocab_rows):
     torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(hidden.grad, h_ref.grad, rtol=1e-8, atol=1e-12)
     torch.testing.assert_close(weight.grad, w_ref.grad, rtol=1e-8, atol=1e-12)
+
+
+def test_the_plain_reference_loss_path_gives_the_chunked_loss_and_gradients():
+    """--chunked_head_loss=False (nanoGPT's full logits + F.cross_entropy) and the chunked head loss
+    are the same function: the flag changes speed and memory only."""
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=128, dropout=0.0)
+    x = torch.randint(0, 128, (3, 8), generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 128, (3, 8), generator=torch.Generator().manual_seed(1))
+    y[0, :2] = -1  # ignored positions, as both paths must skip them
+    results = []
+    for chunked in (True, False):
+        torch.manual_seed(0)
+        model = GPT(config)
+        model.chunked_head_loss = chunked
+        _, loss = model(x, y)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -171,3 +171,26 @@ def test_bad_input_is_one_line_and_exit_status_2(tmp_path, case):
         result, words = run_script("logs/plot_loss.py", path, "--label=AdamW", out), ("--label=AdamW", "RUN=NAME")
     assert_user_error(result, *words)
     assert not (tmp_path / "loss.png").exists()
+
+
+def test_bits_per_character_on_the_y_axis(tmp_path):
+    path = write_metrics(tmp_path / "run")
+    with open(path, encoding="utf-8") as f:
+        events = [json.loads(line) for line in f]
+    for number, event in enumerate(e for e in events if e["event"] == "eval"):
+        event.update(train_bpc=7.0 - number, val_bpc=7.5 - number)
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(e) + "\n" for e in events)
+    run = plot_loss.parse_metrics_jsonl(path, y="bpc")
+    assert run.val.steps.tolist() == [0, 20] and run.val.loss.tolist() == [7.5, 6.5]
+    assert run.train.steps.tolist() == [0, 20] and run.train.loss.tolist() == [7.0, 6.0]  # the evaluations' train split
+    out = tmp_path / "bpc.png"
+    result = run_script("logs/plot_loss.py", str(tmp_path / "run"), f"--out={out}", "--y=bpc")
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_bits_per_character_of_an_older_log_is_one_line(tmp_path):
+    write_metrics(tmp_path / "run")  # evaluations without val_bpc, as before bits per character
+    assert_user_error(run_script("logs/plot_loss.py", str(tmp_path / "run"), f"--out={tmp_path / 'x.png'}", "--y=bpc"),
+                      "no bits per character")

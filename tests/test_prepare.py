@@ -1,27 +1,42 @@
+import gzip
 import json
 import os
-import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
 import prepare
-from conftest import assert_user_error, run_script, tiny_documents
-from tokenizer import EOT_TOKEN, gpt2_encoding
+from conftest import REPO, assert_one_line_error, assert_user_error, run_script, tiny_documents
+from data import TokenData
 
 
 def decoded_documents(bin_path):
+    """The documents of a split, decoded with the folder's own tokenizer (checked against meta.json)."""
+    tokenizer = TokenData(str(bin_path.parent), 1).load_tokenizer()
     tokens = np.fromfile(bin_path, dtype=np.uint16).tolist()
-    encoding = gpt2_encoding()
     docs, current = [], []
     for t in tokens:
-        if t == EOT_TOKEN:
-            docs.append(encoding.decode(current))
+        if t == tokenizer.eot_token:
+            docs.append(tokenizer.decode_bytes(current).decode("utf-8"))
             current = []
         else:
             current.append(t)
     assert current == [], "every document ends with <|endoftext|>"
     return docs
+
+
+def default_split(n_docs, min_val_docs=prepare.DEFAULTS["min_val_docs"]):
+    defaults = prepare.DEFAULTS
+    return prepare.DocumentSplit(n_docs, defaults["val_fraction"], min_val_docs, defaults["seed"])
+
+
+def val_indices(split, n_docs):
+    return [i for i in range(n_docs) if split.is_val(i)]
 
 
 def prepare_ok(*args):
@@ -30,18 +45,17 @@ def prepare_ok(*args):
     return result
 
 
-def test_decoding_the_splits_gives_back_exactly_the_documents(tmp_path):
-    docs = tiny_documents(300, seed=1)
+@pytest.mark.parametrize("tokenizer", ["gpt2", "bpe"])
+def test_decoding_the_splits_gives_back_exactly_the_documents(tmp_path, tokenizer):
+    docs = [f"  {d}\u3000 \t" for d in tiny_documents(300, seed=1)]  # the blanks around each line are its own
     source = tmp_path / "in.txt"
-    # blank lines and stray whitespace are not documents
-    source.write_text("\n\n".join(f"  {d}\u3000 " for d in docs) + "\n", encoding="utf-8")
+    source.write_text("\n \n".join(docs) + "\r\n", encoding="utf-8")  # blank lines are not documents
     out = tmp_path / "out"
-    prepare_ok(f"--input={source}", f"--out={out}")
+    prepare_ok(f"--input={source}", f"--out={out}", f"--tokenizer={tokenizer}", "--vocab_size=300")
     train, val = decoded_documents(out / "train.bin"), decoded_documents(out / "val.bin")
-    defaults = prepare.DEFAULTS
-    train_idx, val_idx = prepare.split_documents(len(docs), defaults["val_fraction"], defaults["min_val_docs"], defaults["seed"])
-    assert train == [docs[i] for i in train_idx]
-    assert val == [docs[i] for i in val_idx]
+    split = default_split(len(docs))
+    assert train == [d for i, d in enumerate(docs) if not split.is_val(i)]
+    assert val == [d for i, d in enumerate(docs) if split.is_val(i)]
 
 
 def test_meta_counts_match_the_files(tmp_path):
@@ -49,9 +63,10 @@ def test_meta_counts_match_the_files(tmp_path):
     source = tmp_path / "in.txt"
     source.write_text("\n".join(docs), encoding="utf-8")
     out = tmp_path / "out"
-    prepare_ok(f"--input={source}", f"--out={out}")
+    prepare_ok(f"--input={source}", f"--out={out}", "--vocab_size=300")
     meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
-    assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257 and meta["dtype"] == "uint16"
+    assert meta["tokenizer"]["kind"] == "bpe" and meta["vocab_size"] == meta["tokenizer"]["vocab_size"] == 300
+    assert meta["tokenizer"]["file"] == "tokenizer.json" and meta["dtype"] == "uint16"
     for split in ("train", "val"):
         split_docs = decoded_documents(out / f"{split}.bin")
         counts = meta["splits"][split]
@@ -62,38 +77,29 @@ def test_meta_counts_match_the_files(tmp_path):
 
 
 def test_split_is_by_document_and_deterministic_for_a_seed():
-    a = prepare.split_documents(1000, 0.005, 200, seed=7)
-    b = prepare.split_documents(1000, 0.005, 200, seed=7)
-    c = prepare.split_documents(1000, 0.005, 200, seed=8)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not np.array_equal(a[1], c[1])
-    train, val = a
-    assert len(val) == 200 and len(train) == 800 and not set(train) & set(val)
+    a = val_indices(prepare.DocumentSplit(1000, 0.005, 200, seed=7), 1000)
+    b = val_indices(prepare.DocumentSplit(1000, 0.005, 200, seed=7), 1000)
+    c = val_indices(prepare.DocumentSplit(1000, 0.005, 200, seed=8), 1000)
+    assert a == b and a != c
+    assert len(a) == 200  # topped up to --min_val_docs
+
+
+def test_split_of_a_large_corpus_decides_each_document_by_its_position_alone():
+    """Past the top-up, a document's side does not depend on how long the corpus is: a streamed
+    corpus needs no look-ahead, and appending documents never moves earlier ones."""
+    longer = prepare.DocumentSplit(200_000, 0.005, 200, seed=3)
+    shorter = prepare.DocumentSplit(100_000, 0.005, 200, seed=3)
+    assert longer.cutoff is None and shorter.cutoff is None
+    assert val_indices(shorter, 100_000) == [i for i in val_indices(longer, 200_000) if i < 100_000]
+    positions = val_indices(longer, 200_000)
+    assert positions[0] < 2000 and positions[-1] > 198_000  # spread over the whole corpus, not a block
 
 
 def test_validation_set_is_never_tiny():
-    assert len(prepare.split_documents(100_000, 0.005, 200, seed=0)[1]) == 500  # 0.5% of documents
-    assert len(prepare.split_documents(10_000, 0.005, 200, seed=0)[1]) == 200  # at least 200
-    assert len(prepare.split_documents(100, 0.005, 200, seed=0)[1]) == 50  # at most half a small corpus
-
-
-def test_jsonl_and_folders_are_read(tmp_path):
-    folder = tmp_path / "corpus"
-    (folder / "sub").mkdir(parents=True)
-    (folder / "a.txt").write_text("第一篇\n第二篇\n", encoding="utf-8")
-    (folder / "sub" / "b.jsonl").write_text(
-        json.dumps({"text": "第三篇"}, ensure_ascii=False) + "\n" + json.dumps({"text": "第四篇"}, ensure_ascii=False) + "\n",
-        encoding="utf-8")
-    (folder / "ignored.csv").write_text("x,y\n", encoding="utf-8")
-    assert prepare.input_documents(str(folder), "text") == ["第一篇", "第二篇", "第三篇", "第四篇"]
-
-
-def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
-    """U+2028, U+2029 and U+0085 are legal inside a JSON string; only "\\n" ends a JSONL record."""
-    texts = ["第一行\u2028第二行", "段落\u2029段落", "下一行\x85字符"]
-    source = tmp_path / "a.jsonl"
-    source.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
-    assert prepare.input_documents(str(source), "text") == [prepare.normalise(t) for t in texts]
+    assert 450 <= len(val_indices(prepare.DocumentSplit(100_000, 0.005, 200, seed=0), 100_000)) <= 550  # ~0.5%
+    assert len(val_indices(prepare.DocumentSplit(10_000, 0.005, 200, seed=0), 10_000)) == 200  # at least 200
+    assert len(val_indices(prepare.DocumentSplit(100, 0.005, 200, seed=0), 100)) == 50  # at most half a small corpus
+    assert len(val_indices(prepare.DocumentSplit(3, 0.99999, 200, seed=0), 3)) == 2  # and one document stays in train
 
 
 def test_hugging_face_dataset_from_a_local_folder(tmp_path):
@@ -103,27 +109,33 @@ def test_hugging_face_dataset_from_a_local_folder(tmp_path):
     docs = tiny_documents(60, seed=3)
     (folder / "train.jsonl").write_text("\n".join(json.dumps({"text": d}, ensure_ascii=False) for d in docs), encoding="utf-8")
     out = tmp_path / "out"
-    prepare_ok(f"--hf_dataset={folder}", f"--out={out}")
+    prepare_ok(f"--hf_dataset={folder}", f"--out={out}", "--tokenizer=gpt2")
     assert sorted(decoded_documents(out / "train.bin") + decoded_documents(out / "val.bin")) == sorted(docs)
 
 
-def test_people_daily_tags_are_removed():
-    assert prepare.untag_people_daily_line("迈向/v  充满/v  希望/n  的/u  新/a  世纪/n  ——/w") == "迈向充满希望的新世纪——"
-    assert prepare.untag_people_daily_line("ＡＰＥＣ/nx  会议/n  Windows/nx  98/m") == "ＡＰＥＣ会议Windows 98"
+def test_documents_keep_their_whitespace_exactly(tmp_path):
+    poem = "静夜思\n\n\t床前明月光，\u3000疑是地上霜。\n  举头望明月，  低头思故乡。"
+    docs = [poem, "a  b\tc", *tiny_documents(40, seed=4)]
+    source = tmp_path / "in.jsonl"
+    lines = [json.dumps({"text": "\ufeff\n \n" + poem + "\r\n\n"}, ensure_ascii=False)]  # only the ends are blank
+    lines += [json.dumps({"text": d}, ensure_ascii=False) for d in docs[1:]]
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    prepare_ok(f"--input={source}", f"--out={out}", "--vocab_size=300", "--min_val_docs=20")
+    assert sorted(decoded_documents(out / "train.bin") + decoded_documents(out / "val.bin")) == sorted(docs)
 
 
-def test_default_corpus_has_no_tag_debris():
-    people_daily = prepare.people_daily_documents()
-    sanguo = prepare.sanguo_documents()
-    assert len(people_daily) > 19_000 and len(sanguo) > 1_500
-    tag = re.compile(r"/[A-Za-z]{1,3}(\s|$)")
-    assert not [d for d in people_daily if tag.search(d)][:3]
-    assert sanguo[0].startswith("第一回") and all("\u3000" not in d and "\t" not in d for d in sanguo)
+def test_same_corpus_with_two_tokenizers_gets_two_folders():
+    cfg = dict(prepare.DEFAULTS)
+    assert prepare.default_out("zh_default", cfg) == os.path.join("data", "zh_default")
+    assert prepare.default_out("zh_default", cfg | {"tokenizer": "gpt2"}) == os.path.join("data", "zh_default_gpt2")
+    assert prepare.default_out("zh_default", cfg | {"vocab_size": 4096}) == os.path.join("data", "zh_default_bpe4096")
 
 
 @pytest.mark.parametrize("content, words", [
     ("", ["no text"]),
     ("\n \n\u3000\n", ["no text"]),
+    ("甲乙\n丙丁\n", ["--vocab_size=8192 is too large for this corpus"]),
 ])
 def test_empty_input_is_an_error_and_writes_nothing(tmp_path, content, words):
     source = tmp_path / "empty.txt"
@@ -143,3 +155,314 @@ def test_non_utf8_input_is_an_error_and_writes_nothing(tmp_path):
 
 def test_missing_input_is_an_error(tmp_path):
     assert_user_error(run_script("prepare.py", f"--input={tmp_path / 'nope.txt'}"), "not found")
+
+
+def test_trained_tokenizer_learns_from_the_whole_train_split_of_a_corpus_that_fits(tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(tiny_documents(250, seed=16)), encoding="utf-8")
+    out = tmp_path / "out"
+    prepare_ok(f"--input={source}", f"--out={out}", "--vocab_size=300")
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    train = meta["splits"]["train"]
+    assert meta["tokenizer"]["trained_on"] == dict(documents=train["documents"], characters=train["characters"])
+    # the sample is drawn before the split is known, so it loses its val documents (~2% here)
+    prepare_ok(f"--input={source}", f"--out={out}", "--vocab_size=300", "--tokenizer_sample_chars=2000", "--min_val_docs=5")
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    assert 1800 <= meta["tokenizer"]["trained_on"]["characters"] <= 2000
+
+
+def unique_documents(n, seed):
+    return [f"{doc}{i}" for i, doc in enumerate(tiny_documents(n, seed))]
+
+
+def test_tokenizer_sample_is_bounded_seeded_and_in_corpus_order():
+    docs = unique_documents(2000, seed=15)
+
+    def sample(max_chars, seed, keep=lambda index: True):
+        taken = prepare.TokenizerSample(max_chars, seed)
+        for i, doc in enumerate(docs):
+            taken.offer(i, doc)
+            assert taken.chars <= max_chars  # bounded at every step, not just at the end
+        return taken.documents(keep)
+
+    assert sample(10**9, seed=1) == docs  # a corpus that fits is taken whole, in order
+    some = sample(5000, seed=1)
+    assert 5000 - max(map(len, docs)) < sum(map(len, some)) <= 5000
+    positions = [docs.index(doc) for doc in some]
+    assert positions == sorted(positions) and positions[-1] > 1000  # in corpus order, drawn from all of it
+    assert sample(5000, seed=1) == some and sample(5000, seed=2) != some
+    assert sample(5000, seed=1, keep=lambda index: index % 2 == 0) == [d for d in some if docs.index(d) % 2 == 0]
+
+
+# ---- many processes, many sources: the same bytes ----
+
+def folder_bytes(folder):
+    """{file name: bytes} of everything in a folder."""
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("tokenizer", ["gpt2", "bpe"])
+def test_one_and_two_processes_write_the_same_bytes(tmp_path, tokenizer):
+    docs = tiny_documents(2 * prepare.CHUNK_DOCS + 500, seed=11)  # three chunks through the workers
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(docs), encoding="utf-8")
+    outputs = []
+    for num_proc in (1, 2):
+        out = tmp_path / f"out{num_proc}"
+        prepare_ok(f"--input={source}", f"--out={out}", f"--tokenizer={tokenizer}", "--vocab_size=300", f"--num_proc={num_proc}")
+        outputs.append(folder_bytes(out))
+    assert outputs[0] == outputs[1]
+    assert set(outputs[0]) == {"train.bin", "val.bin", "meta.json"} | ({"tokenizer.json"} if tokenizer == "bpe" else set())
+    split = default_split(len(docs))
+    assert decoded_documents(tmp_path / "out2" / "train.bin") == [d for i, d in enumerate(docs) if not split.is_val(i)]
+
+
+def test_jsonl_gz_and_parquet_give_the_tokens_of_plain_text(tmp_path):
+    pyarrow = pytest.importorskip("pyarrow", reason="pyarrow comes with datasets (requirements-test.txt)")
+    import pyarrow.parquet
+    docs = tiny_documents(300, seed=13)
+    (tmp_path / "in.txt").write_text("\n".join(docs), encoding="utf-8")
+    with gzip.open(tmp_path / "in.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
+    pyarrow.parquet.write_table(pyarrow.table({"text": docs}), tmp_path / "in.parquet", row_group_size=64)
+    tokens = []
+    for name in ("in.txt", "in.jsonl.gz", "in.parquet"):
+        out = tmp_path / f"out_{name}"
+        prepare_ok(f"--input={tmp_path / name}", f"--out={out}", "--tokenizer=gpt2", "--num_proc=1")
+        tokens.append(((out / "train.bin").read_bytes(), (out / "val.bin").read_bytes()))
+    assert tokens[0] == tokens[1] == tokens[2]
+
+
+def test_hugging_face_streamed_and_not_write_the_same_bytes(tmp_path):
+    pytest.importorskip("datasets", reason="datasets is in requirements-test.txt")
+    folder = tmp_path / "hf_corpus"
+    folder.mkdir()
+    docs = tiny_documents(1500, seed=12)
+    (folder / "train.jsonl").write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    prepare_ok(f"--hf_dataset={folder}", f"--out={tmp_path / 'stored'}", "--tokenizer=gpt2", "--num_proc=2")
+    prepare_ok(f"--hf_dataset={folder}", f"--out={tmp_path / 'streamed'}", "--tokenizer=gpt2", "--num_proc=1", "--hf_streaming=True")
+    assert folder_bytes(tmp_path / "stored") == folder_bytes(tmp_path / "streamed")
+    split = default_split(len(docs))
+    assert decoded_documents(tmp_path / "streamed" / "val.bin") == [d for i, d in enumerate(docs) if split.is_val(i)]
+
+
+# ---- interrupted runs, two runs at once ----
+
+PAUSED_PREPARE = """
+import os, sys, time
+import cli, prepare
+append_chunk = prepare.append_chunk
+def append_then_pause(*args):
+    append_chunk(*args)
+    open(os.environ["PAUSED_FLAG"], "w").close()  # one chunk written: the run is mid-way
+    time.sleep(3600)
+prepare.append_chunk = append_then_pause
+sys.argv[0] = "prepare.py"
+cli.run(prepare.main)
+"""
+
+
+def start_paused_prepare(flag, *args):
+    """A real prepare.py run that stops after appending its first chunk of tokens until it is
+    killed, so that a test stops it mid-way without racing it."""
+    env = dict(os.environ, PYTHONPATH=REPO, PAUSED_FLAG=str(flag), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED_PREPARE, *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(6000):
+        if flag.exists() or proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert flag.exists(), proc.communicate(timeout=60)
+    return proc
+
+
+def child_pids(pid):
+    path = f"/proc/{pid}/task/{pid}/children"
+    with open(path) as f:
+        return [int(p) for p in f.read().split()]
+
+
+def is_running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def corpus_file(path, n_docs, seed):
+    path.write_text("\n".join(tiny_documents(n_docs, seed=seed)), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("sig, returncode", [(signal.SIGINT, 130), (signal.SIGTERM, 130), (signal.SIGKILL, -9)])
+def test_a_run_stopped_mid_way_leaves_the_previous_folder_as_it_was(tmp_path, sig, returncode):
+    out = tmp_path / "data"
+    prepare_ok(f"--input={corpus_file(tmp_path / 'old.txt', 100, seed=1)}", f"--out={out}", "--tokenizer=gpt2")
+    before = folder_bytes(out)
+    new = corpus_file(tmp_path / "new.txt", 3 * prepare.CHUNK_DOCS, seed=2)
+    proc = start_paused_prepare(tmp_path / "flag", f"--input={new}", f"--out={out}", "--tokenizer=gpt2", "--num_proc=2")
+    stage = tmp_path / f".data.new-{proc.pid}"
+    assert (stage / "train.bin").stat().st_size > 0  # stopped mid-way: tokens were being written
+    workers = child_pids(proc.pid) if os.path.exists(f"/proc/{proc.pid}/task") else []
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == returncode, stderr
+    assert folder_bytes(out) == before
+    if sig != signal.SIGKILL:
+        assert stderr.strip().splitlines()[-1] == "prepare.py: interrupted" and "Traceback" not in stderr
+        assert not stage.exists()
+    else:
+        assert stage.exists()  # nothing can clean up after kill -9 ...
+        prepare_ok(f"--input={new}", f"--out={out}", "--tokenizer=gpt2")  # ... so the next run does
+        assert not stage.exists() and folder_bytes(out) != before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".data.lock"]
+    for _ in range(1200):  # the workers end with their parent, however it ends
+        if not any(map(is_running, workers)):
+            break
+        time.sleep(0.05)
+    assert not any(map(is_running, workers))
+
+
+def test_a_second_run_on_the_same_folder_is_refused_while_the_first_runs(tmp_path):
+    out = tmp_path / "data"
+    source = corpus_file(tmp_path / "in.txt", 2 * prepare.CHUNK_DOCS, seed=3)
+    first = start_paused_prepare(tmp_path / "flag", f"--input={source}", f"--out={out}", "--tokenizer=gpt2", "--num_proc=1")
+    try:
+        second = run_script("prepare.py", f"--input={source}", f"--out={out}", "--tokenizer=gpt2")
+        assert_user_error(second, "is being written by another prepare.py", f"pid {first.pid}")
+    finally:
+        first.kill()
+        first.communicate(timeout=60)
+    prepare_ok(f"--input={source}", f"--out={out}", "--tokenizer=gpt2")  # the lock died with its holder
+    assert (out / "meta.json").exists()
+
+
+# ---- output folders that cannot be used ----
+
+@pytest.mark.parametrize("case", ["empty", "a file", "a folder of other files"])
+def test_an_unusable_out_is_one_line_and_touches_nothing(tmp_path, case):
+    source = corpus_file(tmp_path / "in.txt", 50, seed=4)
+    target = tmp_path / "target"
+    if case == "a file":
+        target.write_text("keep me", encoding="utf-8")
+    elif case == "a folder of other files":
+        target.mkdir()
+        (target / "notes.txt").write_text("keep me", encoding="utf-8")
+    flag, words = {"empty": ("--out=", ["--out= is empty"]),
+                   "a file": (f"--out={target}", ["is a file, not a folder"]),
+                   "a folder of other files": (f"--out={target}", ["holds files prepare.py did not write (notes.txt)"])}[case]
+    listing = sorted(p.name for p in tmp_path.rglob("*"))
+    assert_user_error(run_script("prepare.py", f"--input={source}", flag, "--tokenizer=gpt2", cwd=tmp_path), *words)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == listing  # not even data/ or a lock file
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; the read-only filesystem test covers it")
+def test_an_unwritable_parent_is_one_line(tmp_path):
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        result = run_script("prepare.py", f"--input={corpus_file(tmp_path / 'in.txt', 50, seed=5)}",
+                            f"--out={parent / 'data'}", "--tokenizer=gpt2")
+        assert_user_error(result, "cannot write", "Permission denied")
+    finally:
+        parent.chmod(0o755)
+
+
+def run_on_small_filesystem(tmp_path, size, script):
+    """Run a shell script with $MNT a fresh tmpfs of `size`, in a private mount namespace, so the
+    mount is gone when it ends (Linux, root)."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare(1) to mount a small or read-only filesystem")
+    (tmp_path / "mnt").mkdir()
+    env = dict(os.environ, MNT=str(tmp_path / "mnt"), T=str(tmp_path), PY=sys.executable, OMP_NUM_THREADS="1")
+    full_script = f'mount -t tmpfs -o size={size} tmpfs "$MNT" || exit 99\ncd {REPO}\n{script}'
+    result = subprocess.run(["unshare", "-m", "sh", "-c", full_script], env=env, capture_output=True, text=True, timeout=600)
+    if result.returncode == 99:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    assert result.returncode == 0, result.stderr
+    return int((tmp_path / "rc").read_text()), (tmp_path / "err").read_text()
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("full", "No space left on device"),
+    ("read-only", "Read-only file system"),
+])
+def test_a_full_or_read_only_filesystem_is_one_line_and_keeps_the_old_folder(tmp_path, damage, words):
+    old = corpus_file(tmp_path / "old.txt", 30, seed=6)
+    new = corpus_file(tmp_path / "new.txt", 20_000, seed=7)  # ~1.6 MB of tokens: more than the 256 kB filesystem
+    run = '"$PY" prepare.py --tokenizer=gpt2 --num_proc=1 --out="$MNT/data"'
+    script = f"""
+        {run} --input={old} > /dev/null || exit 98
+        cp -r "$MNT/data" "$T/before"
+        {'mount -o remount,ro "$MNT"' if damage == "read-only" else ''}
+        {run} --input={new} 2> "$T/err"; echo $? > "$T/rc"
+        cp -r "$MNT/data" "$T/after"
+        ls -A "$MNT" > "$T/listing"
+    """
+    returncode, stderr = run_on_small_filesystem(tmp_path, "256k", script)
+    assert_one_line_error(returncode, stderr, "cannot write", words)
+    assert folder_bytes(tmp_path / "after") == folder_bytes(tmp_path / "before")
+    assert (tmp_path / "listing").read_text().split() == [".data.lock", "data"]
+
+
+# ---- bad input ----
+
+@pytest.mark.parametrize("damage", ["truncated", "not gzip", "flipped bytes"])
+def test_a_corrupt_gz_is_one_line_and_keeps_the_old_folder(tmp_path, damage):
+    out = tmp_path / "data"
+    prepare_ok(f"--input={corpus_file(tmp_path / 'old.txt', 50, seed=8)}", f"--out={out}", "--tokenizer=gpt2")
+    before = folder_bytes(out)
+    data = gzip.compress("\n".join(tiny_documents(3000, seed=9)).encode("utf-8"))
+    bad = {"truncated": data[:len(data) // 2], "not gzip": b"plain text\n",
+           "flipped bytes": data[:20] + bytes(b ^ 0xFF for b in data[20:36]) + data[36:]}[damage]
+    source = tmp_path / "bad.txt.gz"
+    source.write_bytes(bad)
+    assert_user_error(run_script("prepare.py", f"--input={source}", f"--out={out}", "--tokenizer=gpt2"),
+                      f"{source} is not a readable gzip file")
+    assert folder_bytes(out) == before
+
+
+def test_parquet_without_the_text_column_is_one_line(tmp_path):
+    pyarrow = pytest.importorskip("pyarrow", reason="pyarrow comes with datasets (requirements-test.txt)")
+    import pyarrow.parquet
+    source = tmp_path / "train.parquet"
+    pyarrow.parquet.write_table(pyarrow.table({"content": ["甲", "乙"]}), source)
+    out = tmp_path / "out"
+    assert_user_error(run_script("prepare.py", f"--input={source}", f"--out={out}"),
+                      f"{source} has no column 'text' (it has ['content']); set --text_field")
+    assert not out.exists()
+
+
+def test_a_line_that_is_not_utf8_is_named_or_with_skip_bad_docs_skipped(tmp_path):
+    docs = tiny_documents(5000, seed=14)
+    lines = [doc.encode("utf-8") for doc in docs]
+    lines[2999] = "第三千行".encode("gbk")
+    source = tmp_path / "big.txt"
+    source.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out"
+    assert_user_error(run_script("prepare.py", f"--input={source}", f"--out={out}", "--tokenizer=gpt2"),
+                      f"{source}:3000 is not UTF-8 text", "--skip_bad_docs=True")
+    assert not out.exists()
+    result = prepare_ok(f"--input={source}", f"--out={out}", "--tokenizer=gpt2", "--skip_bad_docs=True")
+    assert "skipped 1 lines that were not UTF-8 or not JSON" in result.stdout
+    assert json.loads((out / "meta.json").read_text(encoding="utf-8"))["skipped_lines"] == 1
+    kept = docs[:2999] + docs[3000:]
+    split = default_split(len(kept))
+    assert decoded_documents(out / "val.bin") == [d for i, d in enumerate(kept) if split.is_val(i)]
+
+
+def test_what_a_kill_9_left_beside_the_folder_is_cleaned_up_or_put_back(tmp_path):
+    from staged_folder import remove_stale_folders
+    out = tmp_path / "data"
+    old = tmp_path / ".data.old-123"  # killed between the two renames: the old folder is only here
+    old.mkdir()
+    (old / "meta.json").write_text("{}", encoding="utf-8")
+    (tmp_path / ".data.new-123").mkdir()  # killed while writing
+    remove_stale_folders(str(out))
+    assert (out / "meta.json").read_text(encoding="utf-8") == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    old.mkdir()  # with the folder in place, a leftover old one is only removed
+    remove_stale_folders(str(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"] and (out / "meta.json").exists()

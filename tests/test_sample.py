@@ -2,7 +2,7 @@ import pytest
 
 import sample
 from conftest import TINY_MODEL_ARGS, assert_user_error, run_script
-from tokenizer import gpt2_encoding
+from tokenizer import GPT2Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_same_seed_gives_the_same_samples_with_and_without_kv_cache(trained_run)
 
 
 def test_characters_split_across_tokens_decode_cleanly():
-    encoding = gpt2_encoding()
+    encoding = GPT2Tokenizer()
     text = "滚滚长江东逝水"
     ids = encoding.encode(text)
     assert any("\ufffd" in encoding.decode([t]) for t in ids)  # single tokens hold partial characters

@@ -1,0 +1,26 @@
+# Our default recipe for a laptop CPU: the best val bits per character we measured for a fixed
+# wall-clock budget on 2 cores (see the README's speedrun and tokenizer tables, written by
+# logs/speedrun.py). Give the budget on the command line:
+#   python train.py config/train_zh_speedrun.py --max_minutes=10
+# 16 batch * 128 block * 1 accumulation = 2,048 tokens (~2,800 characters) per step.
+out_dir = "out-zh"
+dataset = "zh_default"  # the 8,192-token BPE trained on the default corpus's train split
+n_layer = 4
+n_head = 4
+n_embd = 256
+block_size = 128
+batch_size = 16
+gradient_accumulation_steps = 1
+dropout = 0.0  # a few epochs at most in 10 minutes: nothing to regularise yet
+bias = False
+learning_rate = 3e-3
+min_lr = 3e-4
+warmup_iters = 100
+max_iters = 5000  # replaced by the horizon that --max_minutes measures
+lr_decay_iters = 5000
+eval_interval = 100000  # evaluate at the end only: evaluations spend the budget
+eval_iters = 20
+val_full_split = True  # val bits per character over the whole val split
+log_interval = 50
+device = "cpu"
+dtype = "auto"  # bfloat16 where the CPU multiplies it natively (AVX512_BF16, AMX), else float32

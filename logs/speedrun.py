@@ -1,0 +1,252 @@
+"""The 10-minute CPU speedrun, and the tokenizer table that picked our vocabulary, in bits per character.
+
+    python logs/speedrun.py                           # both tables (about 45 minutes on 2 cores)
+    python logs/speedrun.py --section=tokenizers      # only the tokenizer table
+    python logs/speedrun.py --section=speedrun --minutes=10
+
+tokenizers: the default recipe's model (config/train_zh_speedrun.py) trained for the same
+wall-clock budget on the default corpus tokenised four ways: GPT-2's BPE and byte-level BPEs of
+4,096, 8,192 and 16,384 tokens trained on the train split. A smaller vocabulary makes each step
+cheaper and each token carry less text; bits per character after the same time says which wins.
+
+speedrun: (a) the nanoGPT way: GPT-2's BPE, the older project's tiny model (2 layers, 2 heads,
+128 wide, block 64, batch 12, dropout 0.1), AdamW, float32, full logits and F.cross_entropy, with
+its best learning rate from a short sweep (so it is not a straw man); (b) our default recipe. Both
+train for `minutes` of wall-clock time (train.py --max_minutes: warm-up and cosine decay fitted to
+the budget, evaluations included), one after the other on this machine, and are scored by val bits
+per character over the whole val split.
+
+Every run is an ordinary train.py run under `out`/runs; a finished run (its metrics.jsonl holds the
+budget's end) is reused, an unfinished one started again. The tables go to `out`/results.md and
+between the README's <!-- tokenizers:begin/end --> and <!-- speedrun:begin/end --> markers.
+"""
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# This script lives in logs/; the repository root holds the modules and train.py.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import hardware  # noqa: E402
+from cli import UserError, replace_marked_section, run, write_atomically  # noqa: E402
+from configurator import parse_args  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from run_log import read_events  # noqa: E402
+
+DEFAULTS = dict(
+    section="all",  # all | tokenizers | speedrun
+    out="logs/speedrun",
+    minutes=10.0,  # the speedrun's budget per run
+    sweep_minutes=2.0,  # per run of the learning-rate sweeps and of the tokenizer table
+    nanogpt_lrs=(1e-3, 2e-3, 4e-3),  # (a)'s sweep; (b)'s is its config's rate x (1/2, 1, 2); each extended past a winning edge
+    readme="README.md",
+)
+RECIPE = os.path.join(REPO, "config", "train_zh_speedrun.py")
+TINY = os.path.join(REPO, "config", "train_tiny_zh_cpu.py")  # the older project's tiny model, on a CPU
+TOKENIZERS = {  # name: (prepare.py flags, data folder)
+    "GPT-2 BPE": (["--tokenizer=gpt2"], "data/zh_default_gpt2"),
+    "BPE 4,096": (["--vocab_size=4096"], "data/zh_default_bpe4096"),
+    "BPE 8,192": (["--vocab_size=8192"], "data/zh_default"),
+    "BPE 16,384": (["--vocab_size=16384"], "data/zh_default_bpe16384"),
+}
+# (a): the older project's tiny model (config/train_tiny_zh_cpu.py: 2 layers, 2 heads, 128 wide, block
+# 64, batch 12, dropout 0.1, AdamW) as nanoGPT trains it: GPT-2 tokens, float32, full logits.
+NANOGPT_ARGS = ["--dtype=float32", "--compile=False", "--chunked_head_loss=False", "--optimizer=adamw",
+                f"--data_dir={os.path.join(REPO, 'data/zh_default_gpt2')}"]
+
+
+def ensure_data(flags, folder):
+    if not os.path.isfile(os.path.join(REPO, folder, "meta.json")):
+        subprocess.run([sys.executable, os.path.join(REPO, "prepare.py"), *flags], cwd=REPO, check=True)
+    with open(os.path.join(REPO, folder, "meta.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def budget_run(cfg, name, config_file, args, minutes):
+    """Train (or reuse) one run of `minutes`; returns its summary dict."""
+    out_dir = os.path.join(REPO, cfg["out"], "runs", name)
+    if not any(e["event"] == "time_budget_end" for e in read_events(out_dir)):
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.makedirs(out_dir)
+        command = [sys.executable, os.path.join(REPO, "train.py"), config_file, *args, f"--max_minutes={minutes}",
+                   f"--out_dir={out_dir}", "--device=cpu", "--eval_interval=100000", "--val_full_split=True"]
+        print(f"{name}: {minutes:g} min ...", flush=True)
+        with open(os.path.join(out_dir, "train.log"), "w", encoding="utf-8") as log:
+            result = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        if result.returncode != 0:
+            raise RuntimeError(f"run {name} failed (exit {result.returncode}); see {out_dir}/train.log")
+        os.remove(os.path.join(out_dir, "ckpt.pt"))  # the log is what the tables need
+    return summary(out_dir)
+
+
+def summary(out_dir):
+    events = read_events(out_dir)
+    config = next(e for e in events if e["event"] == "config")["config"]
+    final = [e for e in events if e["event"] == "eval"][-1]
+    steps = [e for e in events if e["event"] == "train"]
+    end = next(e for e in events if e["event"] == "time_budget_end")
+    with open(os.path.join(config["data_dir"], "meta.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    train_split = meta["splits"]["train"]
+    tokens_per_step = config["batch_size"] * config["block_size"] * config["gradient_accumulation_steps"]
+    padded_vocab = (meta["vocab_size"] + 63) // 64 * 64
+    model = GPT(GPTConfig(n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
+                          block_size=config["block_size"], vocab_size=padded_vocab, bias=config["bias"]))
+    return dict(
+        config=config, meta=meta, steps=final["iter"], tokens=final["iter"] * tokens_per_step,
+        characters=final["iter"] * tokens_per_step * (train_split["characters"] + train_split["documents"]) / train_split["tokens"],
+        val_bpc=final["val_bpc"], val_loss=final["val_loss"], seconds=end["elapsed_seconds"],
+        ms_per_step=statistics.median(e["time_ms"] for e in steps), parameters=model.get_num_params(),
+        machine=next(e for e in events if e["event"] == "config")["machine"],
+        planned=any(e["event"] == "time_budget" for e in events) and not any(e["event"] == "time_budget_stop" for e in events),
+    )
+
+
+def recipe_run(cfg, folder, lr, minutes):
+    """Our recipe on a data folder: the tokenizer table's runs and (b)'s sweep share the one on data/zh_default."""
+    name = f"recipe_{os.path.basename(folder)}_lr{lr:g}_{minutes:g}min"
+    return budget_run(cfg, name, RECIPE, [f"--data_dir={os.path.join(REPO, folder)}", *lr_args(lr)], minutes)
+
+
+def recipe_learning_rate():
+    return parse_args(train_defaults(), [RECIPE])["learning_rate"]
+
+
+def best_learning_rate(lrs, run_at):
+    """(best lr, {lr: run}) over a grid that grows past a winning edge, at most twice."""
+    lrs, sweep = sorted(lrs), {}
+    for _ in range(3):
+        for lr in lrs:
+            if lr not in sweep:
+                sweep[lr] = run_at(lr)
+        best = min(sweep, key=lambda lr: sweep[lr]["val_bpc"])
+        if best == lrs[0]:
+            lrs.insert(0, lrs[0] / 2)
+        elif best == lrs[-1]:
+            lrs.append(lrs[-1] * 2)
+        else:
+            break
+    return best, sweep
+
+
+def tokenizer_table(cfg):
+    rows = {}
+    for name, (flags, folder) in TOKENIZERS.items():
+        ensure_data(flags, folder)
+        rows[name] = recipe_run(cfg, folder, recipe_learning_rate(), cfg["sweep_minutes"])
+    best = min(rows, key=lambda name: rows[name]["val_bpc"])
+    recipe = rows[best]["config"]
+    lines = [
+        f"Our recipe's model ({recipe['n_layer']} layers, {recipe['n_embd']} wide, block {recipe['block_size']}, "
+        f"batch {recipe['batch_size']}, {recipe['dtype']}, lr {recipe['learning_rate']:g}) trained for "
+        f"{cfg['sweep_minutes']:g} minutes of wall-clock time on the default corpus under each tokenizer "
+        f"(`--max_minutes`: warm-up and cosine decay fitted to the budget); val bits per character over the whole val split.",
+        "",
+        "| tokenizer | vocabulary | val characters / token | ms / step | steps | characters seen | val bits / char |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        val = row["meta"]["splits"]["val"]
+        bold = "**" if name == best else ""
+        lines.append(f"| {name} | {row['meta']['vocab_size']:,} | {val['characters'] / val['tokens']:.2f} | "
+                     f"{row['ms_per_step']:.0f} | {row['steps']:,} | {row['characters'] / 1e6:.2f}M | "
+                     f"{bold}{row['val_bpc']:.3f}{bold} |")
+    lines += ["", f"Best: {best}. {machine_line(rows[best])} Command: `python logs/speedrun.py --section=tokenizers`."]
+    return "\n".join(lines) + "\n"
+
+
+def speedrun_table(cfg):
+    ensure_data(*TOKENIZERS["GPT-2 BPE"])
+    ensure_data(*TOKENIZERS["BPE 8,192"])
+    def nanogpt_run(lr, minutes):
+        return budget_run(cfg, f"nanogpt_lr{lr:g}_{minutes:g}min", TINY, [*NANOGPT_ARGS, *lr_args(lr)], minutes)
+
+    best_lr, sweep = best_learning_rate(cfg["nanogpt_lrs"], lambda lr: nanogpt_run(lr, cfg["sweep_minutes"]))
+    recipe_lr = recipe_learning_rate()
+    our_lr, our_sweep = best_learning_rate((recipe_lr / 2, recipe_lr, recipe_lr * 2),
+                                           lambda lr: recipe_run(cfg, "data/zh_default", lr, cfg["sweep_minutes"]))
+    nanogpt = nanogpt_run(best_lr, cfg["minutes"])
+    ours = recipe_run(cfg, "data/zh_default", our_lr, cfg["minutes"])
+    lines = [
+        f"{cfg['minutes']:g} minutes of training each (`--max_minutes={cfg['minutes']:g}`), one after the other, "
+        f"val bits per character over the whole val split (lower is better).",
+        "",
+        "| run | tokenizer | parameters | dtype | lr | steps | tokens seen | characters seen | val bits / char | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, row in (("(a) the nanoGPT way", nanogpt), ("(b) our default recipe", ours)):
+        c = row["config"]
+        tokenizer = "GPT-2 BPE" if row["meta"]["tokenizer"]["kind"] == "gpt2" else f"BPE {row['meta']['vocab_size']:,}"
+        lines.append(f"| {label} | {tokenizer} | {row['parameters'] / 1e6:.2f}M | {c['dtype']} | {c['learning_rate']:g} | "
+                     f"{row['steps']:,} | {row['tokens'] / 1e6:.2f}M | {row['characters'] / 1e6:.2f}M | "
+                     f"{row['val_bpc']:.3f} | {row['seconds']:.0f} |")
+    unplanned = [label for label, row in (("(a)", nanogpt), ("(b)", ours)) if not row["planned"]]
+    lines += [
+        "",
+        f"(b) / (a) = **{ours['val_bpc'] / nanogpt['val_bpc']:.2f}x** the bits per character. Each learning rate is the "
+        f"best of a sweep of {cfg['sweep_minutes']:g}-minute runs (lr: val bits/char): (a) {sweep_text(sweep)}; "
+        f"(b) {sweep_text(our_sweep)}. (a) is nanoGPT's model and loss "
+        f"(full logits, `--chunked_head_loss=False`) run by our train.py, so both share the data pipeline and evaluation.",
+    ]
+    if unplanned:
+        lines.append(f"Runs {', '.join(unplanned)} were stopped by the time guard before their planned horizon: the machine slowed down.")
+    lines += ["", f"{machine_line(ours)} Command: `python logs/speedrun.py --section=speedrun`."]
+    return "\n".join(lines) + "\n"
+
+
+def sweep_text(sweep):
+    return ", ".join(f"{lr:g}: {run['val_bpc']:.3f}" for lr, run in sorted(sweep.items()))
+
+
+def train_defaults():
+    import train
+
+    return train.DEFAULTS
+
+
+def lr_args(lr):
+    return [f"--learning_rate={lr}", f"--min_lr={lr / 10}"]
+
+
+def machine_line(row):
+    flags = hardware.cpu_flags()
+    features = "AMX-BF16" if "amx_bf16" in flags else "AVX-512 + AVX512_BF16, no AMX" if "avx512_bf16" in flags else \
+        "AVX-512, no AMX" if "avx512f" in flags else "AVX2, no AVX-512 or AMX"
+    load = os.getloadavg()[0]
+    return (f"CPU: {row['machine']}, {os.cpu_count()} cores, {features}; torch {torch_version()}, "
+            f"Python {platform.python_version()}; load average {load:.1f} when the table was written.")
+
+
+def torch_version():
+    import torch
+
+    return torch.__version__
+
+
+def main():
+    cfg = parse_args(DEFAULTS, sys.argv[1:])
+    sections = {"tokenizers": tokenizer_table, "speedrun": speedrun_table}
+    if cfg["section"] not in (*sections, "all"):
+        raise UserError(f"unknown --section={cfg['section']}; choose all, tokenizers or speedrun")
+    os.makedirs(os.path.join(REPO, cfg["out"]), exist_ok=True)
+    readme = os.path.join(REPO, cfg["readme"])
+    for name, make_table in sections.items():
+        if cfg["section"] not in (name, "all"):
+            continue
+        started = time.time()
+        table = make_table(cfg)
+        path = os.path.join(REPO, cfg["out"], f"{name}.md")
+        write_atomically(path, lambda temp: Path(temp).write_text(table, encoding="utf-8"))
+        print(table)
+        print(f"{name}: {(time.time() - started) / 60:.1f} min; wrote {path}"
+              + (f" and the README's {name} section" if replace_marked_section(readme, name, table) else ""))
+
+
+if __name__ == "__main__":
+    run(main)

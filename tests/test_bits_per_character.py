@@ -1,0 +1,101 @@
+"""train.py reports val bits per character and per byte; both are checked here against counts made
+by hand, and the tokenizer travels with the checkpoint and is checked against the data."""
+import json
+import math
+import shutil
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from conftest import TINY_MODEL_ARGS, assert_user_error, read_events, run_script
+from data import TokenData
+from model import GPT, GPTConfig
+from tokenizer import EOT_TOKEN, gpt2_encoding
+
+
+def test_bits_per_character_of_a_uniform_model_by_hand(tiny_data):
+    """A model whose head is zero predicts every one of the V padded ids with probability 1/V: each
+    target costs log2(V) bits. Bytes are counted with tiktoken's own decoder, characters from the
+    documents themselves."""
+    block = 16
+    data = TokenData(str(tiny_data), block)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=block, vocab_size=data.padded_vocab_size, dropout=0.0))
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    cfg = dict(val_full_split=True, eval_iters=2, batch_size=4)
+    byte_lengths = torch.from_numpy(data.load_tokenizer().token_byte_lengths)
+    val = train.evaluate(model, data, cfg, "cpu", nullcontext(), byte_lengths)["val"]
+
+    tokens = np.fromfile(tiny_data / "val.bin", dtype=np.uint16)
+    targets = np.concatenate([tokens[s + 1:s + 1 + block] for s in range(0, len(tokens) - block, block)])
+    n_eot = int((targets == EOT_TOKEN).sum())
+    n_bytes = len(gpt2_encoding().decode_bytes([int(t) for t in targets if t != EOT_TOKEN])) + n_eot
+    documents = gpt2_encoding().decode(tokens.tolist()).split("<|endoftext|>")[:-1]
+    chars = sum(map(len, documents)) + len(documents)  # each document end counts as one character...
+    doc_bytes = sum(len(d.encode("utf-8")) for d in documents) + len(documents)  # ...and one byte
+    bits = len(targets) * math.log2(data.padded_vocab_size)
+    assert val["loss"] == pytest.approx(math.log(data.padded_vocab_size), rel=1e-6)
+    assert val["bpb"] == pytest.approx(bits / n_bytes, rel=1e-6)
+    assert val["bpc"] == pytest.approx(bits / n_bytes * doc_bytes / chars, rel=1e-6)
+
+
+def test_every_evaluation_logs_bits_per_character(tiny_bpe_data, tmp_path):
+    out = tmp_path / "run"
+    result = run_script("train.py", f"--data_dir={tiny_bpe_data}", f"--out_dir={out}", *TINY_MODEL_ARGS,
+                        "--max_iters=20", "--lr_decay_iters=20", "--warmup_iters=2", "--eval_interval=10",
+                        "--eval_iters=2", "--learning_rate=1e-2", "--tensorboard_log=True")
+    assert result.returncode == 0, result.stderr
+    evals = read_events(out, "eval")
+    assert [e["iter"] for e in evals] == [0, 10, 20]
+    assert evals[-1]["val_bpc"] < evals[0]["val_bpc"] and all(e["val_bpb"] > 0 for e in evals)
+    assert f"val {evals[-1]['val_bpc']:.3f} bits/char" in result.stdout
+    assert list((out / "tensorboard").iterdir())
+
+
+@pytest.fixture(scope="module")
+def bpe_run(tiny_bpe_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bpe_run")
+    result = run_script("train.py", f"--data_dir={tiny_bpe_data}", f"--out_dir={out}", *TINY_MODEL_ARGS,
+                        "--max_iters=30", "--lr_decay_iters=30", "--warmup_iters=2", "--eval_interval=30",
+                        "--eval_iters=1", "--learning_rate=1e-2")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_checkpoint_samples_with_its_own_tokenizer_without_the_data_folder(tiny_bpe_data, bpe_run, tmp_path):
+    checkpoint = torch.load(bpe_run / "ckpt.pt", weights_only=True)  # plain data, tokenizer included
+    assert checkpoint["tokenizer"]["kind"] == "bpe"
+    assert checkpoint["tokenizer"]["json"] == (tiny_bpe_data / "tokenizer.json").read_text(encoding="utf-8")
+    moved = tmp_path / "run"
+    shutil.copytree(bpe_run, moved)
+    result = run_script("sample.py", f"--out_dir={moved}", "--start=滚滚长江", "--num_samples=1",
+                        "--max_new_tokens=20", "--device=cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("滚滚长江") and "\ufffd" not in result.stdout
+
+
+def test_resume_on_data_from_another_tokenizer_is_one_line(tiny_data, bpe_run):
+    result = run_script("train.py", f"--data_dir={tiny_data}", f"--out_dir={bpe_run}", *TINY_MODEL_ARGS,
+                        "--init_from=resume", "--max_iters=31")
+    assert_user_error(result, "another tokenizer")
+
+
+def test_gpt2_weights_on_data_with_another_vocabulary_is_one_line(tiny_bpe_data, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2-tiny")
+    result = run_script("train.py", f"--data_dir={tiny_bpe_data}", f"--out_dir={tmp_path / 'out'}", *TINY_MODEL_ARGS,
+                        f"--init_from={tmp_path / 'gpt2-tiny'}", "--max_iters=1")
+    assert_user_error(result, "gpt2 tokenizer", "--tokenizer=gpt2")
+
+
+def test_data_folder_whose_tokenizer_was_replaced_is_one_line(tiny_bpe_data, tmp_path):
+    folder = tmp_path / "data"
+    shutil.copytree(tiny_bpe_data, folder)
+    text = (folder / "tokenizer.json").read_text(encoding="utf-8")
+    (folder / "tokenizer.json").write_text(json.dumps(json.loads(text)), encoding="utf-8")  # same content, other bytes
+    result = run_script("train.py", f"--data_dir={folder}", f"--out_dir={tmp_path / 'out'}", *TINY_MODEL_ARGS, "--max_iters=1")
+    assert_user_error(result, "tokenizer is not the one", "rerun python prepare.py")

@@ -1,0 +1,65 @@
+"""train.py --max_minutes: the horizon comes from measured step time, the run ends inside its
+budget with its schedule fully decayed, and a resumed run keeps the same schedule."""
+import signal
+import subprocess
+import sys
+
+import train
+from conftest import REPO, TINY_MODEL_ARGS, assert_user_error, read_events, run_script
+
+BUDGET_MINUTES = 0.2  # 12 s: long enough for a few hundred tiny steps on a slow, busy CI machine
+
+
+def budget_args(data, out, *extra):
+    return [f"--data_dir={data}", f"--out_dir={out}", *TINY_MODEL_ARGS, f"--max_minutes={BUDGET_MINUTES}",
+            "--warmup_iters=12", "--eval_interval=50", "--eval_iters=2", "--log_interval=1", "--learning_rate=1e-2",
+            "--min_lr=1e-3", *extra]
+
+
+def test_run_ends_inside_its_budget_with_the_schedule_decayed(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    result = run_script("train.py", *budget_args(tiny_data, out))
+    assert result.returncode == 0, result.stderr
+    [planned] = read_events(out, "time_budget")
+    horizon = planned["max_iters"]
+    assert planned["iter"] == train.TimeBudget.LAST_TIMED_ITER and horizon == planned["lr_decay_iters"] > 12
+    [end] = read_events(out, "time_budget_end")
+    # the guard keeps the run inside the budget unless one step or evaluation suddenly takes much
+    # longer than the ones measured: allow a tenth for a busy machine
+    assert end["elapsed_seconds"] <= 1.1 * end["budget_seconds"]
+    assert end["elapsed_seconds"] >= 0.5 * end["budget_seconds"]  # and the budget was used, not wasted
+    last_eval = read_events(out, "eval")[-1]
+    steps = read_events(out, "train")
+    if last_eval["iter"] == horizon:  # the plan held: the learning rate decayed all the way
+        assert steps[-1]["iter"] == horizon - 1
+        assert steps[-1]["lr"] == train.learning_rate_at(horizon - 1, dict(train.DEFAULTS, decay_lr=True, learning_rate=1e-2,
+                                                                          min_lr=1e-3, warmup_iters=12, lr_decay_iters=horizon))
+    else:  # the machine slowed down: stopped by the guard, which says so
+        assert "time budget reached" in result.stdout
+
+
+def test_resume_continues_the_same_schedule(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    args = budget_args(tiny_data, out)
+    process = subprocess.Popen([sys.executable, f"{REPO}/train.py", *args], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    for line in process.stdout:  # stop the run once its horizon is fixed
+        if line.startswith("time budget") and "max_iters" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    process.communicate(timeout=120)
+    [planned] = read_events(out, "time_budget")
+    horizon = planned["max_iters"]
+    # resumed with another budget: the recorded horizon wins, nothing is measured again
+    result = run_script("train.py", *args, "--init_from=resume", "--max_minutes=5")
+    assert result.returncode == 0, result.stderr
+    assert len(read_events(out, "time_budget")) == 1
+    steps = read_events(out, "train")
+    assert steps[-1]["iter"] == horizon - 1 and read_events(out, "eval")[-1]["iter"] == horizon
+    cfg = dict(train.DEFAULTS, learning_rate=1e-2, min_lr=1e-3, warmup_iters=12, lr_decay_iters=horizon)
+    assert all(s["lr"] == train.learning_rate_at(s["iter"], cfg) for s in steps)
+
+
+def test_budget_needs_the_timing_steps_inside_warm_up(tiny_data, tmp_path):
+    result = run_script("train.py", *budget_args(tiny_data, tmp_path / "run"), "--warmup_iters=5")
+    assert_user_error(result, "--max_minutes needs --warmup_iters")
