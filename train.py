@@ -149,7 +149,7 @@ def check_resume_matches(cfg, checkpoint, path):
     if differing:
         theirs = ", ".join(f"{key} {saved[key]}" for key in differing)
         fix = " ".join(f"--{key}={saved[key]}" for key in differing)
-        raise UserError(f"the checkpoint {path} was trained with {theirs}, and a resumed run keeps them; "
+        raise UserError(f"the checkpoint {path} was trained with {theirs}, which a resumed run cannot change; "
                         f"pass {fix} (the run's own command plus --init_from=resume), or start a new run in another --out_dir")
 
 
