@@ -5,13 +5,13 @@
     python bench.py --section=train --iters=30
 
 Sections (--section=all|train|sophia|sample):
-- train: ms per iteration (median after warm-up), tokens/s, MFU and peak RSS (peak GPU memory on
-  CUDA) for the nanoGPT path (fp32 eager, full logits materialised, F.cross_entropy) and for each
-  lever added on top of it. Each case runs in fresh processes, `repeats` of them round-robin, so
-  allocator settings and peak memory are its own.
-- sophia: AdamW vs SophiaG per iteration, a SophiaG step plus 1/k of its Hessian pass, in the
-  configured dtype (and compiled with --compile=True); optimizer.step() alone; the cost of drawing
-  the Hessian pass's labels.
+- train: ms per iteration of train.train_step, the step train.py runs (median after warm-up),
+  tokens/s, MFU and peak RSS (peak GPU memory on CUDA) for the nanoGPT path (fp32 eager, full
+  logits materialised, F.cross_entropy) and for each lever added on top of it. Each case runs in
+  fresh processes, `repeats` of them round-robin, so allocator settings and peak memory are its own.
+- sophia: AdamW vs SophiaG per iteration of train.train_step, a SophiaG step plus 1/k of its
+  Hessian pass, in the configured dtype (and compiled with --compile=True); optimizer.step()
+  alone; the cost of drawing the Hessian pass's labels.
 - sample: new tokens with and without the KV cache (the same tokens either way: tests check it).
 
 The batches are random tokens: speed does not depend on the text. What is compared is timed in
@@ -26,14 +26,13 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 import hardware
+import optimizers
 import train
 from cli import UserError, replace_marked_section, run
 from configurator import parse_args
 from model import GPT, GPTConfig
-from sophia import SophiaG
 
 DEFAULTS = train.DEFAULTS | dict(
     # the tiny Chinese config on a CPU (config/train_tiny_zh_cpu.py) unless a config file says otherwise
@@ -44,10 +43,10 @@ DEFAULTS = train.DEFAULTS | dict(
     iters=20,
     repeats=3,  # processes per training case, run round-robin; the median is reported
     sample_tokens=256,
+    vocab_size=50257,  # tokens of the tokenizer; 8192 for the default trained BPE (padded to a multiple of 64 in the model)
     case="",  # internal: the train case a worker process measures
     readme="",  # also write the report between the <!-- bench:begin/end --> markers of this file
 )
-VOCAB_SIZE, REAL_VOCAB = 50304, 50257
 REPORT = []  # the lines of the report, for --readme
 
 
@@ -83,66 +82,58 @@ def timed_in_alternation(functions, device, warmup, iters):
 
 
 def build(cfg, device, optimizer_name="adamw"):
+    """A GPT with vocab_size tokens (padded as train.py pads them) and the optimizer optimizers.py builds for it."""
     torch.manual_seed(0)
     config = GPTConfig(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], block_size=cfg["block_size"],
-                       vocab_size=VOCAB_SIZE, dropout=cfg["dropout"], bias=cfg["bias"])
+                       vocab_size=(cfg["vocab_size"] + 63) // 64 * 64, dropout=cfg["dropout"], bias=cfg["bias"])
     model = GPT(config).to(device)
-    optimizer = model.configure_optimizers(optimizer_name, 0.1, 6e-4, (0.9, 0.95), device.split(":")[0])
+    optimizer = optimizers.REGISTRY[optimizer_name].build(model, cfg | dict(optimizer=optimizer_name), device.split(":")[0])
     return model, optimizer
 
 
-def random_batches(cfg, device, count=8):
-    shape = (cfg["batch_size"], cfg["block_size"])
-    return [(torch.randint(0, REAL_VOCAB, shape, device=device), torch.randint(0, REAL_VOCAB, shape, device=device))
-            for _ in range(count)]
+class RandomTokens:
+    """Stands in for data.TokenData in train.train_step: random windows of token ids (the speed of a
+    step does not depend on the text)."""
+
+    def __init__(self, block_size, vocab_size):
+        self.block_size, self.vocab_size = block_size, vocab_size
+
+    def train_micro_batches(self, generator, batch_size, count, rank, world_size):
+        windows = torch.randint(self.vocab_size, (world_size, count, batch_size, self.block_size + 1), generator=generator)[rank]
+        return [w[:, :-1] for w in windows], [w[:, 1:] for w in windows]
 
 
-def make_train_step(model, optimizer, batches, fused_loss, autocast, tokens_per_step):
-    """One optimizer step per call, cycling through the batches."""
-    counter = iter(range(10**9))
-
-    def step():
-        x, y = batches[next(counter) % len(batches)]
-        with autocast:
-            if fused_loss:
-                _, loss = model(x, y)
-            else:  # what nanoGPT does: the full (B, T, vocab) logits, then cross-entropy
-                logits = model.full_logits(x)
-                loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if isinstance(optimizer, SophiaG):
-            optimizer.step(bs=tokens_per_step)
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-    return step
+def build_training(cfg, device, optimizer_name, dtype, compile_model=False, fused_loss=True):
+    """The train.Training that train.py would build for this model and optimizer, on random tokens."""
+    model, optimizer = build(cfg, device, optimizer_name)
+    model.chunked_head_loss = fused_loss  # False: nanoGPT's full logits and F.cross_entropy, as --chunked_head_loss=False
+    return train.Training(cfg=cfg | dict(optimizer=optimizer_name), model=torch.compile(model) if compile_model else model,
+                          raw_model=model, optimizer=optimizer,
+                          scaler=torch.amp.GradScaler(device.split(":")[0], enabled=(dtype == "float16")),
+                          autocast=hardware.autocast_context(device, dtype), data=RandomTokens(cfg["block_size"], cfg["vocab_size"]),
+                          device=device, rank=0, world_size=1, batch_generator=torch.Generator().manual_seed(0),
+                          hessian_generator=torch.Generator().manual_seed(1))
 
 
 def measure_train_case(cfg, device, settings):
-    """A worker process: time one training case; returns a dict."""
+    """A worker process: time train.train_step in one training case; returns a dict."""
     if settings["keep_memory"] and device == "cpu":
         hardware.keep_freed_memory()
-    model, optimizer = build(cfg, device)
-    if settings["compile"]:
-        model = torch.compile(model)
-    tokens = cfg["batch_size"] * cfg["block_size"]
-    autocast = hardware.autocast_context(device, settings["dtype"])
-    step = make_train_step(model, optimizer, random_batches(cfg, device), settings["fused_loss"], autocast, tokens)
-    seconds = timed_in_alternation({"step": step}, device, cfg["warmup"], cfg["iters"])["step"]
-    raw = getattr(model, "_orig_mod", model)
+    t = build_training(cfg, device, "adamw", settings["dtype"], settings["compile"], settings["fused_loss"])
+    seconds = timed_in_alternation({"step": functools.partial(train.train_step, t, 0)}, device, cfg["warmup"], cfg["iters"])["step"]
     peak, _ = hardware.peak_flops(device, settings["dtype"])
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.startswith("cuda"):
         peak_rss_mb = torch.cuda.max_memory_allocated() / 2**20  # on a GPU the device memory is what counts
-    return dict(ms=seconds * 1000, tokens_per_s=tokens / seconds, mfu=raw.flops_per_token() * tokens / seconds / peak,
-                peak_mb=peak_rss_mb)
+    tokens = t.tokens_per_step
+    return dict(ms=seconds * 1000, tokens_per_s=tokens / seconds,
+                mfu=t.raw_model.flops_per_token() * tokens / seconds / peak, peak_mb=peak_rss_mb)
 
 
 def train_section(cfg, device, argv):
     say(f"## training: {cfg['n_layer']} layers, {cfg['n_embd']} wide, {cfg['batch_size']} x {cfg['block_size']} tokens "
-          f"per iteration, on {hardware.device_name(device)}; median of {cfg['repeats']} processes per case")
+        f"x {cfg['gradient_accumulation_steps']} micro-batches "
+        f"per iteration, on {hardware.device_name(device)}; median of {cfg['repeats']} processes per case")
     say(f"{'case':42} {'ms/iter':>9} {'tokens/s':>9} {'MFU':>7} {'peak MB':>8} {'speedup':>8}")
     skipped = {name: "this CPU has no native bf16 matmul (no AVX512_BF16/AMX), autocast would be slower"
                for name, settings in TRAIN_CASES
@@ -163,7 +154,7 @@ def train_section(cfg, device, argv):
             else:
                 results[name].append(json.loads(result.stdout.strip().splitlines()[-1]))
     baseline_ms = None
-    tokens = cfg["batch_size"] * cfg["block_size"]
+    tokens = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
     for name, _ in TRAIN_CASES:
         if name in skipped or name in failures:
             say(f"{name:42} {'skipped' if name in skipped else 'failed'}: {(skipped | failures)[name][:120]}")
@@ -177,59 +168,48 @@ def train_section(cfg, device, argv):
 
 def sophia_section(cfg, device):
     k = cfg["hess_interval"] or 10
-    tokens = cfg["batch_size"] * cfg["block_size"]
+    cfg = cfg | dict(hess_interval=k)
+    tokens = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
     if device == "cpu":
         hardware.keep_freed_memory()
     say(f"\n## SophiaG vs AdamW: per iteration amortised over a Hessian interval of {k}, {tokens} tokens per step, "
         f"{cfg['dtype']}{', compiled' if cfg['compile'] else ''}")
-    autocast = hardware.autocast_context(device, cfg["dtype"])
-    steps, models = {}, {}
-    for name in ("adamw", "sophiag"):
-        model, optimizer = build(cfg, device, name)
-        models[name] = (torch.compile(model) if cfg["compile"] else model), optimizer
-        steps[name] = make_train_step(models[name][0], optimizer, random_batches(cfg, device), True, autocast, tokens)
-    hessian_pass = make_hessian_pass(*models["sophiag"], random_batches(cfg, device, 1)[0][0], autocast)
-    # The Hessian pass is timed every round, not every k-th step: its cost and a step's do not depend on
-    # how often the Hessian EMA was updated.
-    seconds = timed_in_alternation(dict(adamw=steps["adamw"], sophiag=steps["sophiag"], hessian=hessian_pass),
+    adamw, sophiag = (build_training(cfg, device, name, cfg["dtype"], cfg["compile"]) for name in ("adamw", "sophiag"))
+    # train.train_step itself: at iteration 0 SophiaG only steps, at iteration k-1 it also runs the
+    # Hessian pass. Both are timed every round: a step's cost does not depend on how often the
+    # Hessian EMA was updated.
+    seconds = timed_in_alternation(dict(adamw=functools.partial(train.train_step, adamw, 0),
+                                        sophiag=functools.partial(train.train_step, sophiag, 0),
+                                        with_hessian=functools.partial(train.train_step, sophiag, k - 1)),
                                    device, cfg["warmup"], cfg["iters"])
-    sophiag = seconds["sophiag"] + seconds["hessian"] / k
+    hessian = seconds["with_hessian"] - seconds["sophiag"]
+    amortised = seconds["sophiag"] + hessian / k
     say(f"AdamW   {seconds['adamw'] * 1000:8.1f} ms/iter")
-    say(f"SophiaG {sophiag * 1000:8.1f} ms/iter  ({sophiag / seconds['adamw']:.3f}x AdamW): a step {seconds['sophiag'] * 1000:.1f} ms "
-        f"+ the Hessian pass {seconds['hessian'] * 1000:.1f} ms / {k}")
+    say(f"SophiaG {amortised * 1000:8.1f} ms/iter  ({amortised / seconds['adamw']:.3f}x AdamW): a step {seconds['sophiag'] * 1000:.1f} ms "
+        f"+ the Hessian pass {hessian * 1000:.1f} ms / {k}")
 
-    optimizers = {}
+    optimizer_steps = {}
     for name in ("adamw", "sophiag"):
         model, optimizer = build(cfg, device, name)
         for p in model.parameters():
             p.grad = torch.randn_like(p) * 1e-3
-        optimizers[name] = functools.partial(optimizer.step, **({"bs": tokens} if name == "sophiag" else {}))
-    seconds = timed_in_alternation(optimizers, device, cfg["warmup"], cfg["iters"])
-    say(f"optimizer.step() alone: AdamW(foreach) {seconds['adamw'] * 1000:.2f} ms, SophiaG {seconds['sophiag'] * 1000:.2f} ms "
+        optimizer_steps[name] = functools.partial(optimizer.step, **optimizers.REGISTRY[name].step_kwargs(tokens))
+    seconds = timed_in_alternation(optimizer_steps, device, cfg["warmup"], cfg["iters"])
+    say(f"optimizer.step() alone: AdamW {seconds['adamw'] * 1000:.2f} ms, SophiaG {seconds['sophiag'] * 1000:.2f} ms "
         f"({seconds['sophiag'] / seconds['adamw']:.2f}x)")
 
     from head_loss import sample_labels
 
     model, _ = build(cfg, device)
-    x = random_batches(cfg, device, 1)[0][0]
+    real_vocab = cfg["vocab_size"]
+    x = torch.randint(0, real_vocab, (cfg["batch_size"], cfg["block_size"]), device=device)
     with torch.no_grad():
         hidden = model.hidden_states(x).flatten(0, 1)
         logits = model.lm_head(hidden)
     seconds = timed_in_alternation(dict(categorical=lambda: torch.distributions.Categorical(logits=logits).sample(),
-                                        ours=lambda: sample_labels(hidden, model.lm_head.weight, REAL_VOCAB)), device, 1, 3)
-    say(f"label sampling for {hidden.shape[0]} x {REAL_VOCAB}: torch.distributions.Categorical {seconds['categorical'] * 1000:.1f} ms, "
+                                        ours=lambda: sample_labels(hidden, model.lm_head.weight, real_vocab)), device, 1, 3)
+    say(f"label sampling for {hidden.shape[0]} x {real_vocab}: torch.distributions.Categorical {seconds['categorical'] * 1000:.1f} ms, "
         f"head_loss.sample_labels (logits included) {seconds['ours'] * 1000:.1f} ms")
-
-
-def make_hessian_pass(model, optimizer, x, autocast):
-    """SophiaG's Hessian estimate as train.py makes it: labels drawn from the model, backward, update."""
-    def hessian_pass():
-        with autocast:
-            _, loss = model(x, None, sample_labels_from_vocab=REAL_VOCAB)
-        loss.backward()
-        optimizer.update_hessian()
-        optimizer.zero_grad(set_to_none=True)
-    return hessian_pass
 
 
 def sample_section(cfg, device):
@@ -240,7 +220,7 @@ def sample_section(cfg, device):
     for n in sorted({cfg["block_size"] - 1, cfg["sample_tokens"]}):
         results = timed_in_alternation(
             {use_cache: functools.partial(model.generate, prompt, n, temperature=1.0, top_k=200, use_cache=use_cache,
-                                          generator=torch.Generator(device).manual_seed(0), n_real_vocab=REAL_VOCAB)
+                                          generator=torch.Generator(device).manual_seed(0), n_real_vocab=cfg["vocab_size"])
              for use_cache in (False, True)}, device, 1, 5)
         say(f"{n:4d} new tokens: without KV cache {results[False] * 1000:8.1f} ms, with {results[True] * 1000:8.1f} ms "
             f"({results[False] / results[True]:.2f}x)")

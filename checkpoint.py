@@ -24,7 +24,8 @@ FORMAT = "open-gpt-training/2"  # /2 added the checksum
 UNCHECKED_FORMAT = "open-gpt-training/1"  # still loads, unverified: it predates the checksum
 
 
-def training_state(model, optimizer, scaler, model_args, iter_num, best_val_loss, config, batch_generator, tokenizer):
+def training_state(model, optimizer, scaler, model_args, iter_num, best_val_loss, config, batch_generator, tokenizer,
+                   hessian_generator=None):
     """Everything `init_from=resume` needs to continue the run exactly, and the tokenizer that
     sample.py and export.py need to turn its tokens into text without the data folder."""
     np_state = np.random.get_state()
@@ -34,6 +35,8 @@ def training_state(model, optimizer, scaler, model_args, iter_num, best_val_loss
         torch=torch.get_rng_state(),
         batches=batch_generator.get_state(),
     )
+    if hessian_generator is not None:
+        rng["hessian"] = hessian_generator.get_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return dict(
@@ -139,7 +142,7 @@ def model_from(checkpoint, dropout=None):
     return model
 
 
-def restore_training_state(checkpoint, optimizer, scaler, batch_generator, rank):
+def restore_training_state(checkpoint, optimizer, scaler, batch_generator, hessian_generator, rank):
     """Optimizer, GradScaler and random states, so the resumed run is the run that was saved."""
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -150,6 +153,8 @@ def restore_training_state(checkpoint, optimizer, scaler, batch_generator, rank)
     # else: a run saved without float16 goes on in float16: its GradScaler starts afresh, as a new run's does
     rng = checkpoint["rng"]
     batch_generator.set_state(rng["batches"])
+    if "hessian" in rng:  # checkpoints from before the Hessian pass had a stream of its own lack it
+        hessian_generator.set_state(rng["hessian"])
     if rank != 0:
         return  # only rank 0's process-local random states are saved; the others keep their own seeds
     random.setstate(_as_tuples(rng["python"]))

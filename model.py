@@ -1,10 +1,9 @@
-"""The GPT language model: config, blocks, loss, GPT-2 weight loading, optimizers, MFU, generation.
+"""The GPT language model: config, blocks, loss, GPT-2 weight loading, MFU, generation.
 
-Follows nanoGPT's model.py (itself GPT-2), with three additions: the loss goes through
-head_loss.linear_cross_entropy so the full logits are never materialised, generation keeps a
-KV cache, and configure_optimizers builds AdamW, SophiaG or Muon for the same parameter groups.
+Follows nanoGPT's model.py (itself GPT-2), with two additions: the loss goes through
+head_loss.linear_cross_entropy so the full logits are never materialised, and generation keeps a
+KV cache. Unlike nanoGPT's, it builds no optimizer: optimizers.py does (parameter groups included).
 """
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -226,37 +225,6 @@ class GPT(nn.Module):
         if missing:
             raise ValueError(f"{name_or_dir}: weights missing for {missing[:3]}")
         return model
-
-    def param_groups(self, weight_decay):
-        """Weight decay on matrices (Linear weights, embeddings), none on biases and norms."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-
-    def configure_optimizers(self, optimizer, weight_decay, learning_rate, betas, device_type, rho=0.04):
-        """AdamW (fused on CUDA), SophiaG, or Muon on the hidden matrices with AdamW for the rest."""
-        if optimizer == "adamw":
-            fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-            extra = {"fused": True} if fused else {"foreach": True}
-            return torch.optim.AdamW(self.param_groups(weight_decay), lr=learning_rate, betas=betas, **extra)
-        if optimizer == "sophiag":
-            from sophia import SophiaG
-
-            return SophiaG(self.param_groups(weight_decay), lr=learning_rate, betas=betas, rho=rho)
-        if optimizer == "muon":
-            from muon_adamw import MuonWithAdamW
-
-            hidden = [p for name, p in self.transformer.h.named_parameters() if p.dim() == 2]
-            hidden_ids = {id(p) for p in hidden}
-            rest = self.param_groups(weight_decay)
-            for group in rest:
-                group["params"] = [p for p in group["params"] if id(p) not in hidden_ids]
-            return MuonWithAdamW(hidden, rest, lr=learning_rate, weight_decay=weight_decay, betas=betas)
-        raise ValueError(f"unknown optimizer {optimizer!r}; choose adamw, sophiag or muon")
 
     def flops_per_token(self):
         """Training FLOPs per token: 6N for the matmuls plus attention (PaLM appendix B)."""

@@ -11,9 +11,11 @@ and, when the training loop calls update_hessian() after a backward pass on labe
 the model (every k steps), h <- beta2 * h + (1 - beta2) * g_hat * g_hat.
 
 `bs` is the number of tokens in one optimizer step, as in the authors' code, and rho is tuned with
-that convention. (The loss is a mean over tokens, so g_hat^2 is the GNB estimate divided by the
-Hessian batch's token count; the training loop estimates it on one micro-batch per process, so
-rho * bs restores the paper's scale up to the factor gradient_accumulation_steps / hess_accumulation_steps.)
+that convention. The loss is a mean over tokens, so g_hat^2 is the GNB estimate divided by the
+Hessian batch's token count; the training loop estimates it, as the authors do, over the whole
+optimizer batch (all gradient_accumulation_steps micro-batches), so rho * bs * h is rho times the
+paper's estimate. With fewer Hessian micro-batches (--hess_accumulation_steps) h is noisier and
+the effective rho grows by gradient_accumulation_steps / hess_accumulation_steps.
 
 Before the first update_hessian() h is zero and every coordinate is clipped, so the step is
 lr * sign(m): sign momentum. A loop that never calls update_hessian() (the project this one is
@@ -21,8 +23,19 @@ modelled on) therefore runs sign momentum, not Sophia.
 
 All parameters of a group are updated with torch._foreach_* multi-tensor ops, and nothing in
 step() waits for the device: the statistics are kept as tensors and read only when asked.
+
+Which rho? A coordinate is not clipped (it "wins") when |m| / (bs * h) < rho (up to eps). So the
+quantiles of r = |m| / (bs * h) over all coordinates, which statistics() reports, say what win_rate
+every rho would give: with rho at the 10% quantile, 10% of the coordinates would win.
 """
 import torch
+
+RATIO_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+# r is counted in bins of 1/100 of a decade from 1e-12 to 1e12 (exact integer counts, no sort of
+# all coordinates), so a reported quantile is at most 2.3% above the true one. r beyond the range
+# counts in the end bins: 1e12 means no rho below that (where h is zero: before any estimate).
+LOG10_RATIO_RANGE = (-12.0, 12.0)
+LOG10_RATIO_BINS = 2400
 
 
 class SophiaG(torch.optim.Optimizer):
@@ -97,7 +110,7 @@ class SophiaG(torch.optim.Optimizer):
             torch._foreach_div_(ratios, denominators)
             torch._foreach_clamp_max_(ratios, 1.0)
             if stats is not None:
-                stats.append(_step_statistics(ratios, hessians))
+                stats.append(_step_statistics(ratios, exp_avgs, hessians, bs))
             signs = torch._foreach_sign(exp_avgs)
             torch._foreach_addcmul_(params, signs, ratios, value=-lr)
         if stats:
@@ -107,19 +120,43 @@ class SophiaG(torch.optim.Optimizer):
     def statistics(self):
         """Of the last step taken with track_stats on: win_rate (fraction of coordinates not
         clipped; the authors advise keeping it between 0.1 and 0.5), clip_rate (1 - win_rate),
-        and hessian_norm (L2 norm of the Hessian EMA over all parameters). Reads the device."""
+        hessian_norm (L2 norm of the Hessian EMA over all parameters), and ratio_qNN for each of
+        RATIO_QUANTILES: the NN% quantile of |m| / (bs * h), the rho at which win_rate would be
+        NN% (see the module's docstring). Reads the device."""
         if not self._stats:
             return {}
         not_clipped = sum(s[0] for s in self._stats).item()
         total = sum(s[1] for s in self._stats)
         hessian_norm = sum(s[2] for s in self._stats).sqrt().item()
         win_rate = not_clipped / total
-        return {"win_rate": win_rate, "clip_rate": 1.0 - win_rate, "hessian_norm": hessian_norm}
+        quantiles = ratio_quantiles(sum(s[3] for s in self._stats))
+        return {"win_rate": win_rate, "clip_rate": 1.0 - win_rate, "hessian_norm": hessian_norm,
+                **{f"ratio_q{round(q * 100):02d}": value for q, value in zip(RATIO_QUANTILES, quantiles)}}
 
 
-def _step_statistics(ratios, hessians):
-    """(count of unclipped coordinates, count of coordinates, squared Hessian norm) as tensors."""
+def _step_statistics(ratios, exp_avgs, hessians, bs):
+    """(count of unclipped coordinates, count of coordinates, squared Hessian norm, histogram of
+    log10 |m| / (bs * h) in LOG10_RATIO_BINS bins) as tensors, without reading the device."""
     not_clipped = sum((r < 1.0).sum() for r in ratios)
     total = sum(r.numel() for r in ratios)
     hessian_sq = sum(torch.linalg.vector_norm(h, dtype=torch.float32) ** 2 for h in hessians)
-    return not_clipped, total, hessian_sq
+    low, high = LOG10_RATIO_RANGE
+    bin_width = (high - low) / LOG10_RATIO_BINS
+    counts = 0
+    for m, h in zip(exp_avgs, hessians):
+        log_ratio = torch.log10(m.abs().float()) - torch.log10(h.float() * bs)
+        # h = 0 < |m|: +inf, no rho wins it (the last bin); m = 0: -inf or nan, every rho does (the first)
+        log_ratio = torch.nan_to_num(log_ratio, nan=low, posinf=high, neginf=low)
+        bins = ((log_ratio - low) / bin_width).floor_().clamp_(0, LOG10_RATIO_BINS - 1).long()
+        counts = counts + torch.bincount(bins.flatten(), minlength=LOG10_RATIO_BINS)
+    return not_clipped, total, hessian_sq, counts
+
+
+def ratio_quantiles(counts):
+    """For each of RATIO_QUANTILES, the upper edge of the first bin of the histogram `counts` at
+    which the cumulative count reaches that fraction: a value at most one bin above the quantile."""
+    low, high = LOG10_RATIO_RANGE
+    cumulative = counts.cumsum(0).double() / counts.sum()
+    first_bins = torch.searchsorted(cumulative, torch.tensor(RATIO_QUANTILES, dtype=torch.float64, device=counts.device))
+    first_bins = first_bins.clamp(max=LOG10_RATIO_BINS - 1)
+    return [10 ** (low + (i + 1) * (high - low) / LOG10_RATIO_BINS) for i in first_bins.tolist()]

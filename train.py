@@ -6,6 +6,12 @@
 
 gradient_accumulation_steps is per process: tokens per optimizer step are
 batch_size * block_size * gradient_accumulation_steps * world_size (printed at start).
+
+Where to change what: DEFAULTS (every option); build_model (init_from); build_optimizer, and
+optimizers.py for anything about one optimizer (its groups, its step's arguments, SophiaG's Hessian
+pass); train_step (one optimizer step: micro-batches, clipping, skipping a non-finite step; bench.py
+times this same function); log_training_step (what a log line holds); save_training_state (the
+checkpoint); evaluate; main (the loop: learning rate, evaluation and checkpoints, steps, logging, stop).
 """
 import math
 import os
@@ -14,6 +20,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint as ckpt
 import folder_lock
 import hardware
+import optimizers
 from cli import UserError, run
 from configurator import parse_args
 from data import TokenData
@@ -70,7 +78,8 @@ DEFAULTS = dict(
     grad_clip=1.0,  # 0 = no clipping
     rho=0.04,  # SophiaG's clipping threshold scale
     hess_interval=10,  # SophiaG: update the Hessian EMA every k steps; 0 = never (sign momentum)
-    hess_accumulation_steps=1,  # micro-batches per process in a Hessian estimate (the authors use 1)
+    hess_accumulation_steps=0,  # micro-batches per process in a Hessian estimate; 0 = gradient_accumulation_steps, as the authors
+    decay_embeddings=True,  # weight decay on wte (shared with the head) and wpe too, as nanoGPT; the Sophia authors: False
     # learning-rate schedule: linear warmup, then cosine decay to min_lr at lr_decay_iters
     decay_lr=True,
     warmup_iters=2000,
@@ -106,19 +115,19 @@ def learning_rate_at(it, cfg):
 
 def check_config(cfg):
     positive = ("batch_size", "block_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd",
-                "log_interval", "eval_interval", "eval_iters", "hess_accumulation_steps", "max_bad_steps")
+                "log_interval", "eval_interval", "eval_iters", "max_bad_steps")
     for key in positive:
         if cfg[key] <= 0:
             raise UserError(f"--{key} must be positive, got {cfg[key]}")
-    for key in ("max_iters", "warmup_iters", "ckpt_interval", "hess_interval", "lr_decay_iters"):
+    for key in ("max_iters", "warmup_iters", "ckpt_interval", "hess_interval", "hess_accumulation_steps", "lr_decay_iters"):
         if cfg[key] < 0:
             raise UserError(f"--{key} must be zero or positive, got {cfg[key]}")
     if cfg["n_embd"] % cfg["n_head"] != 0:
         raise UserError(f"--n_embd={cfg['n_embd']} must be divisible by --n_head={cfg['n_head']}")
     if not 0.0 <= cfg["dropout"] < 1.0:
         raise UserError(f"--dropout must be in [0, 1), got {cfg['dropout']}")
-    if cfg["optimizer"] not in ("adamw", "sophiag", "muon"):
-        raise UserError(f"unknown --optimizer={cfg['optimizer']}; choose adamw, sophiag or muon")
+    if cfg["optimizer"] not in optimizers.REGISTRY:
+        raise UserError(f"unknown --optimizer={cfg['optimizer']}; choose {optimizers.choices()}")
     if cfg["decay_lr"] and cfg["lr_decay_iters"] <= cfg["warmup_iters"]:
         raise UserError(f"--lr_decay_iters ({cfg['lr_decay_iters']}) must exceed --warmup_iters ({cfg['warmup_iters']})")
     if cfg["learning_rate"] <= 0 or cfg["min_lr"] < 0:
@@ -136,7 +145,7 @@ def check_config(cfg):
 # What a checkpoint fixes: the model's shape, and the optimizer whose state (hyperparameters included:
 # load_state_dict restores them) it holds. A resumed run must be given the same values.
 CHECKPOINT_SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "scale_attn_by_inverse_layer_idx")
-CHECKPOINT_OPTIMIZER = ("optimizer", "beta1", "beta2", "weight_decay")
+CHECKPOINT_OPTIMIZER = ("optimizer", "beta1", "beta2", "weight_decay", "decay_embeddings")
 
 
 def check_resume_matches(cfg, checkpoint, path):
@@ -197,6 +206,12 @@ def setup_distributed(backend, device):
     return rank, local_rank, world_size
 
 
+def stream_seed(seed, stream):
+    """The seed of a random stream of its own for the run seeded `seed`: not a shifted copy of
+    another stream, as seed + 1 would be of the next run's."""
+    return int(np.random.SeedSequence([seed % 2**63, *stream.encode()]).generate_state(1, np.uint64)[0] >> 1)
+
+
 class TimeBudget:
     """--max_minutes: the schedule's horizon from measured step time.
 
@@ -215,7 +230,8 @@ class TimeBudget:
         self.cfg, self.world_size, self.device = cfg, world_size, device
         self.enabled = False
         if resumed_config and resumed_config.get("max_minutes") and iter_num >= self.LAST_TIMED_ITER:
-            cfg["max_iters"], cfg["lr_decay_iters"] = resumed_config["max_iters"], resumed_config["lr_decay_iters"]
+            for key in ("max_iters", "lr_decay_iters", "warmup_iters"):
+                cfg[key] = resumed_config[key]
             cfg["max_minutes"] = resumed_config["max_minutes"]
             return  # the horizon was fixed before the checkpoint: keep it, no new measuring, no guard
         self.seconds = cfg["max_minutes"] * 60
@@ -251,21 +267,25 @@ class TimeBudget:
             now = time.perf_counter()
             step_seconds = (now - self.timing_start - self.eval_seconds_since_timing) / (iter_num - self.timing_iter)
             horizon = self._horizon(iter_num, self.seconds - (now - self.start), step_seconds)
-            if horizon <= self.cfg["warmup_iters"]:
+            if horizon <= self.LAST_TIMED_ITER + 2:
                 raise UserError(f"--max_minutes={self.cfg['max_minutes']:g} leaves room for {horizon} steps of "
-                                f"{step_seconds * 1000:.0f} ms, not more than --warmup_iters={self.cfg['warmup_iters']}; "
-                                f"give more minutes or fewer warm-up steps")
+                                f"{step_seconds * 1000:.0f} ms, too few to warm up and decay; give more minutes")
+            shortened = ""
+            if horizon < 2 * self.cfg["warmup_iters"]:  # the warm-up would leave no room to decay: a tenth of the run
+                self.cfg["warmup_iters"] = max(self.LAST_TIMED_ITER, horizon // 10)
+                shortened = f", warm-up shortened to {self.cfg['warmup_iters']} steps"
             self.cfg["max_iters"] = self.cfg["lr_decay_iters"] = horizon
             self.fixed, self.step_seconds = True, step_seconds
             note = ("time_budget", f"time budget {self.cfg['max_minutes']:g} min: {step_seconds * 1000:.1f} ms per step, "
-                                   f"{self.longest_eval:.1f} s per evaluation -> max_iters = lr_decay_iters = {horizon}")
+                                   f"{self.longest_eval:.1f} s per evaluation -> max_iters = lr_decay_iters = {horizon}{shortened}")
         elif self.fixed and self.elapsed() + self.step_seconds + self.longest_eval > self.seconds and iter_num < self.cfg["max_iters"]:
             self.cfg["max_iters"] = iter_num  # the loop evaluates and saves at max_iters, then stops
             note = ("time_budget_stop", f"time budget reached at iter {iter_num}, before the planned horizon: stopping with an evaluation")
         if self.world_size > 1:  # rank 0 alone evaluates, so its clock decides; all ranks must agree
-            agreed = torch.tensor([self.cfg["max_iters"], self.cfg["lr_decay_iters"]], dtype=torch.float64, device=self.device)
+            keys = ("max_iters", "lr_decay_iters", "warmup_iters")
+            agreed = torch.tensor([self.cfg[key] for key in keys], dtype=torch.float64, device=self.device)
             dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-            self.cfg["max_iters"], self.cfg["lr_decay_iters"] = map(int, agreed.tolist())
+            self.cfg.update(zip(keys, map(int, agreed.tolist())))
         return note
 
     def elapsed(self):
@@ -305,6 +325,175 @@ class StopRequest:
         return 128 + (self.signum or signal.SIGTERM)
 
 
+def build_model(cfg, data, data_dir, tokenizer):
+    """(model, model_args, checkpoint): the GPT that init_from names, on the CPU; the checkpoint
+    when resuming (its optimizer and random states are restored later), else None."""
+    checkpoint = None
+    model_args = dict(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], block_size=cfg["block_size"],
+                      bias=cfg["bias"], vocab_size=data.padded_vocab_size, dropout=cfg["dropout"],
+                      scale_attn_by_inverse_layer_idx=cfg["scale_attn_by_inverse_layer_idx"])
+    if cfg["init_from"] == "scratch":
+        model = GPT(GPTConfig(**model_args))
+    elif cfg["init_from"] == "resume":
+        checkpoint_path = os.path.join(cfg["out_dir"], ckpt.FILENAME)
+        checkpoint = ckpt.load(checkpoint_path)
+        ckpt.check_same_tokenizer(checkpoint, tokenizer, data_dir)
+        check_resume_matches(cfg, checkpoint, checkpoint_path)
+        model_args = checkpoint["model_args"] | {"dropout": cfg["dropout"]}
+        model = ckpt.model_from(checkpoint, cfg["dropout"])
+    else:
+        ckpt.check_gpt2_tokenizer(cfg["init_from"], tokenizer, data_dir)
+        model = ckpt.gpt2_model(cfg["init_from"], cfg["dropout"])
+        if cfg["block_size"] > model.config.block_size:
+            raise UserError(f"--block_size={cfg['block_size']} exceeds {cfg['init_from']}'s {model.config.block_size}")
+        model.crop_block_size(cfg["block_size"])
+        model_args = {k: getattr(model.config, k) for k in model_args}
+        cfg |= {key: model_args[key] for key in CHECKPOINT_SHAPE}  # the log records GPT-2's shape, not our defaults
+    if model.config.vocab_size < data.vocab_size:
+        raise UserError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the data's ({data.vocab_size})")
+    model.chunked_head_loss = cfg["chunked_head_loss"]
+    return model, model_args, checkpoint
+
+
+def build_optimizer(cfg, model, device_type):
+    """The optimizer --optimizer names, over the model's parameters: see optimizers.py."""
+    return optimizers.REGISTRY[cfg["optimizer"]].build(model, cfg, device_type)
+
+
+@dataclass
+class Training:
+    """What one optimizer step touches. main() builds it once; bench.py builds one to time train_step."""
+    cfg: dict
+    model: torch.nn.Module  # what forward runs: the GPT, compiled and/or wrapped in DDP
+    raw_model: torch.nn.Module  # the GPT itself: its parameters, checkpoints, evaluation
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: object  # a context manager: torch.autocast or nullcontext
+    data: object  # TokenData, or anything with its train_micro_batches() and vocab_size
+    device: str
+    rank: int
+    world_size: int
+    batch_generator: torch.Generator  # the training windows, the same on every rank (data.py)
+    hessian_generator: torch.Generator  # the Hessian pass's windows and labels, also the same on every rank
+    pass_statistics: dict = field(default_factory=dict)  # of the optimizer's last pass after a step, to log
+
+    @property
+    def spec(self):
+        return optimizers.REGISTRY[self.cfg["optimizer"]]
+
+    @property
+    def tokens_per_step(self):
+        return self.cfg["batch_size"] * self.cfg["block_size"] * self.cfg["gradient_accumulation_steps"] * self.world_size
+
+    def micro_batches(self, generator, count):
+        """This rank's `count` micro-batches of a step, drawn with generator, on the device."""
+        xs, ys = self.data.train_micro_batches(generator, self.cfg["batch_size"], count, self.rank, self.world_size)
+        return [(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)) for x, y in zip(xs, ys)]
+
+    def sync_context(self, micro_step, count):
+        """DDP all-reduces gradients only on the last micro-step; the others accumulate locally."""
+        if self.world_size > 1 and micro_step < count - 1:
+            return self.model.no_sync()
+        return nullcontext()
+
+    def accumulate_gradients(self, batches, label_seeds=None):
+        """Forward and backward over the micro-batches, each loss divided by their number, so .grad
+        holds the gradient of their mean loss (scaled by the GradScaler, if on). With label_seeds (one
+        per micro-batch) the loss is on labels drawn from the model's own softmax instead of y: the
+        Gauss-Newton-Bartlett loss of SophiaG's Hessian pass. Returns the mean loss, detached."""
+        count = len(batches)
+        loss_sum = torch.zeros((), device=self.device)
+        for micro_step, (x, y) in enumerate(batches):
+            with self.sync_context(micro_step, count), self.autocast:
+                if label_seeds is None:
+                    _, loss = self.model(x, y)
+                else:
+                    label_generator = torch.Generator(self.device).manual_seed(label_seeds[micro_step])
+                    _, loss = self.model(x, None, sample_labels_from_vocab=self.data.vocab_size, label_generator=label_generator)
+                loss = loss / count  # the gradient of the mean over micro-batches
+            loss_sum += loss.detach()
+            self.scaler.scale(loss).backward()
+        return loss_sum
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # this rank's mean loss over the step's micro-batches, on the device
+    grad_norm: torch.Tensor  # before clipping; zero when clipping is off
+    faulty: bool  # the loss or gradient was not finite (a float16 overflow the GradScaler handles is not a fault)
+
+
+def train_step(t, iter_num, track_stats=False):
+    """One optimizer step, iteration iter_num: forward and backward over gradient_accumulation_steps
+    micro-batches, gradient clipping, the step itself unless the loss or gradient is not finite, then
+    the optimizer's pass after the step (SophiaG's Hessian estimate every hess_interval steps).
+    track_stats: record the optimizer's statistics for the log. bench.py times this function."""
+    loss = t.accumulate_gradients(t.micro_batches(t.batch_generator, t.cfg["gradient_accumulation_steps"]))
+    if t.cfg["grad_clip"] > 0:
+        t.scaler.unscale_(t.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(t.raw_model.parameters(), t.cfg["grad_clip"])
+    else:
+        grad_norm = torch.zeros(())
+    loss_is_finite = torch.isfinite(loss).float()
+    if t.world_size > 1:  # every rank must agree to skip, or one would step while another waits
+        dist.all_reduce(loss_is_finite, op=dist.ReduceOp.MIN)
+    loss_is_finite = bool(loss_is_finite)
+    step_is_finite = loss_is_finite and bool(torch.isfinite(grad_norm))
+    if step_is_finite or t.scaler.is_enabled():
+        # with fp16 the GradScaler skips steps whose gradients overflowed and lowers its scale;
+        # that is routine, not a fault
+        t.spec.before_step(t.optimizer, track_stats)
+        t.scaler.step(t.optimizer, **t.spec.step_kwargs(t.tokens_per_step))
+        t.scaler.update()
+    t.optimizer.zero_grad(set_to_none=True)
+    t.pass_statistics.update(t.spec.after_step(t, iter_num))
+    return StepResult(loss, grad_norm, faulty=not (step_is_finite or (t.scaler.is_enabled() and loss_is_finite)))
+
+
+class StepClock:
+    """Seconds per iteration between log lines, evaluation time left out."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self):
+        self.start, self.iterations = time.perf_counter(), 0
+
+    def count_iteration(self):
+        self.iterations += 1
+
+    def lap(self):
+        """Seconds per iteration since the last lap (or restart), and start a new lap."""
+        now = time.perf_counter()
+        seconds = (now - self.start) / self.iterations
+        self.start, self.iterations = now, 0
+        return seconds
+
+
+def log_training_step(t, log, iter_num, lr, step, seconds, total_bad_steps, peak):
+    """The train event in metrics.jsonl and the text line: loss, speed, and the optimizer's statistics."""
+    if t.world_size > 1:
+        dist.all_reduce(step.loss, op=dist.ReduceOp.AVG)
+    if t.rank != 0:
+        return
+    flops = t.raw_model.flops_per_token() * t.tokens_per_step / seconds
+    stats = t.spec.statistics(t.optimizer) | {k: float(v) for k, v in t.pass_statistics.items()}
+    fields = dict(iter=iter_num, loss=step.loss.item(), lr=lr, time_ms=seconds * 1000,
+                  tokens_per_sec=t.tokens_per_step / seconds, mfu=flops / peak, grad_norm=float(step.grad_norm),
+                  bad_steps=total_bad_steps, **stats)
+    log.event("train", **fields)
+    log.text(f"iter {iter_num}: loss {fields['loss']:.4f}, time {seconds * 1000:.2f}ms, mfu {fields['mfu'] * 100:.2f}%"
+             f"{t.spec.log_text(stats)}")
+
+
+def save_training_state(t, model_args, iter_num, best_val_loss, tokenizer, file_name, log):
+    """Write out_dir/file_name: everything --init_from=resume needs to continue exactly."""
+    state = ckpt.training_state(t.raw_model, t.optimizer, t.scaler, model_args, iter_num, best_val_loss, t.cfg,
+                                t.batch_generator, tokenizer, t.hessian_generator)
+    ckpt.save(state, os.path.join(t.cfg["out_dir"], file_name))
+    log.text(f"saved checkpoint {t.cfg['out_dir']}/{file_name} at iter {iter_num}")
+
+
 def main():
     cfg = parse_args(DEFAULTS, sys.argv[1:])
     check_config(cfg)
@@ -319,7 +508,6 @@ def main():
         hardware.keep_freed_memory()
     if cfg["compile"]:
         hardware.check_compile_works(device)
-    tokens_per_step = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"] * world_size
 
     data_dir = cfg["data_dir"] or os.path.join("data", cfg["dataset"])
     data = TokenData(data_dir, cfg["block_size"])
@@ -330,111 +518,53 @@ def main():
     np.random.seed(cfg["seed"] + rank)
     torch.manual_seed(cfg["seed"] + rank)
     batch_generator = torch.Generator().manual_seed(cfg["seed"])  # same on every rank: see data.py
+    # SophiaG's Hessian pass draws its windows and labels from a stream of its own (also the same
+    # on every rank), so the training batches do not depend on the optimizer: same-seed runs of
+    # different optimizers train on the same batches, and seeds are paired across them.
+    hessian_generator = torch.Generator().manual_seed(stream_seed(cfg["seed"], "hessian"))
 
-    # the model
-    iter_num, best_val_loss, checkpoint, resumed_config = 0, float("inf"), None, None
-    model_args = dict(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], block_size=cfg["block_size"],
-                      bias=cfg["bias"], vocab_size=data.padded_vocab_size, dropout=cfg["dropout"],
-                      scale_attn_by_inverse_layer_idx=cfg["scale_attn_by_inverse_layer_idx"])
-    if cfg["init_from"] == "scratch":
-        model = GPT(GPTConfig(**model_args))
-    elif cfg["init_from"] == "resume":
-        checkpoint_path = os.path.join(cfg["out_dir"], ckpt.FILENAME)
-        checkpoint = ckpt.load(checkpoint_path)
-        ckpt.check_same_tokenizer(checkpoint, tokenizer, data_dir)
-        check_resume_matches(cfg, checkpoint, checkpoint_path)
-        model_args = checkpoint["model_args"] | {"dropout": cfg["dropout"]}
-        model = ckpt.model_from(checkpoint, cfg["dropout"])
-        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        resumed_config = checkpoint["config"]
-    else:
-        ckpt.check_gpt2_tokenizer(cfg["init_from"], tokenizer, data_dir)
-        model = ckpt.gpt2_model(cfg["init_from"], cfg["dropout"])
-        if cfg["block_size"] > model.config.block_size:
-            raise UserError(f"--block_size={cfg['block_size']} exceeds {cfg['init_from']}'s {model.config.block_size}")
-        model.crop_block_size(cfg["block_size"])
-        model_args = {k: getattr(model.config, k) for k in model_args}
-        cfg |= {key: model_args[key] for key in CHECKPOINT_SHAPE}  # the log records GPT-2's shape, not our defaults
-    if model.config.vocab_size < data.vocab_size:
-        raise UserError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the data's ({data.vocab_size})")
+    model, model_args, checkpoint = build_model(cfg, data, data_dir, tokenizer)
+    iter_num, best_val_loss = (checkpoint["iter_num"], checkpoint["best_val_loss"]) if checkpoint else (0, float("inf"))
+    resumed_config = checkpoint["config"] if checkpoint else None
     out_dir_lock = claim_out_dir(cfg) if is_master else None
-    model.chunked_head_loss = cfg["chunked_head_loss"]
     model.to(device)
-
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-    optimizer = model.configure_optimizers(cfg["optimizer"], cfg["weight_decay"], cfg["learning_rate"],
-                                           (cfg["beta1"], cfg["beta2"]), device_type, rho=cfg["rho"])
+    optimizer = build_optimizer(cfg, model, device_type)
     if checkpoint is not None:
-        ckpt.restore_training_state(checkpoint, optimizer, scaler, batch_generator, rank)
+        ckpt.restore_training_state(checkpoint, optimizer, scaler, batch_generator, hessian_generator, rank)
         checkpoint = None  # free the memory
-    uses_hessian = cfg["optimizer"] == "sophiag" and cfg["hess_interval"] > 0
 
     raw_model = model
     if cfg["compile"]:
         model = torch.compile(model)
     if world_size > 1:
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-    autocast = hardware.autocast_context(device, dtype)
+    t = Training(cfg=cfg, model=model, raw_model=raw_model, optimizer=optimizer, scaler=scaler,
+                 autocast=hardware.autocast_context(device, dtype), data=data, device=device, rank=rank,
+                 world_size=world_size, batch_generator=batch_generator, hessian_generator=hessian_generator)
     log = RunLog(cfg, is_master, machine=hardware.device_name(device))
     stop = StopRequest()
 
     if is_master:
-        log.text(f"tokens per optimizer step: {tokens_per_step:,} = {cfg['batch_size']} batch x {cfg['block_size']} block "
+        log.text(f"tokens per optimizer step: {t.tokens_per_step:,} = {cfg['batch_size']} batch x {cfg['block_size']} block "
                  f"x {cfg['gradient_accumulation_steps']} accumulation x {world_size} processes")
         log.text(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters, {cfg['optimizer']} optimizer, "
                  f"device {device} ({hardware.device_name(device)}), dtype {dtype}")
-        if cfg["optimizer"] == "sophiag":
-            log.text(f"SophiaG: Hessian EMA updated every {cfg['hess_interval']} steps" if uses_hessian else
-                     "SophiaG with hess_interval=0: the Hessian is never estimated, so every step is sign momentum")
+        if t.spec.describe(cfg):
+            log.text(t.spec.describe(cfg))
     peak, peak_source = hardware.peak_flops(device, dtype) if is_master else (0.0, "")
-
-    def micro_batches(split_generator, count):
-        """This rank's `count` micro-batches of the step, on the device."""
-        xs, ys = data.train_micro_batches(split_generator, cfg["batch_size"], count, rank, world_size)
-        return [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in zip(xs, ys)]
 
     last_saved_iter = iter_num if cfg["init_from"] == "resume" else None
 
-    def save_checkpoint(path_name):
+    def save_checkpoint(file_name):
         nonlocal last_saved_iter
-        state = ckpt.training_state(raw_model, optimizer, scaler, model_args, iter_num, best_val_loss, cfg, batch_generator,
-                                    tokenizer)
-        ckpt.save(state, os.path.join(cfg["out_dir"], path_name))
-        log.text(f"saved checkpoint {cfg['out_dir']}/{path_name} at iter {iter_num}")
-        if path_name == ckpt.FILENAME:
+        save_training_state(t, model_args, iter_num, best_val_loss, tokenizer, file_name, log)
+        if file_name == ckpt.FILENAME:
             last_saved_iter = iter_num
-
-    def sync_context(micro_step, count):
-        """DDP all-reduces gradients only on the last micro-step; the others accumulate locally."""
-        if world_size > 1 and micro_step < count - 1:
-            return model.no_sync()
-        return nullcontext()
-
-    def estimate_hessian():
-        n = cfg["hess_accumulation_steps"]
-        batches = micro_batches(batch_generator, n)
-        # Labels are drawn with one seed per micro-batch taken from the shared batch generator (every
-        # rank draws all ranks' seeds and keeps its own), not from the per-rank global RNG: so 2
-        # processes sample the labels of 1 process with twice the accumulation, and resume repeats them.
-        label_seeds = torch.randint(2**62, (world_size, n), generator=batch_generator)[rank].tolist()
-        for micro_step, ((x, _), seed) in enumerate(zip(batches, label_seeds)):
-            label_generator = torch.Generator(device).manual_seed(seed)
-            with sync_context(micro_step, n), autocast:
-                _, loss = model(x, None, sample_labels_from_vocab=data.vocab_size, label_generator=label_generator)
-                loss = loss / n
-            scaler.scale(loss).backward()
-        grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
-        if scaler.is_enabled():  # the GradScaler scaled these gradients: undo it, skip on overflow
-            torch._foreach_div_(grads, scaler.get_scale())
-            if not all(torch.isfinite(g).all() for g in grads):
-                optimizer.zero_grad(set_to_none=True)
-                return
-        optimizer.update_hessian()
-        optimizer.zero_grad(set_to_none=True)
 
     budget = TimeBudget(cfg, iter_num, resumed_config, world_size, device)
     bad_steps, total_bad_steps = 0, 0
-    t_last, iters_since_log = time.perf_counter(), 0
+    clock = StepClock()
     while True:
         lr = learning_rate_at(iter_num, cfg)
         for group in optimizer.param_groups:
@@ -442,7 +572,7 @@ def main():
 
         if (iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"]) and is_master:
             t_eval = time.perf_counter()
-            metrics = evaluate(raw_model, data, cfg, device, autocast, token_byte_lengths)
+            metrics = evaluate(raw_model, data, cfg, device, t.autocast, token_byte_lengths)
             train, val = metrics["train"], metrics["val"]
             log.event("eval", iter=iter_num, train_loss=train["loss"], val_loss=val["loss"], train_bpc=train["bpc"],
                       val_bpc=val["bpc"], val_bpb=val["bpb"], lr=lr)
@@ -455,73 +585,29 @@ def main():
             if iter_num > 0 and (cfg["always_save_checkpoint"] or val["loss"] <= best_val_loss):
                 save_checkpoint(ckpt.FILENAME)
             budget.evaluated(time.perf_counter() - t_eval)
-            t_last, iters_since_log = time.perf_counter(), 0  # evaluation time is not training time
+            clock.restart()  # evaluation time is not training time
         if cfg["eval_only"] or iter_num >= cfg["max_iters"]:
             break
 
-        # one optimizer step: forward/backward over the micro-batches, DDP syncing on the last
-        ga = cfg["gradient_accumulation_steps"]
-        loss_sum = torch.zeros((), device=device)
-        for micro_step, (x, y) in enumerate(micro_batches(batch_generator, ga)):
-            with sync_context(micro_step, ga), autocast:
-                _, loss = model(x, y)
-                loss = loss / ga  # the gradient of the mean over micro-batches
-            loss_sum += loss.detach()
-            scaler.scale(loss).backward()
-        if cfg["grad_clip"] > 0:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"])
-        else:
-            grad_norm = torch.zeros(())
-        loss_is_finite = torch.isfinite(loss_sum).float()
-        if world_size > 1:  # every rank must agree to skip, or one would step while another waits
-            dist.all_reduce(loss_is_finite, op=dist.ReduceOp.MIN)
-        loss_is_finite = bool(loss_is_finite)
-        step_is_finite = loss_is_finite and bool(torch.isfinite(grad_norm))
-        if step_is_finite or scaler.is_enabled():
-            # with fp16 the GradScaler skips steps whose gradients overflowed and lowers its scale;
-            # that is routine, not a fault
-            if cfg["optimizer"] == "sophiag":
-                optimizer.track_stats = iter_num % cfg["log_interval"] == 0 and is_master
-                scaler.step(optimizer, bs=tokens_per_step)
-            else:
-                scaler.step(optimizer)
-            scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if step_is_finite or (scaler.is_enabled() and loss_is_finite):
-            bad_steps = 0
-        else:
+        log_due = iter_num % cfg["log_interval"] == 0
+        step = train_step(t, iter_num, track_stats=log_due and is_master)
+        if step.faulty:
             bad_steps += 1
             total_bad_steps += 1
             log.text(f"iter {iter_num}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
             if bad_steps >= cfg["max_bad_steps"]:
                 raise UserError(diverged_message(bad_steps, iter_num, last_saved_iter, cfg, dtype))
-
-        if uses_hessian and iter_num % cfg["hess_interval"] == cfg["hess_interval"] - 1:
-            estimate_hessian()
-
+        else:
+            bad_steps = 0
+        clock.count_iteration()
         iter_num += 1
-        iters_since_log += 1
         budget_note = budget.after_step(iter_num)
         if budget_note:
             event, line = budget_note
             log.text(line)
             log.event(event, iter=iter_num, max_iters=cfg["max_iters"], lr_decay_iters=cfg["lr_decay_iters"])
-        if (iter_num - 1) % cfg["log_interval"] == 0:
-            if world_size > 1:
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-            t_now = time.perf_counter()
-            dt, t_last, iters_since_log = (t_now - t_last) / iters_since_log, t_now, 0
-            if is_master:
-                flops = raw_model.flops_per_token() * tokens_per_step / dt
-                stats = optimizer.statistics() if cfg["optimizer"] == "sophiag" else {}
-                fields = dict(iter=iter_num - 1, loss=loss_sum.item(), lr=lr, time_ms=dt * 1000,
-                              tokens_per_sec=tokens_per_step / dt, mfu=flops / peak, grad_norm=float(grad_norm),
-                              bad_steps=total_bad_steps, **stats)
-                log.event("train", **fields)
-                extra = "".join(f", {k} {v:.3f}" for k, v in stats.items() if k == "win_rate")
-                log.text(f"iter {iter_num - 1}: loss {fields['loss']:.4f}, time {dt * 1000:.2f}ms, "
-                         f"mfu {fields['mfu'] * 100:.2f}%{extra}")
+        if log_due:
+            log_training_step(t, log, iter_num - 1, lr, step, clock.lap(), total_bad_steps, peak)
 
         if stop_requested(stop, world_size, device):
             stop.stopped = True

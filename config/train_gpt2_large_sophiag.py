@@ -34,6 +34,7 @@ optimizer = "sophiag"
 learning_rate = 3e-4
 min_lr = 1e-5
 weight_decay = 2e-1
+decay_embeddings = False  # as the Sophia authors: no weight decay on wte (the tied head) and wpe
 beta1 = 0.965
 beta2 = 0.99
 grad_clip = 1.0

@@ -34,6 +34,7 @@ optimizer = "adamw"
 learning_rate = 6e-4
 min_lr = 3e-5
 weight_decay = 1e-1
+decay_embeddings = False  # as the Sophia authors: no weight decay on wte (the tied head) and wpe
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0

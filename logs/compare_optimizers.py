@@ -7,7 +7,8 @@ optimizer, then several seeds at the chosen rate, then a table and a plot.
 Methods: AdamW; SophiaG with the Hessian estimated every 10 steps; SophiaG with hess_interval=0
 (the configuration of the project this one is modelled on: no Hessian, so sign momentum); Muon on
 the hidden matrices with AdamW on the rest. Each gets the same model (config/train_tiny_zh.py), data,
-warmup and cosine schedule decaying fully to lr/10 at the last step. The learning rate of each is
+warmup and cosine schedule decaying fully to lr/10 at the last step, and no weight decay on the
+embeddings (the Sophia authors' choice; README says why). The learning rate of each is
 the grid value with the lowest final val loss on sweep_seed; when that is at the edge of the grid
 the grid is extended (at most max_extensions times), so no method is judged on a rate that is too
 small or too large. To fit a CPU budget the sweep's runs are sweep_iters steps long, with the same
@@ -23,6 +24,7 @@ import concurrent.futures
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -54,6 +56,7 @@ DEFAULTS = dict(
     readme="README.md",
 )
 
+# Each method's name is the label its runs get in plots (optimizers.REGISTRY[...].run_label; tested).
 METHODS = {
     "AdamW": dict(args=["--optimizer=adamw", "--beta1=0.9", "--beta2=0.95", "--weight_decay=0.1"],
                   grid=(1e-3, 2e-3, 4e-3)),
@@ -71,7 +74,8 @@ OLDER_TABLE = {"AdamW": (2.8763, 2.7097), "Sophia": (2.7042, 2.5157)}
 
 
 def slug(method):
-    return method.split(" ")[0].lower() + ("-k0" if "k=0" in method else "-k10" if "k=10" in method else "")
+    """A folder name for a method: "SophiaG (k=10)" -> "sophiag-k-10"."""
+    return re.sub(r"[^a-z0-9]+", "-", method.lower()).strip("-")
 
 
 def run_dir(cfg, method, lr, seed):
@@ -91,6 +95,7 @@ def train_command(cfg, method, lr, seed, out_dir, resume):
         f"--out_dir={out_dir}", f"--data_dir={os.path.abspath(cfg['data_dir'])}", "--gradient_accumulation_steps=1", f"--batch_size={cfg['batch_size']}",
         f"--max_iters={iters}", f"--lr_decay_iters={iters}", f"--warmup_iters={cfg['warmup_iters']}",
         f"--eval_interval={cfg['eval_interval']}", "--device=cpu", "--dtype=float32",
+        "--decay_embeddings=False",  # the Sophia authors' weight decay, for every method (README: why)
         f"--init_from={'resume' if resume else 'scratch'}",
     ]
 

@@ -35,8 +35,8 @@ import numpy as np
 # on the import path so that `python logs/plot_loss.py` works from any directory.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cli import UserError, run, write_atomically  # noqa: E402
+from optimizers import REGISTRY  # noqa: E402
 
-OPTIMIZER_NAMES = {"adamw": "AdamW", "sophiag": "SophiaG", "muon": "Muon"}
 # Config keys that do not change what a run computes: runs differing only in these are seeds of
 # one experiment. A group whose runs differ in any other key gets a note.
 NOT_THE_EXPERIMENT = {"seed", "out_dir", "init_from", "wandb_log", "wandb_project", "wandb_run_name",
@@ -160,11 +160,10 @@ def load_run(path, y="loss"):
 def group_name(run):
     """The line a run belongs to when no --label names it."""
     optimizer = run.config.get("optimizer")
-    if optimizer == "sophiag":
-        k = run.config.get("hess_interval")
-        return f"SophiaG (k={k})" if k != 0 else "SophiaG (k=0, sign momentum)"
+    if optimizer in REGISTRY:
+        return REGISTRY[optimizer].run_label(run.config)
     if optimizer:
-        return OPTIMIZER_NAMES.get(optimizer, optimizer)
+        return optimizer
     name = os.path.basename(os.path.normpath(run.path))
     if name == "metrics.jsonl":  # a config-less metrics.jsonl: name it by its folder
         name = os.path.basename(os.path.dirname(os.path.abspath(run.path)))

@@ -11,6 +11,18 @@ import compare_optimizers as compare  # noqa: E402
 from plot_loss import Curve  # noqa: E402
 
 
+def test_method_names_are_the_labels_the_registry_gives_their_runs():
+    """The table's rows, the plot's lines and logs/plot_loss.py's groups name a run the same way."""
+    import train
+    from configurator import parse_args
+    from optimizers import REGISTRY
+
+    for method, spec in compare.METHODS.items():
+        config = parse_args(train.DEFAULTS, spec["args"])
+        assert REGISTRY[config["optimizer"]].run_label(config) == method
+    assert len({compare.slug(m) for m in compare.METHODS}) == len(compare.METHODS)  # one folder name each
+
+
 def test_steps_to_reach_interpolates_between_evaluations():
     curve = Curve(np.array([0, 250, 500, 750]), np.array([10.0, 4.0, 3.0, 2.5]), None)
     assert compare.steps_to_reach(curve, 3.5) == 375

@@ -11,7 +11,7 @@ import torch
 
 import hardware
 import train
-from conftest import TINY_MODEL_ARGS
+from conftest import TINY_MODEL_ARGS, read_events
 from head_loss import sample_labels
 from sophia import SophiaG
 
@@ -348,3 +348,180 @@ def test_float16_hessian_estimate_undoes_the_loss_scale(float32_checkpoint, tiny
         # draws of the same quantity: they agree within a factor 2, an unscaled one is off by 2**32.
         assert 0.5 < h16.norm().item() / h32.norm().item() < 2.0
         assert torch.count_nonzero(h16) > 0
+
+
+# --- which rho gives which win_rate: quantiles of |m| / (bs * h) -------------------------------------
+
+def reference_ratio_quantiles(reference, bs, quantiles):
+    """From the float64 reference's state: r = |m| / (bs * h) over all coordinates, and for each q
+    the smallest r with at least a fraction q of the coordinates at or below it (inverted CDF)."""
+    m = torch.cat([x.flatten() for group in reference.exp_avgs for x in group])
+    h = torch.cat([x.flatten() for group in reference.hessians for x in group])
+    ratios = (m.abs() / (bs * h)).sort().values
+    return [ratios[int(np.ceil(q * ratios.numel())) - 1].item() for q in quantiles]
+
+
+def test_ratio_quantiles_tell_which_rho_gives_which_win_rate():
+    """statistics() reports, for each q, a value within one bin (1/100 decade) above the q-quantile
+    of |m| / (bs * h): setting rho there would give a win_rate of about q."""
+    import sophia
+
+    param_groups = make_param_groups()
+    optimizer = SophiaG(param_groups)
+    optimizer.track_stats = True
+    reference = ReferenceSophia(param_groups)
+    run_schedule(optimizer, param_groups, torch.Generator().manual_seed(8), n_steps=7, hess_interval=3, reference=reference)
+    stats = optimizer.statistics()
+    expected = reference_ratio_quantiles(reference, TOKENS_PER_STEP, sophia.RATIO_QUANTILES)
+    assert len(set(expected)) == len(expected)  # distinct quantiles, or the test would prove little
+    one_bin = 10 ** ((sophia.LOG10_RATIO_RANGE[1] - sophia.LOG10_RATIO_RANGE[0]) / sophia.LOG10_RATIO_BINS)
+    for q, value in zip(sophia.RATIO_QUANTILES, expected):
+        reported = stats[f"ratio_q{round(q * 100):02d}"]
+        assert value * (1 - 1e-5) <= reported <= value * one_bin * (1 + 1e-5), (q, reported, value)
+
+
+def test_before_any_hessian_estimate_no_rho_wins():
+    """h = 0: every quantile sits at the top of the range (no rho below 1e12 would unclip anything)."""
+    import sophia
+
+    param_groups = make_param_groups()
+    optimizer = SophiaG(param_groups)
+    optimizer.track_stats = True
+    run_schedule(optimizer, param_groups, torch.Generator().manual_seed(9), n_steps=2, hess_interval=0)
+    stats = optimizer.statistics()
+    assert stats["win_rate"] == 0.0
+    for q in sophia.RATIO_QUANTILES:
+        assert stats[f"ratio_q{round(q * 100):02d}"] == pytest.approx(10 ** sophia.LOG10_RATIO_RANGE[1])
+
+
+# --- the Hessian pass as the authors run it ----------------------------------------------------------
+
+class HessianPassRecorder:
+    """Records, through monkeypatches, each sampled-label forward of the training loop (its input,
+    the weights at that moment, the labels drawn) and the gradients update_hessian() receives."""
+
+    def __init__(self, monkeypatch):
+        import model as model_module
+        import sophia
+
+        self.forwards, self.updates, self.names = [], [], {}
+        real_forward, real_sampled_loss = model_module.GPT.forward, model_module.sampled_label_cross_entropy
+        real_update = sophia.SophiaG.update_hessian
+
+        def forward(gpt, idx, targets=None, sample_labels_from_vocab=0, label_generator=None):
+            if sample_labels_from_vocab:
+                self.names = {id(p): name for name, p in gpt.named_parameters()}
+                self.forwards.append(dict(idx=idx.clone(), state={k: v.detach().clone() for k, v in gpt.state_dict().items()},
+                                          config=gpt.config))
+            return real_forward(gpt, idx, targets, sample_labels_from_vocab, label_generator)
+
+        def sampled_loss(hidden, weight, n_real_vocab, generator=None, chunk_rows=None):
+            loss, labels = real_sampled_loss(hidden, weight, n_real_vocab, generator, chunk_rows)
+            self.forwards[-1]["labels"] = labels.clone()
+            return loss, labels
+
+        def update_hessian(optimizer):
+            self.updates.append({self.names[id(p)]: p.grad.clone() for g in optimizer.param_groups for p in g["params"]
+                                 if p.grad is not None})
+            return real_update(optimizer)
+
+        monkeypatch.setattr(model_module.GPT, "forward", forward)
+        monkeypatch.setattr(model_module, "sampled_label_cross_entropy", sampled_loss)
+        monkeypatch.setattr(sophia.SophiaG, "update_hessian", update_hessian)
+
+
+def reference_hessian_gradient(forwards, grad_clip):
+    """From the math, in float64: the gradient of the mean over the pass's micro-batches of the
+    cross-entropy (full logits, F.cross_entropy) on the recorded labels, its norm, and the gradient
+    clipped to grad_clip as torch.nn.utils.clip_grad_norm_ does."""
+    from model import GPT
+
+    model = GPT(forwards[0]["config"]).double()
+    model.load_state_dict({k: v.double() for k, v in forwards[0]["state"].items()})
+    loss = 0
+    for forward in forwards:
+        logits = model.full_logits(forward["idx"])
+        loss = loss + torch.nn.functional.cross_entropy(logits.flatten(0, 1), forward["labels"]) / len(forwards)
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads.values()))
+    scale = min(1.0, grad_clip / (norm.item() + 1e-6)) if grad_clip > 0 else 1.0
+    return {name: g * scale for name, g in grads.items()}, norm.item()
+
+
+@pytest.mark.parametrize("hess_accumulation, grad_clip", [(0, 0.05), (1, 0.0)])
+def test_hessian_pass_uses_the_whole_batch_and_clips_its_gradient(tiny_data, tmp_path, monkeypatch, hess_accumulation, grad_clip):
+    """With 3 micro-batches per step, the default Hessian pass runs on all 3 (0 = the training
+    accumulation), and update_hessian() gets the gradient of their mean sampled-label loss clipped
+    at grad_clip, as in the authors' train_sophiag.py; --hess_accumulation_steps=1 takes one. The
+    gradient's norm before clipping is logged. grad_clip=0.05 is below the norm, so clipping bites."""
+    recorder = HessianPassRecorder(monkeypatch)
+    train_sophiag(tiny_data, tmp_path, "--gradient_accumulation_steps=3", f"--hess_accumulation_steps={hess_accumulation}",
+                  f"--grad_clip={grad_clip}", "--hess_interval=2", "--max_iters=2", "--eval_interval=2", "--log_interval=1")
+    n_micro_batches = hess_accumulation or 3
+    assert len(recorder.forwards) == n_micro_batches and len(recorder.updates) == 1  # one pass, after iteration 1
+    expected, norm = reference_hessian_gradient(recorder.forwards, grad_clip)
+    if grad_clip:
+        assert norm > 2 * grad_clip
+    assert recorder.updates[0].keys() == expected.keys()
+    for name, grad in recorder.updates[0].items():
+        torch.testing.assert_close(grad.double(), expected[name], rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    logged = [e for e in read_events(tmp_path, "train") if "hessian_grad_norm" in e]
+    assert [e["iter"] for e in logged] == [1] and logged[0]["hessian_grad_norm"] == pytest.approx(norm, rel=1e-4)
+
+
+class TrainingBatchRecorder:
+    """Records the input of every training forward (targets given, model in training mode) and
+    the global random state at that moment (from which dropout draws its masks)."""
+
+    def __init__(self, monkeypatch):
+        import model as model_module
+
+        self.batches, self.rng_states = [], []
+        real_forward = model_module.GPT.forward
+
+        def forward(gpt, idx, targets=None, **kwargs):
+            if targets is not None and gpt.training:
+                self.batches.append((idx.clone(), targets.clone()))
+                self.rng_states.append(torch.get_rng_state())
+            return real_forward(gpt, idx, targets, **kwargs)
+
+        monkeypatch.setattr(model_module.GPT, "forward", forward)
+
+
+def test_same_seed_runs_of_adamw_and_sophiag_train_on_the_same_batches(tiny_data, tmp_path):
+    """The Hessian pass (here after every step) draws its windows, labels and dropout masks from
+    streams of its own, so SophiaG's training batches and dropout masks are AdamW's: same-seed runs
+    are paired."""
+    recorded = {}
+    for optimizer in ("adamw", "sophiag"):
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            recorder = TrainingBatchRecorder(monkeypatch)
+            train_sophiag(tiny_data, tmp_path / optimizer, f"--optimizer={optimizer}", "--hess_interval=1",
+                          "--gradient_accumulation_steps=2", "--seed=7", "--dropout=0.1")
+        recorded[optimizer] = recorder
+    adamw, sophiag = recorded["adamw"].batches, recorded["sophiag"].batches
+    assert len(adamw) == len(sophiag) == 8  # 4 steps x 2 micro-batches
+    for (x_a, y_a), (x_s, y_s) in zip(adamw, sophiag):
+        assert torch.equal(x_a, x_s) and torch.equal(y_a, y_s)
+    assert not torch.equal(adamw[0][0], adamw[2][0])  # the batches do change from step to step
+    for state_a, state_s in zip(recorded["adamw"].rng_states, recorded["sophiag"].rng_states):
+        assert torch.equal(state_a, state_s)  # dropout draws the same masks in both runs
+
+
+def test_the_hessian_pass_runs_with_dropout_on(tiny_data, tmp_path, monkeypatch):
+    """The decision documented in optimizers.hessian_pass: the sampled-label forward runs in
+    training mode, so dropout (here 0.1) applies to it as to the training steps."""
+    import model as model_module
+
+    modes = []
+    real_forward = model_module.GPT.forward
+
+    def forward(gpt, idx, targets=None, sample_labels_from_vocab=0, label_generator=None):
+        if sample_labels_from_vocab:
+            modes.append(gpt.training)
+        return real_forward(gpt, idx, targets, sample_labels_from_vocab, label_generator)
+
+    monkeypatch.setattr(model_module.GPT, "forward", forward)
+    train_sophiag(tiny_data, tmp_path, "--hess_interval=2", "--dropout=0.1")
+    assert modes == [True, True]

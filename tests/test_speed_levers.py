@@ -18,13 +18,13 @@ from model import GPT, GPTConfig
 TRAINING_STEPS = f"""
 import json, sys
 sys.path.insert(0, {REPO!r})
-import torch, hardware
+import torch, hardware, optimizers, train
 from model import GPT, GPTConfig
 if sys.argv[1] == "keep":
     assert hardware.keep_freed_memory()
 torch.manual_seed(0)
 model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50304, dropout=0.1, bias=True))
-optimizer = model.configure_optimizers("adamw", 0.1, 1e-3, (0.9, 0.95), "cpu")
+optimizer = optimizers.REGISTRY["adamw"].build(model, train.DEFAULTS | dict(learning_rate=1e-3), "cpu")
 losses = []
 for _ in range(4):
     x, y = torch.randint(0, 50257, (2, 4, 16))

@@ -63,3 +63,14 @@ def test_resume_continues_the_same_schedule(tiny_data, tmp_path):
 def test_budget_needs_the_timing_steps_inside_warm_up(tiny_data, tmp_path):
     result = run_script("train.py", *budget_args(tiny_data, tmp_path / "run"), "--warmup_iters=5")
     assert_user_error(result, "--max_minutes needs --warmup_iters")
+
+
+def test_a_budget_too_short_for_the_warm_up_shortens_it(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    result = run_script("train.py", *budget_args(tiny_data, out), "--warmup_iters=100000")
+    assert result.returncode == 0, result.stderr
+    [planned] = read_events(out, "time_budget")
+    warmup = max(12, planned["max_iters"] // 10)
+    assert f"warm-up shortened to {warmup} steps" in result.stdout
+    cfg = dict(train.DEFAULTS, learning_rate=1e-2, min_lr=1e-3, warmup_iters=warmup, lr_decay_iters=planned["max_iters"])
+    assert all(s["lr"] == train.learning_rate_at(s["iter"], cfg) for s in read_events(out, "train") if s["iter"] >= 12)
