@@ -1,21 +1,27 @@
 """Checkpoints: what a training run saves, atomically, and how train.py and sample.py load it.
 
 A checkpoint is plain data (tensors, numbers, strings, lists, dicts), so it loads with
-torch.load(weights_only=True): opening someone else's checkpoint cannot run their code.
+torch.load(weights_only=True): opening someone else's checkpoint cannot run their code. It carries
+a SHA-256 of its contents, checked on load: torch's own reader checks nothing, so bytes flipped on a
+disk or in a copy would otherwise load as silently wrong weights and optimizer state.
 """
+import errno
+import hashlib
 import os
 import random
+import sys
 
 import numpy as np
 import torch
 
 import tokenizer as tok
-from cli import UserError, write_atomically
+from cli import UserError, space_left, write_atomically
 from model import GPT, GPTConfig
 
 FILENAME = "ckpt.pt"
 BEST_FILENAME = "ckpt_best.pt"
-FORMAT = "open-gpt-training/1"
+FORMAT = "open-gpt-training/2"  # /2 added the checksum
+UNCHECKED_FORMAT = "open-gpt-training/1"  # still loads, unverified: it predates the checksum
 # How an optimizer runs on this machine, not what it has learnt: load_state_dict would copy the saving
 # machine's choice (a CPU run's foreach=True over a fused CUDA AdamW, which a GradScaler then trips on).
 OPTIMIZER_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")
@@ -51,10 +57,52 @@ def training_state(model, optimizer, scaler, model_args, iter_num, best_val_loss
 
 
 def save(state, path):
-    write_atomically(path, lambda temp_path: torch.save(state, temp_path))
+    """Write state and its checksum to path atomically; a full or read-only disk is a UserError,
+    and the file that would have been replaced is left as it was."""
+    state = state | {"checksum": payload_checksum(state)}
+    try:
+        write_atomically(path, lambda temp_path: torch.save(state, temp_path))
+    except OSError as e:
+        full = f", {space_left(path)}" if e.errno == errno.ENOSPC else ""
+        raise UserError(f"could not write checkpoint {path} ({e.strerror or e}{full}); "
+                        f"any earlier {os.path.basename(path)} there is intact") from None
+    except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) as RuntimeError
+        if "inline_container" not in str(e) and "PytorchStreamWriter" not in str(e):
+            raise
+        raise UserError(f"could not write checkpoint {path} (the write failed, {space_left(path)}); "
+                        f"any earlier {os.path.basename(path)} there is intact") from None
+
+
+def payload_checksum(state):
+    """SHA-256 of everything in a checkpoint but the checksum itself: each tensor's dtype, shape and
+    bytes, each number and string, in order. Lists and tuples hash alike (a load may turn one into
+    the other)."""
+    digest = hashlib.sha256()
+    _feed(digest, {key: value for key, value in state.items() if key != "checksum"})
+    return digest.hexdigest()
+
+
+def _feed(digest, value):
+    if isinstance(value, torch.Tensor):
+        digest.update(f"tensor {value.dtype} {tuple(value.shape)}:".encode())
+        digest.update(value.detach().reshape(-1).view(torch.uint8).cpu().numpy())  # one tensor at a time on the host
+    elif isinstance(value, dict):
+        digest.update(f"dict {len(value)}:".encode())
+        for key, item in value.items():
+            _feed(digest, key)
+            _feed(digest, item)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"list {len(value)}:".encode())
+        for item in value:
+            _feed(digest, item)
+    else:  # str, int, float, bool, None: repr is exact and tells the types apart
+        text = repr(value).encode("utf-8", "surrogatepass")
+        digest.update(f"{type(value).__name__} {len(text)}:".encode() + text)
 
 
 def load(path):
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise UserError(f"checkpoint {path} is empty (0 bytes), e.g. a copy that failed; use another copy")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -62,10 +110,17 @@ def load(path):
     except IsADirectoryError:
         raise UserError(f"checkpoint {path} is a folder, not a file") from None
     except Exception as e:  # truncated, not a torch file, or holding objects that need code to load
-        raise UserError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
-        found = checkpoint.get("format", "no format field") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        reason = (str(e).strip().splitlines() or ["no message"])[0][:160]
+        raise UserError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}: {reason})") from None
+    found = checkpoint.get("format", "no format field") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+    if found == UNCHECKED_FORMAT:
+        print(f"note: {path} is an {UNCHECKED_FORMAT} checkpoint, saved before checkpoints carried a checksum: "
+              f"it loads unverified", file=sys.stderr)
+    elif found != FORMAT:
         raise UserError(f"checkpoint {path} is not an {FORMAT} checkpoint ({found}); it was made by another program or version")
+    elif checkpoint.get("checksum") != payload_checksum(checkpoint):
+        raise UserError(f"checkpoint {path} is corrupt: its contents do not match the checksum saved with it "
+                        f"(bytes changed on disk or in a copy); use another copy or an earlier checkpoint")
     return checkpoint
 
 
@@ -96,8 +151,9 @@ def restore_training_state(checkpoint, optimizer, scaler, batch_generator, hessi
         load_optimizer_state(optimizer, checkpoint["optimizer"])
     except (ValueError, KeyError) as e:
         raise UserError(f"the checkpoint's optimizer state does not fit --optimizer ({e}); resume with the optimizer it was trained with") from None
-    if checkpoint["scaler"]:  # a run without float16 saved its off GradScaler as {}: keep the fresh one
+    if checkpoint["scaler"] or not scaler.is_enabled():
         scaler.load_state_dict(checkpoint["scaler"])
+    # else: a run saved without float16 goes on in float16: its GradScaler starts afresh, as a new run's does
     rng = checkpoint["rng"]
     batch_generator.set_state(rng["batches"])
     if "hessian" in rng:  # checkpoints from before the Hessian pass had a stream of its own lack it
@@ -173,5 +229,10 @@ def gpt2_model(name_or_dir, dropout):
         return GPT.from_pretrained(name_or_dir, dropout=dropout)
     except ImportError:
         raise UserError("init_from a GPT-2 model needs transformers: pip install transformers") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not load GPT-2 weights {name_or_dir!r}: {str(e).splitlines()[0][:200]}") from None
+    except Exception as e:
+        # a truncated or garbled weights file: safetensors and torch's zip reader have their own errors
+        unreadable = isinstance(e, (OSError, ValueError)) or type(e).__name__ == "SafetensorError" or "PytorchStreamReader" in str(e)
+        if not unreadable:
+            raise
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"could not load GPT-2 weights {name_or_dir!r}: {reason}") from None

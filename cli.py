@@ -4,6 +4,7 @@ Scripts raise UserError (or configurator.ConfigError) for anything the person at
 fix, with a message naming the problem and the fix. Everything else is a bug and stays loud.
 """
 import os
+import shutil
 import sys
 
 from configurator import ConfigError
@@ -24,6 +25,18 @@ def run(main):
     except KeyboardInterrupt:
         print(f"{script}: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def space_left(path):
+    """'N MB free there': the free space on the filesystem of path (or of its nearest existing
+    parent), for the message about a failed write."""
+    folder = os.path.abspath(path)
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        return f"{shutil.disk_usage(folder).free / 1e6:.1f} MB free there"
+    except OSError:
+        return "free space unknown"
 
 
 def write_atomically(path, write):

@@ -46,8 +46,11 @@ def load_config_file(path, config):
     """Apply the assignments in a config file to config (in place)."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path} not found")
-    with open(path, encoding="utf-8") as f:
-        source = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (bad byte at offset {e.start}); save it as UTF-8") from None
     namespace = {}
     try:
         exec(compile(source, path, "exec"), {}, namespace)

@@ -77,6 +77,11 @@ class TokenData:
         if size % self.dtype.itemsize:
             raise UserError(f"{path} is truncated or corrupt: {size} bytes is not a whole number of {self.dtype.name} tokens; rerun prepare.py")
         n_tokens = size // self.dtype.itemsize
+        # A file cut at a token boundary, or a folder holding the files of two prepare.py runs
+        recorded = self._recorded_tokens(split)
+        if recorded is not None and recorded != n_tokens:
+            raise UserError(f"{path} holds {n_tokens} tokens but {os.path.join(data_dir, 'meta.json')} records {recorded}: "
+                            f"the file is cut short or from another prepare.py run; rerun python prepare.py --out={data_dir}")
         if n_tokens <= self.block_size:
             raise UserError(f"{path} has {n_tokens} tokens, too few for one block of {self.block_size}+1; "
                             f"use more text or a smaller --block_size")
@@ -86,6 +91,11 @@ class TokenData:
             raise UserError(f"{path} holds token {largest}, outside the vocabulary of {self.vocab_size} in meta.json; "
                             f"the file is corrupt or from another tokenizer; rerun prepare.py")
         return tokens
+
+    def _recorded_tokens(self, split):
+        """The token count meta.json records for split, or None (older prepare.py wrote none)."""
+        record = self.meta.get("splits", {}).get(split) if isinstance(self.meta.get("splits"), dict) else None
+        return record.get("tokens") if isinstance(record, dict) else None
 
     def _windows(self, split, starts):
         """(x, y) int64 tensors of shape (len(starts), block_size), y shifted by one token."""

@@ -24,7 +24,7 @@ from functools import lru_cache
 import torch
 
 import checkpoint as ckpt
-from cli import UserError, run
+from cli import UserError, run, space_left
 from configurator import parse_args
 from tokenizer import EOT_TOKEN, bytes_to_unicode, find_gpt2_ranks, load_ranks
 
@@ -38,6 +38,10 @@ DEFAULTS = dict(
 # Written into every export: what produced it, and how the next export knows it may replace the folder.
 PROVENANCE_FILE = "open_gpt_training_export.json"
 EXPORT_FORMAT = "open-gpt-training-export/1"
+# What an export wrote before PROVENANCE_FILE listed its files (older transformers also wrote the last two).
+EARLIER_EXPORT_FILES = ("config.json", "generation_config.json", "merges.txt", "model.safetensors", PROVENANCE_FILE,
+                        "tokenizer.json", "tokenizer_config.json", "vocab.json", "special_tokens_map.json",
+                        "added_tokens.json")
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # sample.py's defaults, so pipeline("text-generation") samples as sample.py does rather than greedily.
 SAMPLING = dict(do_sample=True, temperature=0.8, top_k=200)
@@ -153,6 +157,8 @@ def gpt2_lm_head_model(model, tokenizer):
 
 
 def save_provenance(folder, checkpoint_path, checkpoint):
+    """The record of what produced the export, written last: its `files` are everything the export
+    wrote, which is all a later export may replace without --overwrite."""
     import transformers
 
     record = dict(
@@ -160,6 +166,7 @@ def save_provenance(folder, checkpoint_path, checkpoint):
         best_val_loss=checkpoint.get("best_val_loss"), model_args=checkpoint["model_args"],
         training_config=checkpoint.get("config"),
         versions=dict(torch=torch.__version__, transformers=transformers.__version__),
+        files=sorted(set(os.listdir(folder)) | {PROVENANCE_FILE}),
     )
     with open(os.path.join(folder, PROVENANCE_FILE), "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2, ensure_ascii=False, default=str)
@@ -182,12 +189,16 @@ def verify_export(model, tokenizer, folder):
     assert difference <= 1e-4 * (1 + ours.abs().max().item()), f"exported logits differ from ours by {difference}"
 
 
-def is_earlier_export(folder):
+def files_of_earlier_export(folder):
+    """The names an earlier export wrote into folder, or None if folder is not an export."""
     try:
         with open(os.path.join(folder, PROVENANCE_FILE), encoding="utf-8") as f:
-            return json.load(f).get("format") == EXPORT_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+            record = json.load(f)
+        if record.get("format") != EXPORT_FORMAT:
+            return None
+        return set(record.get("files") or EARLIER_EXPORT_FILES)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
 
 
 def check_export_dir(export_dir, checkpoint_path, overwrite):
@@ -199,9 +210,18 @@ def check_export_dir(export_dir, checkpoint_path, overwrite):
         return
     if not os.path.isdir(export_dir):
         raise UserError(f"--export_dir={export_dir} exists and is not a folder")
-    if os.listdir(export_dir) and not is_earlier_export(export_dir) and not overwrite:
+    entries = os.listdir(export_dir)
+    if not entries or overwrite:
+        return
+    written = files_of_earlier_export(export_dir)
+    if written is None:
         raise UserError(f"--export_dir={export_dir} is not empty and not an earlier export (no {PROVENANCE_FILE}); "
                         f"choose another folder or pass --overwrite=True to replace it")
+    added = sorted(set(entries) - written)
+    if added:  # replacing the folder would delete them
+        raise UserError(f"--export_dir={export_dir} is an earlier export that also holds files it did not write "
+                        f"({', '.join(added[:3])}{', ...' if len(added) > 3 else ''}); move them out, or pass "
+                        f"--overwrite=True to replace the folder, them included")
 
 
 def write_folder_atomically(path, write):
@@ -231,8 +251,15 @@ def write_folder_atomically(path, write):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def is_write_failure(error):
+    """A full or read-only disk, as Python, safetensors (Rust: "os error 28") or tokenizers report it."""
+    return isinstance(error, OSError) or "os error" in str(error) or "I/O error" in str(error)
+
+
 def main():
     cfg = parse_args(DEFAULTS, sys.argv[1:])
+    if not cfg["out_dir"]:
+        raise UserError("--out_dir is empty; name the training run's folder, e.g. --out_dir=out")
     export_dir = cfg["export_dir"] or os.path.abspath(cfg["out_dir"]) + "-hf"
     checkpoint_path = os.path.join(cfg["out_dir"], cfg["checkpoint_file"])
     check_export_dir(export_dir, checkpoint_path, cfg["overwrite"])
@@ -257,7 +284,18 @@ def main():
         save_provenance(folder, checkpoint_path, checkpoint)
         verify_export(model, tokenizer, folder)
 
-    write_folder_atomically(export_dir, write)
+    try:
+        write_folder_atomically(export_dir, write)
+    except Exception as e:
+        if not is_write_failure(e):
+            raise  # a bug here (verify_export's checks included) stays loud
+        if isinstance(e, OSError) and e.strerror:
+            reason = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+        else:
+            reason = (str(e).strip().splitlines() or ["?"])[0][:200]
+        if "No space left" in reason:
+            reason += f"; {space_left(export_dir)}"
+        raise UserError(f"could not write the export to {export_dir} ({reason}); nothing there was replaced") from None
     print(f"exported {checkpoint_path} (iter {checkpoint.get('iter_num')}) to {export_dir}; load it with "
           f"transformers' from_pretrained, pipeline('text-generation', model={export_dir!r}), "
           f"or python sample.py --init_from={export_dir}")

@@ -4,16 +4,33 @@ process ends, however it ends (kill -9 included), so a dead run never leaves a s
     with lock_folder("data/zh_default", "prepare.py"):
         ...  # no other process holding this lock can write the folder now
 
-The lock is flock(2) on a small file *beside* the folder, `<parent>/.<name>.lock`, not inside it:
-prepare.py replaces the folder whole, and a lock inside would go with it. The file holds the pid
-of its holder, for the message a second process gets. It is left in place when released: removing
-it would let a third process lock a new file while a second still waits on the old one.
+    lock = FolderLock(out_dir, "train.py", inside=True)  # held for a training run; lock.release()
+
+The lock is flock(2) on a small file that holds the pid of its holder, for the message a second
+process gets. prepare.py's is *beside* the folder, `<parent>/.<name>.lock`, not inside it:
+prepare.py replaces the folder whole, and a lock inside would go with it; that file is left in
+place when released. train.py never replaces its out_dir, so its lock is inside, `out_dir/.lock`,
+and removed on release, leaving the run's folder as it was. Removing a lock file is safe because a
+process that locked a file checks that it is still the one at the path (else it tries again).
+Windows has no flock: there msvcrt locks one byte of the same file (also freed when a process
+ends), and the file is never removed.
 """
+import atexit
 import contextlib
-import fcntl
+import errno
 import os
 
 from cli import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
+
+INSIDE_NAME = ".lock"
+_WINDOWS_LOCK_OFFSET = 1 << 20  # msvcrt locks are mandatory: lock a byte past the pid, which stays readable
+_HELD_ELSEWHERE = {errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, getattr(errno, "EDEADLOCK", errno.EDEADLK)}
 
 
 def lock_path(folder):
@@ -21,22 +38,81 @@ def lock_path(folder):
     return os.path.join(parent, f".{name}.lock")
 
 
+class FolderLock:
+    """This process's exclusive lock on `folder`, or a UserError naming the process that holds it.
+    `holder` names the script, for that message. OSError when the lock file cannot be written (a
+    read-only or full filesystem): the caller words that for its own option."""
+
+    def __init__(self, folder, holder, inside=False):
+        self.path = os.path.join(folder, INSIDE_NAME) if inside else lock_path(folder)
+        self.remove_on_release = inside and fcntl is not None
+        self.fd = None
+        while self.fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by child processes
+            try:
+                _try_lock(fd)
+            except OSError as e:
+                other = _read_pid(fd) if e.errno in _HELD_ELSEWHERE else None
+                os.close(fd)
+                if other is None:
+                    raise
+                raise UserError(f"{folder} is being written by another {holder} (pid {other}); "
+                                f"wait for it to finish, stop it, or choose another folder") from None
+            if _is_the_file_at(fd, self.path):
+                self.fd = fd
+            else:  # its holder removed it (releasing) between our open and our lock: lock the new one
+                os.close(fd)
+        atexit.register(self.release)  # a UserError's exit too; a kill leaves a file nobody holds
+        try:
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, f"{os.getpid()}\n".encode("ascii"))
+        except OSError:  # a full disk: the caller says so
+            self.release()
+            raise
+
+    def release(self):
+        if self.fd is None:
+            return
+        if self.remove_on_release:
+            with contextlib.suppress(OSError):
+                os.remove(self.path)  # while still locked, so no one else holds the file we remove
+        os.close(self.fd)  # closing the file releases the lock
+        self.fd = None
+
+
 @contextlib.contextmanager
 def lock_folder(folder, holder):
-    """Hold the lock on `folder` (which need not exist yet) for the with-block, or raise a UserError
-    naming the process that holds it. `holder` names the script, for that message."""
-    path = lock_path(folder)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by child processes
+    """Hold the lock beside `folder` (which need not exist yet) for the with-block, or raise a
+    UserError naming the process that holds it."""
+    os.makedirs(os.path.dirname(lock_path(folder)), exist_ok=True)
+    lock = FolderLock(folder, holder)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
-            raise UserError(f"{folder} is being written by another {holder} (pid {other}); "
-                            f"wait for it to finish, stop it, or choose another folder") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
         yield
     finally:
-        os.close(fd)  # closing the file releases the lock
+        lock.release()
+
+
+def _try_lock(fd):
+    """Take the lock without waiting: OSError (EAGAIN, EACCES, ...) when another process has it."""
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    else:
+        os.lseek(fd, _WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+
+
+def _is_the_file_at(fd, path):
+    if fcntl is None:
+        return True  # Windows cannot remove an open file: it is still the one at path
+    try:
+        ours, current = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (ours.st_dev, ours.st_ino) == (current.st_dev, current.st_ino)
+
+
+def _read_pid(fd):
+    with contextlib.suppress(OSError):
+        os.lseek(fd, 0, os.SEEK_SET)
+        return os.read(fd, 64).decode("ascii", "replace").strip() or "unknown: it has just started"
+    return "unknown"

@@ -182,11 +182,12 @@ def chinese_recipe_part(report, cfg, device):
               "--max_minutes=0", "--warmup_iters=2", "--max_iters=4", "--lr_decay_iters=4"] if cfg["dry_run"] else \
         [f"--max_minutes={cfg['zh_seconds'] / 60:g}"]
     command = [sys.executable, "train.py", cfg["zh_config"], f"--device={device}", f"--data_dir={data_dir}",
-               f"--out_dir={out_dir}", "--init_from=scratch", *limits]
+               f"--out_dir={out_dir}", "--init_from=scratch", "--overwrite_out_dir=True", *limits]
     status, stopped, _ = run_part(report, command, cfg["zh_seconds"] + LIMITS["zh_startup"], stop_signal=signal.SIGTERM,
                                   stop_when=lambda: bool(read_events(metrics, "train")))
     steps, evals = read_events(metrics, "train"), read_events(metrics, "eval")
-    if status != 0 or not steps:
+    # train.py exits 128 + 15 after a SIGTERM it handled (checkpoint saved): a stop, not a failure
+    if status not in (0, 128 + signal.SIGTERM) or not steps:
         report.say(f"RESULT: the run failed (exit status {status})")
         return
     times = [s["time_ms"] for s in steps[1:]] or [steps[0]["time_ms"]]  # the first step includes warm-up

@@ -192,7 +192,16 @@ class GPT(nn.Module):
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # a bar per load is noise on our stderr
-        hf_model = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()  # its report on missing weights: we raise on them below
+        try:
+            hf_model, loading = GPT2LMHeadModel.from_pretrained(name_or_dir, output_loading_info=True)
+        finally:
+            transformers_logging.set_verbosity(verbosity)
+        # transformers fills weights a folder lacks (a foreign model's, say BERT's) with random values
+        not_loaded = [k for k in loading["missing_keys"] if not k.endswith((".attn.masked_bias", ".attn.bias", "lm_head.weight"))]
+        if not_loaded:
+            raise ValueError(f"{name_or_dir} is not a GPT-2 model: it has no weights for {not_loaded[:3]}")
         hf_config = hf_model.config
         config = GPTConfig(
             block_size=hf_config.n_positions, vocab_size=hf_config.vocab_size, n_layer=hf_config.n_layer,

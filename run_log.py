@@ -8,6 +8,8 @@ import time
 
 import torch
 
+from cli import UserError, space_left
+
 
 class RunLog:
     def __init__(self, config, enabled, machine=None):
@@ -18,7 +20,11 @@ class RunLog:
         os.makedirs(config["out_dir"], exist_ok=True)
         # a resumed run appends to its own log; a new run starts a new one
         mode = "a" if config["init_from"] == "resume" else "w"
-        self.file = open(os.path.join(config["out_dir"], "metrics.jsonl"), mode, encoding="utf-8", buffering=1)
+        self.path = os.path.join(config["out_dir"], "metrics.jsonl")
+        try:
+            self.file = open(self.path, mode, encoding="utf-8", buffering=1)
+        except OSError as e:
+            raise UserError(f"cannot write {self.path}: {e.strerror or e}") from None
         self.event("config", config=config, machine=machine, argv=sys.argv, python=platform.python_version(),
                    torch=torch.__version__, platform=platform.platform())
         if config["tensorboard_log"]:
@@ -34,7 +40,7 @@ class RunLog:
         """One JSON object per line: {"event": kind, "time": unix seconds, **fields}."""
         if not self.enabled:
             return
-        self.file.write(json.dumps({"event": kind, "time": time.time(), **fields}, ensure_ascii=False) + "\n")
+        self._write(json.dumps({"event": kind, "time": time.time(), **fields}, ensure_ascii=False) + "\n")
         scalars = {k: v for k, v in fields.items() if isinstance(v, (int, float)) and k != "iter"}
         step = fields.get("iter")
         if step is None or not scalars:
@@ -44,6 +50,18 @@ class RunLog:
                 self.tensorboard.add_scalar(f"{kind}/{key}", value, step)
         if self.wandb is not None:
             self.wandb.log({f"{kind}/{k}": v for k, v in scalars.items()}, step=step)
+
+    def _write(self, line):
+        try:
+            self.file.write(line)
+        except OSError as e:  # a full disk: stop, rather than train on with no record of it
+            try:
+                self.file.close()  # closes even though its flush fails again
+            except OSError:
+                pass
+            self.file = None
+            raise UserError(f"could not write {self.path} ({e.strerror or e}, {space_left(self.path)}); "
+                            f"free space, then rerun (with --init_from=resume if a checkpoint was saved)") from None
 
     def close(self):
         if self.file is not None:

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint as ckpt
+import folder_lock
 import hardware
 import optimizers
 from cli import UserError, run
@@ -48,6 +49,7 @@ DEFAULTS = dict(
     ckpt_interval=0,  # also save every N iterations whatever the val loss (0 = off)
     keep_best_checkpoint=False,  # also keep ckpt_best.pt, the checkpoint with the best val loss
     init_from="scratch",  # scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a transformers folder
+    overwrite_out_dir=False,  # let a new run replace the checkpoints of an earlier run in out_dir
     # logging
     wandb_log=False,
     wandb_project="open-gpt-training",
@@ -130,6 +132,65 @@ def check_config(cfg):
         raise UserError(f"--lr_decay_iters ({cfg['lr_decay_iters']}) must exceed --warmup_iters ({cfg['warmup_iters']})")
     if cfg["learning_rate"] <= 0 or cfg["min_lr"] < 0:
         raise UserError("--learning_rate must be positive and --min_lr zero or positive")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= cfg[key] < 1.0:
+            raise UserError(f"--{key} must be in [0, 1), got {cfg[key]}")
+    for key in ("grad_clip", "weight_decay", "rho"):
+        if not cfg[key] >= 0:  # written so that nan fails too
+            raise UserError(f"--{key} must be zero or positive, got {cfg[key]}")
+    if not 0 <= cfg["seed"] < 2**31:  # numpy takes seeds below 2**32, and each rank adds its rank
+        raise UserError(f"--seed must be between 0 and {2**31 - 1}, got {cfg['seed']}")
+
+
+# What a checkpoint fixes: the model's shape, and the optimizer whose state (hyperparameters included:
+# load_state_dict restores them) it holds. A resumed run must be given the same values.
+CHECKPOINT_SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "scale_attn_by_inverse_layer_idx")
+CHECKPOINT_OPTIMIZER = ("optimizer", "beta1", "beta2", "weight_decay", "decay_embeddings")
+
+
+def check_resume_matches(cfg, checkpoint, path):
+    """A one-line error listing every value the checkpoint fixes that the command line changed."""
+    saved = {key: checkpoint["model_args"][key] for key in CHECKPOINT_SHAPE if key in checkpoint["model_args"]}
+    saved_config = checkpoint.get("config") or {}
+    keys = CHECKPOINT_OPTIMIZER + (("rho",) if cfg["optimizer"] == "sophiag" else ())
+    saved |= {key: saved_config[key] for key in keys if saved_config.get(key) is not None}
+    differing = [key for key, value in saved.items() if cfg[key] != value]
+    if differing:
+        theirs = ", ".join(f"{key} {saved[key]}" for key in differing)
+        fix = " ".join(f"--{key}={saved[key]}" for key in differing)
+        raise UserError(f"the checkpoint {path} was trained with {theirs}, which a resumed run cannot change; "
+                        f"pass {fix} (the run's own command plus --init_from=resume), or start a new run in another --out_dir")
+
+
+def make_out_dir(out_dir):
+    if not out_dir:
+        raise UserError("--out_dir is empty; name a folder, e.g. --out_dir=out")
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out_dir={out_dir} is an existing file, not a folder; choose another name")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --out_dir={out_dir}: {e.strerror or e}") from None
+
+
+def claim_out_dir(cfg):
+    """Make out_dir, lock it for this run (rank 0 only), and refuse to let a new run overwrite the
+    checkpoint of an earlier one unless --overwrite_out_dir=True. Returns the lock: keep it."""
+    out_dir = cfg["out_dir"]
+    make_out_dir(out_dir)
+    try:
+        lock = folder_lock.FolderLock(out_dir, "train.py", inside=True)
+    except OSError as e:  # a read-only or full filesystem, no permission
+        raise UserError(f"cannot write in --out_dir={out_dir}: {e.strerror or e}") from None
+    if cfg["init_from"] != "resume":
+        saved = [name for name in (ckpt.FILENAME, ckpt.BEST_FILENAME) if os.path.exists(os.path.join(out_dir, name))]
+        if saved and not cfg["overwrite_out_dir"]:
+            lock.release()
+            raise UserError(f"{out_dir} holds the checkpoint of an earlier run ({saved[0]}); continue it with "
+                            f"--init_from=resume, or start over with --overwrite_out_dir=True")
+        for name in saved:  # so that a resume after a crash can never pick up the earlier run's state
+            os.remove(os.path.join(out_dir, name))
+    return lock
 
 
 def setup_distributed(backend, device):
@@ -252,13 +313,20 @@ class StopRequest:
 
     def __init__(self):
         self.signal_name = None
+        self.signum = None
+        self.stopped = False  # set when the loop stops for a signal, this process's or another rank's
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         if self.signal_name is not None:  # a second signal: the user means it
             raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
+        self.signum, self.signal_name = signum, signal.Signals(signum).name
+
+    def exit_status(self):
+        """128 + the signal's number, as a shell reports a process a signal ended: 130 for SIGINT
+        (Ctrl-C), 143 for SIGTERM; 143 on a rank that stopped because another rank was signalled."""
+        return 128 + (self.signum or signal.SIGTERM)
 
 
 def build_model(cfg, data, data_dir, tokenizer):
@@ -271,11 +339,11 @@ def build_model(cfg, data, data_dir, tokenizer):
     if cfg["init_from"] == "scratch":
         model = GPT(GPTConfig(**model_args))
     elif cfg["init_from"] == "resume":
-        checkpoint = ckpt.load(os.path.join(cfg["out_dir"], ckpt.FILENAME))
+        checkpoint_path = os.path.join(cfg["out_dir"], ckpt.FILENAME)
+        checkpoint = ckpt.load(checkpoint_path)
         ckpt.check_same_tokenizer(checkpoint, tokenizer, data_dir)
+        check_resume_matches(cfg, checkpoint, checkpoint_path)
         model_args = checkpoint["model_args"] | {"dropout": cfg["dropout"]}
-        if model_args["block_size"] != cfg["block_size"]:
-            raise UserError(f"the checkpoint was trained with block_size {model_args['block_size']}; pass --block_size={model_args['block_size']}")
         model = ckpt.model_from(checkpoint, cfg["dropout"])
     else:
         ckpt.check_gpt2_tokenizer(cfg["init_from"], tokenizer, data_dir)
@@ -284,6 +352,7 @@ def build_model(cfg, data, data_dir, tokenizer):
             raise UserError(f"--block_size={cfg['block_size']} exceeds {cfg['init_from']}'s {model.config.block_size}")
         model.crop_block_size(cfg["block_size"])
         model_args = {k: getattr(model.config, k) for k in model_args}
+        cfg |= {key: model_args[key] for key in CHECKPOINT_SHAPE}  # the log records GPT-2's shape, not our defaults
     if model.config.vocab_size < data.vocab_size:
         raise UserError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the data's ({data.vocab_size})")
     model.chunked_head_loss = cfg["chunked_head_loss"]
@@ -471,6 +540,7 @@ def main():
     model, model_args, checkpoint = build_model(cfg, data, data_dir, tokenizer)
     iter_num, best_val_loss = (checkpoint["iter_num"], checkpoint["best_val_loss"]) if checkpoint else (0, float("inf"))
     resumed_config = checkpoint["config"] if checkpoint else None
+    out_dir_lock = claim_out_dir(cfg) if is_master else None
     model.to(device)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     optimizer = build_optimizer(cfg, model, device_type)
@@ -490,7 +560,6 @@ def main():
     stop = StopRequest()
 
     if is_master:
-        os.makedirs(cfg["out_dir"], exist_ok=True)
         log.text(f"tokens per optimizer step: {t.tokens_per_step:,} = {cfg['batch_size']} batch x {cfg['block_size']} block "
                  f"x {cfg['gradient_accumulation_steps']} accumulation x {world_size} processes")
         log.text(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters, {cfg['optimizer']} optimizer, "
@@ -500,8 +569,13 @@ def main():
     peak, peak_source = hardware.peak_flops(device, dtype) if is_master else (None, "")
     log.event("peak_flops", flops=peak, source=peak_source)
 
+    last_saved_iter = iter_num if cfg["init_from"] == "resume" else None
+
     def save_checkpoint(file_name):
+        nonlocal last_saved_iter
         save_training_state(t, model_args, iter_num, best_val_loss, tokenizer, file_name, log)
+        if file_name == ckpt.FILENAME:
+            last_saved_iter = iter_num
 
     budget = TimeBudget(cfg, iter_num, resumed_config, world_size, device)
     bad_steps, total_bad_steps = 0, 0
@@ -537,8 +611,7 @@ def main():
             total_bad_steps += 1
             log.text(f"iter {iter_num}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
             if bad_steps >= cfg["max_bad_steps"]:
-                raise UserError(f"{bad_steps} consecutive steps had a non-finite loss or gradient; stopped at iter {iter_num}. "
-                                f"The last good checkpoint in {cfg['out_dir']} is intact; lower --learning_rate or use --dtype=float32")
+                raise UserError(diverged_message(bad_steps, iter_num, last_saved_iter, cfg, dtype))
         else:
             bad_steps = 0
         clock.count_iteration()
@@ -552,9 +625,11 @@ def main():
             log_training_step(t, log, iter_num - 1, lr, step, clock.lap(), total_bad_steps, peak)
 
         if step.stop:
+            stop.stopped = True
             if is_master:
                 save_checkpoint(ckpt.FILENAME)
-                log.text(f"received {stop.signal_name or 'a stop request'}: continue with the same command plus --init_from=resume")
+                log.text(f"received {stop.signal_name or 'a stop request'}: stopping with exit status {stop.exit_status()}; "
+                         f"continue with the same command plus --init_from=resume")
             break
         if cfg["ckpt_interval"] and iter_num % cfg["ckpt_interval"] == 0 and is_master:
             save_checkpoint(ckpt.FILENAME)
@@ -572,6 +647,24 @@ def main():
         # process group while a peer is busy can abort ("terminate called without an active exception")
         dist.barrier()
         dist.destroy_process_group()
+    if out_dir_lock is not None:
+        out_dir_lock.release()
+    if stop.stopped:
+        # saved but not finished: a non-zero status, so `train.py && export.py` does not go on
+        sys.exit(stop.exit_status())
+
+
+def diverged_message(bad_steps, iter_num, last_saved_iter, cfg, dtype):
+    """Why the run stopped, what is left in out_dir, and what to change; without claiming the
+    checkpoint is good: the weights may have been diverging for a while before the loss broke."""
+    if last_saved_iter is None:
+        kept = "no checkpoint of this run was saved"
+    else:
+        kept = (f"the latest checkpoint, {cfg['out_dir']}/{ckpt.FILENAME} (iter {last_saved_iter}), holds no step with a "
+                f"non-finite loss but may already be diverging: check the losses before it in metrics.jsonl")
+    fix = "lower --learning_rate" + (f", or train in --dtype=float32 instead of {dtype}" if dtype != "float32" else "")
+    return (f"{bad_steps} consecutive steps had a non-finite loss or gradient; stopped at iter {iter_num}; "
+            f"{kept}; {fix}")
 
 
 @torch.no_grad()

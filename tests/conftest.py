@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import stat
 import subprocess
 import sys
 
@@ -77,3 +78,39 @@ def tiny_bpe_data(tmp_path_factory):
     result = run_script("prepare.py", f"--input={corpus}", f"--out={out}", "--min_val_docs=40", "--vocab_size=300")
     assert result.returncode == 0, result.stderr
     return out
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path):
+    """mount_tmpfs(size, read_only=False): an empty folder on a fresh tmpfs of that size ("200k"),
+    unmounted after the test. A real full or read-only filesystem; it needs root (else the test
+    skips: read_only_folder below covers the read-only case for other users)."""
+    mounted = []
+
+    def mount(size, read_only=False):
+        folder = tmp_path / f"tmpfs{len(mounted)}"
+        folder.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in reversed(mounted):
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path, mount_tmpfs):
+    """An existing folder nobody can write in: a read-only tmpfs for root (whom permissions do not
+    stop), a folder without write permission for anyone else."""
+    if os.geteuid() == 0:
+        yield mount_tmpfs("1m", read_only=True)
+        return
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    yield folder
+    folder.chmod(stat.S_IRWXU)  # so that pytest can remove it

@@ -1,11 +1,14 @@
 """Every row of the README's bad-input table: one line naming the problem, exit status 2, no
 traceback, nothing half-written."""
 import argparse
+import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+import checkpoint as ckpt
 from conftest import TINY_MODEL_ARGS, assert_user_error, run_script
 
 
@@ -30,6 +33,13 @@ def copy_data(tiny_data, folder):
     (["--device=cuda"] if not torch.cuda.is_available() else ["--device=tpu"], ["--device="]),
     (["--dtype=float8"], ["unknown --dtype=float8"]),
     (["--init_from=resume"], ["checkpoint", "not found"]),
+    (["--beta1=1.0"], ["--beta1 must be in [0, 1)"]),
+    (["--beta2=-0.5"], ["--beta2 must be in [0, 1)"]),
+    (["--seed=-1"], ["--seed must be between 0 and"]),
+    (["--seed=99999999999"], ["--seed must be between 0 and"]),
+    (["--grad_clip=-1"], ["--grad_clip must be zero or positive"]),
+    (["--weight_decay=-0.1"], ["--weight_decay must be zero or positive"]),
+    (["--rho=-0.04"], ["--rho must be zero or positive"]),
 ])
 def test_train_rejects_bad_options_without_writing(tiny_data, tmp_path, args, words):
     out = tmp_path / "out"
@@ -59,7 +69,21 @@ def test_tokens_outside_the_vocabulary(tiny_data, tmp_path):
 def test_too_few_tokens_for_one_block(tiny_data, tmp_path):
     data = copy_data(tiny_data, tmp_path / "data")
     np.arange(10, dtype=np.uint16).tofile(data / "val.bin")
+    meta = json.loads((data / "meta.json").read_text(encoding="utf-8"))
+    meta["splits"]["val"]["tokens"] = 10
+    (data / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
     assert_user_error(train_on(data, tmp_path / "out"), "val.bin has 10 tokens", "--block_size")
+
+
+def test_token_counts_must_match_meta_json(tiny_data, tmp_path):
+    """A train.bin cut at a token boundary, or one from another prepare.py run: the count meta.json
+    records gives it away."""
+    data = copy_data(tiny_data, tmp_path / "data")
+    tokens = np.fromfile(data / "train.bin", dtype=np.uint16)
+    tokens[:-100].tofile(data / "train.bin")
+    assert_user_error(train_on(data, tmp_path / "out"), f"train.bin holds {len(tokens) - 100} tokens",
+                      f"records {len(tokens)}", "prepare.py")
+    assert not (tmp_path / "out").exists()
 
 
 def test_corrupt_and_foreign_checkpoints(tiny_data, tmp_path):
@@ -68,18 +92,91 @@ def test_corrupt_and_foreign_checkpoints(tiny_data, tmp_path):
     (out / "ckpt.pt").write_bytes(b"not a checkpoint")
     assert_user_error(train_on(tiny_data, out, "--init_from=resume"), "unreadable or corrupt")
     assert_user_error(run_script("sample.py", f"--out_dir={out}"), "unreadable or corrupt")
+    (out / "ckpt.pt").write_bytes(b"")
+    assert_user_error(train_on(tiny_data, out, "--init_from=resume"), "ckpt.pt is empty")
     torch.save({"model": {}}, out / "ckpt.pt")
-    assert_user_error(run_script("sample.py", f"--out_dir={out}"), "not an open-gpt-training/1 checkpoint")
+    assert_user_error(run_script("sample.py", f"--out_dir={out}"), "not an open-gpt-training/2 checkpoint")
     # a checkpoint holding an arbitrary Python object would need code to load: refused
     torch.save({"format": "open-gpt-training/1", "payload": argparse.Namespace(x=1)}, out / "ckpt.pt")
     assert_user_error(run_script("sample.py", f"--out_dir={out}"), "unreadable or corrupt")
 
 
-def test_checkpoint_from_a_different_model_shape(tiny_data, tmp_path):
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def trained_out(tiny_data, tmp_path_factory):
+    """The folder of a finished 2-step AdamW run (treat as read-only: copy it to change it)."""
+    out = tmp_path_factory.mktemp("trained") / "out"
     result = train_on(tiny_data, out, "--eval_interval=2")
     assert result.returncode == 0, result.stderr
-    assert_user_error(train_on(tiny_data, out, "--init_from=resume", "--block_size=8"), "block_size 16")
+    return out
+
+
+def test_resume_with_another_shape_or_optimizer_names_the_checkpoints_values(tiny_data, trained_out):
+    """A resumed run keeps the checkpoint's shape and optimizer (its state holds the betas and the
+    weight decay): flags that differ are refused, never silently ignored or logged as if used."""
+    before = (trained_out / "metrics.jsonl").read_bytes()
+    resume = (tiny_data, trained_out, "--init_from=resume")
+    assert_user_error(train_on(*resume, "--block_size=8"), "block_size 16", "--block_size=16")
+    assert_user_error(train_on(*resume, "--n_layer=2", "--n_embd=32"), "trained with n_layer 1, n_embd 16",
+                      "--n_layer=1 --n_embd=16")
+    assert_user_error(train_on(*resume, "--n_head=1"), "n_head 2", "--n_head=2")
+    assert_user_error(train_on(*resume, "--optimizer=sophiag"), "optimizer adamw", "--optimizer=adamw")  # was a KeyError
+    assert_user_error(train_on(*resume, "--weight_decay=0.5"), "weight_decay 0.1", "--weight_decay=0.1")
+    assert (trained_out / "metrics.jsonl").read_bytes() == before
+
+
+def test_flipped_bytes_in_a_checkpoint_are_caught_by_its_checksum(tiny_data, trained_out, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(trained_out, out)
+    path = out / "ckpt.pt"
+    weight = torch.load(path, weights_only=True)["model"]["transformer.wte.weight"]
+    data = bytearray(path.read_bytes())
+    start = data.find(weight.numpy().tobytes()[:64])
+    assert start > 0
+    middle = start + weight.numel() * 4 // 2 // 4 * 4 + 3  # the sign and exponent byte of a float in the middle
+    data[middle] ^= 0x40
+    path.write_bytes(bytes(data))
+    corrupt = torch.load(path, weights_only=True)["model"]["transformer.wte.weight"]
+    assert not torch.equal(corrupt, weight)  # torch itself loads the damaged file without a word
+    assert_user_error(train_on(tiny_data, out, "--init_from=resume", "--max_iters=4"), "ckpt.pt is corrupt", "checksum")
+    assert_user_error(run_script("sample.py", f"--out_dir={out}"), "ckpt.pt is corrupt", "checksum")
+
+
+def test_a_checkpoint_from_before_checksums_still_loads_with_a_note(trained_out, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    checkpoint = torch.load(trained_out / "ckpt.pt", weights_only=True)
+    del checkpoint["checksum"]
+    torch.save(checkpoint | {"format": "open-gpt-training/1"}, out / "ckpt.pt")
+    result = run_script("sample.py", f"--out_dir={out}", "--start=滚滚", "--max_new_tokens=2", "--device=cpu")
+    assert result.returncode == 0, result.stderr
+    assert "open-gpt-training/1 checkpoint" in result.stderr and "unverified" in result.stderr
+
+
+@pytest.mark.parametrize("name, words", [
+    (None, ["--out_dir is empty"]),
+    ("a_file", ["a_file is an existing file, not a folder"]),
+    ("a_file/run", ["cannot create --out_dir=", "Not a directory"]),
+])
+def test_out_dir_that_cannot_be_a_folder(tiny_data, tmp_path, name, words):
+    (tmp_path / "a_file").write_text("x")
+    assert_user_error(train_on(tiny_data, tmp_path / name if name else ""), *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_out_dir_on_a_read_only_filesystem(tiny_data, read_only_folder):
+    assert_user_error(train_on(tiny_data, read_only_folder / "run"), "cannot create --out_dir=")
+    assert_user_error(train_on(tiny_data, read_only_folder), "cannot write in --out_dir=")
+
+
+def test_full_disk_while_saving_keeps_the_earlier_checkpoint(tiny_data, mount_tmpfs):
+    """A real full filesystem (a tmpfs with room for one checkpoint of the tiny model, ~9.7 MB, but
+    not for the temp file of the next): the run stops with one line, and the checkpoint it would
+    have replaced is whole."""
+    out = mount_tmpfs("16m") / "run"
+    result = train_on(tiny_data, out, "--max_iters=4", "--lr_decay_iters=4", "--eval_interval=2")
+    assert_user_error(result, f"could not write checkpoint {out}/ckpt.pt", "MB free there", "ckpt.pt there is intact")
+    assert ckpt.load(str(out / "ckpt.pt"))["iter_num"] == 2  # and its checksum holds
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "metrics.jsonl"]  # no temp file, no lock left
 
 
 def test_compile_where_it_does_not_work_is_one_line(monkeypatch):
@@ -93,6 +190,30 @@ def test_compile_where_it_does_not_work_is_one_line(monkeypatch):
     monkeypatch.setattr(torch, "compile", broken_compile)
     with pytest.raises(cli.UserError, match=r"torch.compile does not work on this machine \(RuntimeError: Compiler: cl is not found.\); use --compile=False"):
         hardware.check_compile_works("cpu")
+
+
+def test_config_file_that_is_not_utf8(tiny_data, tmp_path):
+    config_file = tmp_path / "gbk_config.py"
+    config_file.write_bytes("batch_size = 4  # 批量大小\n".encode("gbk"))
+    assert_user_error(train_on(tiny_data, tmp_path / "out", str(config_file)), "gbk_config.py is not UTF-8")
+
+
+def test_truncated_or_foreign_transformers_folders(tiny_data, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    good = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=16)).save_pretrained(good)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(good, truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    # BERT with GPT-2's vocabulary size: transformers would fill a GPT-2 with random weights from it
+    bert = tmp_path / "bert"
+    transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=50257, num_hidden_layers=1, hidden_size=16,
+                                                         num_attention_heads=2, intermediate_size=32)).save_pretrained(bert)
+    assert_user_error(train_on(tiny_data, tmp_path / "out", f"--init_from={truncated}"), "could not load GPT-2 weights")
+    assert_user_error(train_on(tiny_data, tmp_path / "out", f"--init_from={bert}"), "is not a GPT-2 model")
+    assert_user_error(run_script("sample.py", f"--init_from={bert}"), "is not a GPT-2 model")
+    assert not (tmp_path / "out").exists()
 
 
 def test_block_size_larger_than_the_pretrained_model_supports(tiny_data, tmp_path):

@@ -47,3 +47,10 @@ def test_config_file_mistakes_are_reported(tmp_path):
 def test_flag_without_value_is_an_error():
     with pytest.raises(ConfigError, match="needs a value"):
         parse_args(DEFAULTS, ["--compile"])
+
+
+def test_config_file_that_is_not_utf8_is_reported(tmp_path):
+    config_file = tmp_path / "gbk.py"
+    config_file.write_bytes("device = 'cpu'  # 设备\n".encode("gbk"))
+    with pytest.raises(ConfigError, match=r"gbk.py is not UTF-8 text \(bad byte at offset 18\); save it as UTF-8"):
+        parse_args(DEFAULTS, [str(config_file)])

@@ -255,3 +255,40 @@ def test_failed_export_keeps_the_earlier_one_whole(exports, tmp_path, monkeypatc
     # An earlier export is replaced without --overwrite.
     status, _ = run_export(monkeypatch, capsys, f"--out_dir={tmp_path / 'run'}", f"--export_dir={earlier}")
     assert status == 0 and sorted(os.listdir(earlier)) == before and leftovers(tmp_path) == []
+
+
+def test_files_the_user_added_to_an_earlier_export_are_never_deleted(exports, tmp_path, monkeypatch, capsys):
+    earlier = tmp_path / "hf"
+    shutil.copytree(exports[False][1], earlier)
+    record = json.loads((earlier / export.PROVENANCE_FILE).read_text(encoding="utf-8"))
+    assert record["files"] == sorted(os.listdir(exports[False][1]))  # an export lists what it wrote
+    (earlier / "README.md").write_text("my model card")
+    write_checkpoint(tmp_path / "run", bias=True, seed=7)
+    args = (f"--out_dir={tmp_path / 'run'}", f"--export_dir={earlier}")
+    status, stderr = run_export(monkeypatch, capsys, *args)
+    assert_one_line_error(status, stderr, "holds files it did not write (README.md)", "--overwrite=True")
+    assert (earlier / "README.md").read_text() == "my model card" and leftovers(tmp_path) == []
+    # an export from before the list was kept: the files such an export wrote are known
+    del record["files"]
+    (earlier / export.PROVENANCE_FILE).write_text(json.dumps(record), encoding="utf-8")
+    status, stderr = run_export(monkeypatch, capsys, *args)
+    assert_one_line_error(status, stderr, "README.md")
+    (earlier / "README.md").unlink()
+    status, _ = run_export(monkeypatch, capsys, *args)
+    assert status == 0 and "files" in json.loads((earlier / export.PROVENANCE_FILE).read_text(encoding="utf-8"))
+
+
+def test_an_export_dir_that_cannot_be_written_is_one_line(tmp_path, read_only_folder, monkeypatch, capsys):
+    write_checkpoint(tmp_path / "run", bias=False)
+    status, stderr = run_export(monkeypatch, capsys, f"--out_dir={tmp_path / 'run'}", f"--export_dir={read_only_folder / 'hf'}")
+    assert_one_line_error(status, stderr, "could not write the export to", "nothing there was replaced")
+    status, stderr = run_export(monkeypatch, capsys, "--out_dir=")
+    assert_one_line_error(status, stderr, "--out_dir is empty")
+
+
+def test_a_full_disk_during_the_export_is_one_line_and_leaves_nothing(tmp_path, mount_tmpfs, monkeypatch, capsys):
+    write_checkpoint(tmp_path / "run", bias=False)
+    disk = mount_tmpfs("2m")  # the tiny model's weights alone take 3.2 MB
+    status, stderr = run_export(monkeypatch, capsys, f"--out_dir={tmp_path / 'run'}", f"--export_dir={disk / 'hf'}")
+    assert_one_line_error(status, stderr, "could not write the export to", "No space left on device", "MB free there")
+    assert os.listdir(disk) == []

@@ -1,8 +1,10 @@
+import os
 import sys
 import types
 
 import pytest
 
+from cli import UserError
 from conftest import read_events
 from run_log import RunLog
 
@@ -67,3 +69,10 @@ def test_wandb_offline_is_a_message_not_a_failure(tmp_path, monkeypatch, capsys)
     log.event("train", iter=0, loss=1.0)
     log.close()
     assert "wandb could not start (ConnectionError: no network); continuing without it" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, where every write fails as on a full disk")
+def test_a_full_disk_stops_the_run_with_one_line(tmp_path):
+    (tmp_path / "metrics.jsonl").symlink_to("/dev/full")  # writes fail with ENOSPC, like a full filesystem
+    with pytest.raises(UserError, match=r"could not write .*metrics.jsonl \(No space left on device, .* MB free there\)"):
+        RunLog(config(tmp_path, init_from="resume"), enabled=True)

@@ -1,3 +1,4 @@
+import os
 import signal
 import subprocess
 import sys
@@ -6,9 +7,10 @@ import time
 import pytest
 import torch
 
+import checkpoint as ckpt
 import cli
 import train
-from conftest import REPO, TINY_MODEL_ARGS, read_events, run_script
+from conftest import REPO, TINY_MODEL_ARGS, assert_user_error, read_events, run_script
 
 
 def train_args(tiny_data, out_dir, *extra):
@@ -64,25 +66,117 @@ def test_resume_continues_the_run_exactly(tiny_data, tmp_path, optimizer):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_data, tmp_path):
+def test_a_run_resumes_in_another_dtype(tiny_data, tmp_path):
+    """Moving a run to a machine with other number formats: a float32 checkpoint goes on in float16
+    (whose GradScaler then starts afresh) and back."""
     out = tmp_path / "run"
-    args = train_args(tiny_data, out, "--max_iters=100000", "--lr_decay_iters=100000", "--eval_interval=100000")
-    process = subprocess.Popen([sys.executable, f"{REPO}/train.py", *args], cwd=REPO, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    train_ok(*train_args(tiny_data, out, "--max_iters=3", "--lr_decay_iters=9", "--eval_interval=3"))
+    train_ok(*train_args(tiny_data, out, "--max_iters=6", "--lr_decay_iters=9", "--eval_interval=3", "--init_from=resume", "--dtype=float16"))
+    train_ok(*train_args(tiny_data, out, "--max_iters=9", "--lr_decay_iters=9", "--eval_interval=3", "--init_from=resume"))
+    assert [e["iter"] for e in read_events(out, "train")] == list(range(9))
+
+
+LONG_RUN = ("--max_iters=100000", "--lr_decay_iters=100000", "--eval_interval=100000")
+
+
+def start_training(tiny_data, out, *extra):
+    """A long run in the background, returned once it has logged 3 steps (so it holds out_dir)."""
+    process = subprocess.Popen([sys.executable, f"{REPO}/train.py", *train_args(tiny_data, out, *LONG_RUN, *extra)],
+                               cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        log = out / "metrics.jsonl"
+        if log.exists() and log.read_text(encoding="utf-8").count('"event": "train"') >= 3:
+            return process
+        time.sleep(0.2)
+    process.kill()
+    pytest.fail(f"the run did not get going: {process.communicate()}")
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_saves_a_checkpoint_and_exits_with_128_plus_its_number(tiny_data, tmp_path, sig, status):
+    """Stopped is not finished: `train.py && export.py` must not go on, so the status is non-zero."""
+    out = tmp_path / "run"
+    process = start_training(tiny_data, out)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if (out / "metrics.jsonl").exists() and len(read_events(out, "train")) >= 3:
-                break
-            time.sleep(0.2)
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(sig)
         stdout, stderr = process.communicate(timeout=60)
     finally:
         process.kill()
-    assert process.returncode == 0, stderr
-    assert "received SIGTERM" in stdout and "--init_from=resume" in stdout
+    assert process.returncode == status, stderr
+    assert f"received {sig.name}: stopping with exit status {status}" in stdout and "--init_from=resume" in stdout
     checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
     assert checkpoint["iter_num"] >= 3
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "metrics.jsonl"]  # the lock is released
+
+
+def test_a_second_run_on_a_busy_out_dir_is_refused_naming_the_first(tiny_data, tmp_path):
+    """Two real processes contend for one out_dir: the second, whatever it was asked to do, gets one
+    line naming the first one's pid and writes nothing; the first run's log and checkpoint stay whole."""
+    out = tmp_path / "run"
+    first = start_training(tiny_data, out, "--ckpt_interval=1")
+    try:
+        for extra in ([], ["--init_from=resume"], ["--overwrite_out_dir=True"]):
+            second = run_script("train.py", *train_args(tiny_data, out, "--max_iters=3", "--lr_decay_iters=3", *extra))
+            assert_user_error(second, f"{out} is being written by another train.py (pid {first.pid})")
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=60)
+    finally:
+        first.kill()
+    assert first.returncode == 143
+    events = read_events(out)
+    assert [e["event"] for e in events].count("config") == 1
+    last = max(e["iter"] for e in events if e["event"] == "train")
+    assert [e["iter"] for e in events if e["event"] == "train"] == list(range(last + 1))
+    assert ckpt.load(str(out / "ckpt.pt"))["iter_num"] == last + 1
+    # the folder is free again: the run continues
+    train_ok(*train_args(tiny_data, out, "--lr_decay_iters=100000", f"--eval_interval={last + 3}", f"--max_iters={last + 3}",
+                         "--init_from=resume"))
+    assert ckpt.load(str(out / "ckpt.pt"))["iter_num"] == last + 3
+
+
+def test_a_killed_run_leaves_no_lock_that_stops_the_next(tiny_data, tmp_path):
+    """kill -9 gives the run no chance to clean up: its lock file stays, but the lock died with it."""
+    out = tmp_path / "run"
+    first = start_training(tiny_data, out, "--ckpt_interval=1")
+    first.kill()
+    first.communicate(timeout=60)
+    assert (out / ".lock").read_text() == f"{first.pid}\n"
+    saved = torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]
+    train_ok(*train_args(tiny_data, out, "--lr_decay_iters=100000", f"--eval_interval={saved + 1}",
+                         f"--max_iters={saved + 1}", "--init_from=resume"))
+    assert not (out / ".lock").exists()
+
+
+def test_a_new_run_never_overwrites_an_earlier_one_by_mistake(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    short = ("--max_iters=3", "--lr_decay_iters=3", "--eval_interval=3")
+    train_ok(*train_args(tiny_data, out, *short, "--keep_best_checkpoint=True"))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["ckpt.pt", "ckpt_best.pt", "metrics.jsonl"]
+    # forgetting --init_from=resume: refused, and metrics.jsonl is not truncated
+    assert_user_error(run_script("train.py", *train_args(tiny_data, out, *short)),
+                      "holds the checkpoint of an earlier run", "--init_from=resume", "--overwrite_out_dir=True")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # asked for explicitly: the earlier run is gone, its best checkpoint too, so a later resume can
+    # never pick up the earlier run's state
+    train_ok(*train_args(tiny_data, out, "--max_iters=4", "--lr_decay_iters=4", "--eval_interval=4", "--overwrite_out_dir=True"))
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "metrics.jsonl"]
+    assert ckpt.load(str(out / "ckpt.pt"))["iter_num"] == 4 and len(read_events(out, "config")) == 1
+
+
+def test_a_run_from_pretrained_weights_logs_the_shape_it_used(tiny_data, tmp_path):
+    """--init_from a transformers folder takes its shape from the weights; the config logged and
+    saved must say so, not repeat the command line's --n_layer/--n_embd."""
+    transformers = pytest.importorskip("transformers")
+    hf_dir, out = tmp_path / "hf", tmp_path / "run"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32)).save_pretrained(hf_dir)
+    train_ok(*train_args(tiny_data, out, "--max_iters=3", "--lr_decay_iters=3", "--eval_interval=3", f"--init_from={hf_dir}"))
+    logged = read_events(out, "config")[0]["config"]
+    saved = torch.load(out / "ckpt.pt", weights_only=True)["config"]
+    for config in (logged, saved):
+        assert (config["n_layer"], config["n_head"], config["n_embd"], config["block_size"]) == (2, 2, 32, 16)
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_data, tmp_path, monkeypatch, capsys):
@@ -105,13 +199,23 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_data, tmp_path, mo
     monkeypatch.setattr(model_module.GPT, "forward", forward_that_breaks)
     monkeypatch.setattr(sys, "argv", ["train.py", *train_args(tiny_data, out, "--max_iters=50", "--lr_decay_iters=50",
                                                                "--eval_interval=4", "--max_bad_steps=3")])
-    with pytest.raises(cli.UserError, match="3 consecutive steps had a non-finite loss"):
+    with pytest.raises(cli.UserError, match="3 consecutive steps had a non-finite loss") as stopped:
         train.main()
     printed = capsys.readouterr().out
     assert "iter 4: non-finite loss or gradient, step skipped (1 in a row)" in printed
+    # not called good (it may already be diverging), and no --dtype=float32 advice to a float32 run
+    message = str(stopped.value)
+    assert f"the latest checkpoint, {out}/ckpt.pt (iter 4)" in message and "may already be diverging" in message
+    assert "good" not in message and "float32" not in message and "lower --learning_rate" in message
     checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
     assert checkpoint["iter_num"] == 4
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+
+
+def test_stop_on_divergence_advises_float32_only_to_runs_in_lower_precision():
+    cfg = dict(out_dir="out")
+    message = train.diverged_message(10, 7, None, cfg, "bfloat16")
+    assert "no checkpoint of this run was saved" in message and "--dtype=float32 instead of bfloat16" in message
 
 
 def test_learning_rate_schedule_warms_up_then_decays_fully():
