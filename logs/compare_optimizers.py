@@ -37,6 +37,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from cli import UserError, replace_marked_section, run, write_atomically  # noqa: E402
+from run_log import read_events  # noqa: E402
 from configurator import parse_args  # noqa: E402
 from plot_loss import load_run, plot  # noqa: E402
 
@@ -100,18 +101,9 @@ def train_command(cfg, method, lr, seed, out_dir, resume):
     ]
 
 
-def run_events(out_dir):
-    """The events of a run's metrics.jsonl, in order; [] before the run has started."""
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
 def finished(out_dir, iters):
     """Whether the run's log holds its last evaluation."""
-    return any(e.get("event") == "eval" and e.get("iter") == iters for e in run_events(out_dir))
+    return any(e.get("event") == "eval" and e.get("iter") == iters for e in read_events(out_dir))
 
 
 def train_one(cfg, method, lr, seed):
@@ -185,13 +177,13 @@ def eval_at(run_, step):
 
 
 def train_eval_loss(out_dir, step):
-    losses = [e["train_loss"] for e in run_events(out_dir) if e.get("event") == "eval" and e["iter"] == step]
+    losses = [e["train_loss"] for e in read_events(out_dir) if e.get("event") == "eval" and e["iter"] == step]
     return losses[-1]
 
 
 def wall_seconds(out_dir):
     """First config event to last event of the run's log."""
-    events = run_events(out_dir)
+    events = read_events(out_dir)
     return events[-1]["time"] - events[0]["time"]
 
 
@@ -287,7 +279,7 @@ def experiment_span(cfg, grids, chosen):
     """Wall-clock seconds from the first run's start to the last run's end."""
     dirs = [run_dir(cfg, m, lr, cfg["sweep_seed"]) for m, grid in grids.items() for lr in grid]
     dirs += [run_dir(cfg, m, lr, s) for m, lr in chosen.items() for s in cfg["seeds"]]
-    logs = [run_events(d) for d in dirs]
+    logs = [read_events(d) for d in dirs]
     return max(events[-1]["time"] for events in logs) - min(events[0]["time"] for events in logs)
 
 

@@ -56,28 +56,27 @@ def read_events(out_dir, kind=None):
         return [e for e in map(json.loads, f) if kind is None or e["event"] == kind]
 
 
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory):
-    """A prepared data folder (train.bin, val.bin, meta.json) of 400 tiny documents."""
-    root = tmp_path_factory.mktemp("tiny_data")
+def prepared_tiny_corpus(tmp_path_factory, name, *flags):
+    """A data folder that prepare.py made of 400 tiny documents, with its tokenizer flags."""
+    root = tmp_path_factory.mktemp(name)
     corpus = root / "corpus.txt"
     corpus.write_text("\n".join(tiny_documents(400)) + "\n", encoding="utf-8")
     out = root / "data"
-    result = run_script("prepare.py", f"--input={corpus}", f"--out={out}", "--min_val_docs=40", "--tokenizer=gpt2")
+    result = run_script("prepare.py", f"--input={corpus}", f"--out={out}", "--min_val_docs=40", *flags)
     assert result.returncode == 0, result.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A prepared data folder (train.bin, val.bin, meta.json) of 400 tiny documents, GPT-2's BPE."""
+    return prepared_tiny_corpus(tmp_path_factory, "tiny_data", "--tokenizer=gpt2")
 
 
 @pytest.fixture(scope="session")
 def tiny_bpe_data(tmp_path_factory):
     """The same documents with a byte-level BPE of 300 tokens trained on their train split."""
-    root = tmp_path_factory.mktemp("tiny_bpe_data")
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(tiny_documents(400)) + "\n", encoding="utf-8")
-    out = root / "data"
-    result = run_script("prepare.py", f"--input={corpus}", f"--out={out}", "--min_val_docs=40", "--vocab_size=300")
-    assert result.returncode == 0, result.stderr
-    return out
+    return prepared_tiny_corpus(tmp_path_factory, "tiny_bpe_data", "--vocab_size=300")
 
 
 @pytest.fixture
