@@ -29,6 +29,7 @@ import time
 import torch
 
 import hardware
+import run_log
 from cli import UserError, run, write_atomically
 from configurator import parse_args
 
@@ -184,8 +185,8 @@ def chinese_recipe_part(report, cfg, device):
     command = [sys.executable, "train.py", cfg["zh_config"], f"--device={device}", f"--data_dir={data_dir}",
                f"--out_dir={out_dir}", "--init_from=scratch", "--overwrite_out_dir=True", *limits]
     status, stopped, _ = run_part(report, command, cfg["zh_seconds"] + LIMITS["zh_startup"], stop_signal=signal.SIGTERM,
-                                  stop_when=lambda: bool(read_events(metrics, "train")))
-    steps, evals = read_events(metrics, "train"), read_events(metrics, "eval")
+                                  stop_when=lambda: bool(events_of(out_dir, "train")))
+    steps, evals = events_of(out_dir, "train"), events_of(out_dir, "eval")
     # train.py exits 128 + 15 after a SIGTERM it handled (checkpoint saved): a stop, not a failure
     if status not in (0, 128 + signal.SIGTERM) or not steps:
         report.say(f"RESULT: the run failed (exit status {status})")
@@ -198,11 +199,11 @@ def chinese_recipe_part(report, cfg, device):
                                        for e in evals))
 
 
-def read_events(path, kind):
+def events_of(out_dir, kind):
+    """The run's metrics.jsonl events of one kind, also while it is being written (a line cut short)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return [e for e in map(json.loads, f) if e["event"] == kind]
-    except (OSError, json.JSONDecodeError):
+        return [e for e in run_log.read_events(out_dir) if e["event"] == kind]
+    except json.JSONDecodeError:
         return []
 
 
