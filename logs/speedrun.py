@@ -105,7 +105,7 @@ def summary(out_dir):
     model = GPT(GPTConfig(n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
                           block_size=config["block_size"], vocab_size=padded_vocab, bias=config["bias"]))
     return dict(
-        config=config, meta=meta, steps=final["iter"], tokens=final["iter"] * tokens_per_step,
+        config=config, meta=meta, steps=final["iter"], dtype=hardware.pick_dtype(config["dtype"], config["device"]), tokens=final["iter"] * tokens_per_step,
         characters=final["iter"] * tokens_per_step * (train_split["characters"] + train_split["documents"]) / train_split["tokens"],
         val_bpc=final["val_bpc"], val_loss=final["val_loss"], seconds=end["elapsed_seconds"],
         ms_per_step=statistics.median(e["time_ms"] for e in steps), parameters=model.get_num_params(),
@@ -154,7 +154,7 @@ def tokenizer_table(cfg):
     recipe = rows[best]["config"]
     lines = [
         f"Our recipe's model ({recipe['n_layer']} layers, {recipe['n_embd']} wide, block {recipe['block_size']}, "
-        f"batch {recipe['batch_size']}, {recipe['dtype']}, lr {recipe['learning_rate']:g}) trained for "
+        f"batch {recipe['batch_size']}, {rows[best]['dtype']}, lr {recipe['learning_rate']:g}) trained for "
         f"{cfg['sweep_minutes']:g} minutes of wall-clock time on the default corpus under each tokenizer "
         f"(`--max_minutes`: warm-up and cosine decay fitted to the budget); val bits per character over the whole val split.",
         "",
@@ -196,7 +196,7 @@ def speedrun_table(cfg):
     for label, row in (("(a) the nanoGPT way", nanogpt), ("(b) our default recipe", ours)):
         c = row["config"]
         tokenizer = "GPT-2 BPE" if row["meta"]["tokenizer"]["kind"] == "gpt2" else f"BPE {row['meta']['vocab_size']:,}"
-        lines.append(f"| {label} | {tokenizer} | {row['parameters'] / 1e6:.2f}M | {c['dtype']} | {c['learning_rate']:g} | "
+        lines.append(f"| {label} | {tokenizer} | {row['parameters'] / 1e6:.2f}M | {row['dtype']} | {c['learning_rate']:g} | "
                      f"{row['steps']:,} | {row['tokens'] / 1e6:.2f}M | {row['characters'] / 1e6:.2f}M | "
                      f"{row['val_bpc']:.3f} | {row['seconds']:.0f} |")
     unplanned = [label for label, row in (("(a)", nanogpt), ("(b)", ours)) if not row["planned"]]
@@ -208,7 +208,8 @@ def speedrun_table(cfg):
         f"(full logits, `--chunked_head_loss=False`) run by our train.py, so both share the data pipeline and evaluation.",
     ]
     if unplanned:
-        lines.append(f"Runs {', '.join(unplanned)} were stopped by the time guard before their planned horizon: the machine slowed down.")
+        lines.append(f"{' and '.join(unplanned)} stopped at the time guard, before the planned horizon: the machine slowed down "
+                     f"after the steps that were timed.")
     lines += ["", f"{machine_line(ours)} Command: `python logs/speedrun.py --section=speedrun`."]
     return "\n".join(lines) + "\n"
 

@@ -15,7 +15,7 @@ import speedrun  # noqa: E402
 def fake_run(val_bpc, steps=100, lr=1e-3, vocab=8192, kind="bpe"):
     config = dict(n_layer=2, n_embd=128, block_size=64, batch_size=12, dtype="float32", learning_rate=lr)
     meta = dict(vocab_size=vocab, tokenizer=dict(kind=kind), splits=dict(val=dict(characters=1000, tokens=700)))
-    return dict(config=config, meta=meta, steps=steps, tokens=steps * 768, characters=steps * 1000.0, val_bpc=val_bpc,
+    return dict(config=config, meta=meta, steps=steps, dtype="float32", tokens=steps * 768, characters=steps * 1000.0, val_bpc=val_bpc,
                 seconds=600.0, ms_per_step=50.0, parameters=1.5e6, machine="a test CPU", planned=True)
 
 
