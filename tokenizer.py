@@ -140,6 +140,7 @@ class BPETokenizer(Tokenizer):
         # Text that happens to spell <|endoftext|> is text: only prepare.py puts the token between documents.
         self.hf.encode_special_tokens = True
         self.n_vocab = self.hf.get_vocab_size(with_added_tokens=True)
+        self._special_ids = set(self.hf.get_added_tokens_decoder())
         self.eot_token = self._find_eot(source)
         self._check_byte_level(source)
 
@@ -170,7 +171,7 @@ class BPETokenizer(Tokenizer):
 
     def single_token_bytes(self, token):
         text = self.hf.id_to_token(token)
-        if text is None or self.hf.get_added_tokens_decoder().get(token) is not None:
+        if text is None or token in self._special_ids:
             return b""  # a hole in the ids, or a special token: not text
         return bytes(self._byte_of[char] for char in text)
 
