@@ -18,6 +18,11 @@ from cli import UserError
 SPLITS = ("train", "val")
 
 
+def padded_vocab_size(vocab_size):
+    """The vocabulary rounded up to a multiple of 64 (50257 -> 50304): faster matmuls on GPUs."""
+    return (vocab_size + 63) // 64 * 64
+
+
 class TokenData:
     def __init__(self, data_dir, block_size):
         meta_path = os.path.join(data_dir, "meta.json")
@@ -39,8 +44,7 @@ class TokenData:
 
     @property
     def padded_vocab_size(self):
-        """The vocabulary rounded up to a multiple of 64 (50257 -> 50304): faster matmuls on GPUs."""
-        return (self.vocab_size + 63) // 64 * 64
+        return padded_vocab_size(self.vocab_size)
 
     @property
     def tokenizer_record(self):

@@ -36,6 +36,7 @@ sys.path.insert(0, REPO)
 import hardware  # noqa: E402
 from cli import UserError, replace_marked_section, run, write_atomically  # noqa: E402
 from configurator import parse_args  # noqa: E402
+from data import padded_vocab_size  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from run_log import read_events  # noqa: E402
 
@@ -101,9 +102,8 @@ def summary(out_dir):
         meta = json.load(f)
     train_split = meta["splits"]["train"]
     tokens_per_step = config["batch_size"] * config["block_size"] * config["gradient_accumulation_steps"]
-    padded_vocab = (meta["vocab_size"] + 63) // 64 * 64
     model = GPT(GPTConfig(n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
-                          block_size=config["block_size"], vocab_size=padded_vocab, bias=config["bias"]))
+                          block_size=config["block_size"], vocab_size=padded_vocab_size(meta["vocab_size"]), bias=config["bias"]))
     return dict(
         config=config, meta=meta, steps=final["iter"], dtype=hardware.pick_dtype(config["dtype"], config["device"]), tokens=final["iter"] * tokens_per_step,
         characters=final["iter"] * tokens_per_step * (train_split["characters"] + train_split["documents"]) / train_split["tokens"],
