@@ -223,8 +223,8 @@ def sample_section(cfg, device):
             {use_cache: functools.partial(model.generate, prompt, n, temperature=1.0, top_k=200, use_cache=use_cache,
                                           generator=torch.Generator(device).manual_seed(0), n_real_vocab=cfg["vocab_size"])
              for use_cache in (False, True)}, device, 1, 5)
-        say(f"{n:4d} new tokens: without KV cache {results[False] * 1000:8.1f} ms, with {results[True] * 1000:8.1f} ms "
-            f"({results[False] / results[True]:.2f}x)")
+        say(f"{n:4d} new tokens: without KV cache {results[False] * 1000:8.1f} ms ({n / results[False]:6,.0f} tokens/s), "
+            f"with {results[True] * 1000:8.1f} ms ({n / results[True]:6,.0f} tokens/s): {results[False] / results[True]:.2f}x")
     say(f"(past {cfg['block_size']} tokens the window slides and every step reruns the whole block, cache or not: "
         f"with absolute positions there is nothing to reuse)")
 

@@ -193,3 +193,58 @@ def test_the_plain_reference_loss_path_gives_the_chunked_loss_and_gradients():
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-6)
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_explicit_causal_attention_matches_attention_written_from_the_math():
+    from model import explicit_causal_attention
+
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(2, 3, 17, 8, dtype=torch.float64) for _ in range(3))
+    scale = 0.3
+    expected = torch.empty_like(q)
+    for t in range(17):  # position t attends to positions 0..t only
+        weights = torch.softmax(q[:, :, t:t + 1] @ k[:, :, :t + 1].transpose(-2, -1) * scale, dim=-1)
+        expected[:, :, t:t + 1] = weights @ v[:, :, :t + 1]
+    torch.testing.assert_close(explicit_causal_attention(q, k, v, scale, 0.0), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_explicit_attention_replaces_sdpa_only_for_bfloat16_on_a_cpu_at_short_blocks():
+    from model import EXPLICIT_ATTENTION_MAX_BLOCK, explicit_attention_pays
+
+    short, long_ = torch.zeros(1, 2, 64, 8), torch.zeros(1, 2, EXPLICIT_ATTENTION_MAX_BLOCK + 1, 8)
+    assert not explicit_attention_pays(short)  # float32: SDPA's kernel is as fast
+    assert explicit_attention_pays(short.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert explicit_attention_pays(short)
+        assert not explicit_attention_pays(long_)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not explicit_attention_pays(short)
+
+
+def test_model_under_bfloat16_autocast_gives_the_same_loss_with_either_attention(monkeypatch):
+    import model as model_module
+
+    torch.manual_seed(5)
+    gpt = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, dropout=0.0))
+    idx, targets = torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))
+    losses = {}
+    for max_block in (16, 0):  # 0: SDPA everywhere
+        monkeypatch.setattr(model_module, "EXPLICIT_ATTENTION_MAX_BLOCK", max_block)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses[max_block] = gpt(idx, targets)[1].item()
+    assert abs(losses[16] - losses[0]) < 0.01 * losses[0], losses
+
+
+@pytest.mark.parametrize("top_k", [None, 4])
+def test_sampler_draws_each_token_with_its_softmax_probability(top_k):
+    from model import sample_next_token
+
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, float("-inf"), 3.0])
+    temperature, draws = 0.8, 40_000
+    kept = logits if top_k is None else logits.masked_fill(logits < logits.topk(top_k).values[-1], float("-inf"))
+    expected = torch.softmax(kept.double() / temperature, dim=0)
+    tokens = sample_next_token(logits.expand(draws, -1), temperature, top_k, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(tokens.flatten(), minlength=6).double() / draws
+    assert torch.all(frequencies[expected == 0] == 0)  # a token of probability 0 is never drawn
+    # the standard deviation of each frequency is at most 0.0025 with 40,000 draws
+    assert (frequencies - expected).abs().max() < 0.01, (frequencies, expected)
