@@ -87,7 +87,7 @@ DEFAULTS = dict(
 
 # The GPU protocol: the same sweep and seeds, a 4 x 256 model at block 128, 16 x 128 = 2,048 and
 # 256 x 128 = 32,768 tokens per step, 4M tokens per run (1953 and 122 steps), eight
-# runs at a time on the one GPU. Sized to finish in under 10 minutes on an H100/H200: ~70 runs of
+# runs at a time on the one GPU. Sized (by estimate; not yet run) for under 10 minutes on an H100/H200: ~70 runs of
 # ~30-60 s each, 8 at a time. data/zh_default's train split is 1.76M tokens, so a run sees it ~2.3
 # times; give --data_dir a larger prepared corpus to avoid repeating it.
 PRESETS = {
