@@ -119,8 +119,9 @@ DIVERGED = "DIVERGED"  # a file in a run's folder: train.py stopped it for non-f
 
 def config_from(argv):
     """DEFAULTS, then the preset, then DRY_RUN if asked, then the command line."""
-    # one batch size may be given bare: --batch_sizes=128 is (128,)
-    argv = [f"{a}," if a.startswith("--batch_sizes=") and "," not in a else a for a in argv]
+    # a one-value sequence may be given bare: --batch_sizes=128 is (128,)
+    bare = tuple(f"--{key}=" for key, value in DEFAULTS.items() if isinstance(value, tuple))
+    argv = [f"{a}," if a.startswith(bare) and "," not in a else a for a in argv]
     first = parse_args(DEFAULTS, argv)
     if first["preset"] not in PRESETS:
         raise UserError(f"--preset={first['preset']}: choose {' or '.join(PRESETS)}")
@@ -145,9 +146,12 @@ def check(cfg):
         raise UserError("--warmup_fraction must be in [0, 1)")
     for method, spec in METHODS.items():
         grid = cfg[spec["grid"]]
-        values = [lr for row in grid.values() for lr in row] if isinstance(grid, dict) else list(grid)
-        if not values or any(lr <= 0 for lr in values):
-            raise UserError(f"--{spec['grid']} must hold positive learning rates")
+        rows = list(grid.values()) if isinstance(grid, dict) else [grid]
+        values = [lr for row in rows if isinstance(row, (tuple, list)) for lr in row]
+        if not values or len(rows) > sum(isinstance(row, (tuple, list)) for row in rows) or \
+                any(not isinstance(lr, (int, float)) or lr <= 0 for lr in values):
+            raise UserError(f"--{spec['grid']} must hold positive learning rates"
+                            + (", a tuple per rho: --sophiag_lrs='{0.3: (1e-3, 2e-3)}'" if isinstance(grid, dict) else ""))
     if not os.path.isfile(os.path.join(cfg["data_dir"], "meta.json")):
         raise UserError(f"{cfg['data_dir']} is missing; run python prepare.py first")
 

@@ -102,6 +102,17 @@ def verdict(delta):
     return "within seed noise of AdamW (the seeds disagree in sign)"
 
 
+def gap_trend(gap_small, gap_large):
+    """How SophiaG's mean gap to AdamW (bits/char, negative = ahead) moves from the small batch to the large."""
+    if gap_small > 0 >= gap_large:
+        return "reverses: SophiaG is behind AdamW at the small batch and level or ahead at the large one"
+    if gap_small < 0 <= gap_large:
+        return "reverses: SophiaG is ahead of AdamW at the small batch and level or behind at the large one"
+    if gap_small >= 0:
+        return "narrows with the larger batch" if gap_large < gap_small else "does not narrow with the larger batch"
+    return "grows in SophiaG's favour with the larger batch" if gap_large < gap_small else "shrinks with the larger batch"
+
+
 def batch_section(cfg, batch, result, rows, target):
     tokens = tokens_per_step(cfg, batch)
     iters, warmup, eval_interval, _ = schedule(cfg, batch)
@@ -154,19 +165,15 @@ def findings(cfg, results, tables):
                      f"Muon {verdict(rows['Muon']['delta'])}.")
     if len(sophia_by_batch) > 1:
         (small, gap_small), (large, gap_large) = sorted(sophia_by_batch.items())[0], sorted(sophia_by_batch.items())[-1]
-        if gap_small > 0 and gap_large <= 0:
-            trend = "reverses: SophiaG is ahead at the larger batch"
-        elif abs(gap_large) < abs(gap_small):
-            trend = "narrows with the larger batch"
-        else:
-            trend = "does not narrow with the larger batch"
+        trend = gap_trend(gap_small, gap_large)
         lines.append(f"- The batch-size question: SophiaG's mean gap to AdamW goes from {gap_small:+.3f} bits/char at "
                      f"{small:,} tokens per step to {gap_large:+.3f} at {large:,}: it {trend}.")
-    edges = [f"{m} at {tokens_per_step(cfg, b):,} tokens per step" for b, result in results.items()
-             for m, (rho, lr) in result["winners"].items() if on_edge(result["grids"], m, rho, lr)]
-    if edges:
-        lines.append(f"- Inconclusive: the winner of {'; '.join(edges)} is on an edge of its grid after "
-                     f"{cfg['max_extensions']} extensions; a wider sweep (--max_extensions) may find a better one.")
+    edges = {b: [m for m, (rho, lr) in result["winners"].items() if on_edge(result["grids"], m, rho, lr)]
+             for b, result in results.items()}
+    if any(edges.values()):
+        where = "; ".join(f"at {tokens_per_step(cfg, b):,} tokens per step {', '.join(ms)}" for b, ms in edges.items() if ms)
+        lines.append(f"- Inconclusive, their winner on an edge of the grid after {cfg['max_extensions']} extensions (a wider "
+                     f"sweep, --max_extensions, may find a better one): {where}.")
     all_steps = [rows[RHO_SEARCHED]["steps_to_target"] for rows, _ in tables.values()]
     two_x = any(all(s is not None and schedule(cfg, b)[0] / s >= 2 for s in steps)
                 for b, steps in zip(tables, all_steps))
@@ -185,13 +192,15 @@ LITERATURE = [
     "Adam, Adafactor, Lion and Sophia perform comparably (SGD excepted), on models of 150M–1.2B parameters, and signed "
     "momentum (Signum) recovers Adam's performance and its stability across learning rates.",
     "- Wen et al. 2025, *Fantastic Pretraining Optimizers and Where to Find Them* (arXiv 2509.02046): with every "
-    "optimizer tuned and compared at the end of training, speed-ups over AdamW are below the claimed 1.4–2x and shrink "
-    "with scale, to 1.1x at 1.2B parameters; the fastest (Muon, Soap) precondition with matrices, 1.4x at 0.1B.",
+    "optimizer tuned and compared at the end of training (ten optimizers, 0.1B–1.2B parameters), the speed-up over AdamW "
+    "is lower than the claimed 1.4–2x and decreases with model size, to 1.1x at 1.2B; the fastest (Muon, Soap) use "
+    "matrices as preconditioners: 1.4x at 0.1B.",
 ]
 
 
 def protocol_text(cfg, command):
-    meta = json.load(open(os.path.join(cfg["data_dir"], "meta.json"), encoding="utf-8"))
+    with open(os.path.join(cfg["data_dir"], "meta.json"), encoding="utf-8") as f:
+        meta = json.load(f)
     val = meta["splits"]["val"]
     return (f"GPT of {cfg['n_layer']} layers, {cfg['n_head']} heads, {cfg['n_embd']} wide, block {cfg['block_size']}, no bias, "
             f"dropout 0, on {os.path.basename(os.path.normpath(cfg['data_dir']))} ({meta['vocab_size']:,}-token vocabulary), "
@@ -285,15 +294,20 @@ def write_all(cfg, results, argv):
     for batch, (rows, _) in tables.items():
         plot_batch(cfg, batch, rows, results[batch], os.path.join(cfg["out"], images[batch]))
     plot_gap(cfg, tables, os.path.join(cfg["out"], "gap_vs_batch.png"))
-    seconds = [wall_seconds(d) for rows, _ in tables.values() for row in rows.values() for d in row["dirs"]]
-    machine = next((e.get("machine") for e in read_events(tables[cfg["batch_sizes"][0]][0][BASELINE]["dirs"][0])
-                    if e.get("event") == "config"), None) or "an unrecorded machine"
+    finals = [d for rows, _ in tables.values() for row in rows.values() for d in row["dirs"]]
+    sweeps = [run_dir(cfg, batch, m, rho, lr, cfg["sweep_seed"]) for batch, result in results.items()
+              for m, rho, lr in result["scores"]]
+    logs = [read_events(d) for d in finals + sweeps]
+    span = max(events[-1]["time"] for events in logs) - min(events[0]["time"] for events in logs)
+    first = next(e for e in read_events(finals[0]) if e.get("event") == "config")
+    machine = first.get("machine") or "an unrecorded machine"
     lines = [protocol_text(cfg, command), ""]
     for batch, result in results.items():
         lines += batch_section(cfg, batch, result, *tables[batch]) + [""]
     lines += ["What it says:", ""] + findings(cfg, results, tables) + ["", "The literature, beside it:", ""] + LITERATURE + [""]
-    lines += [f"Machine: {machine}; {cfg['workers']} runs at a time, {cfg['threads_per_run']} thread(s) each; a final run "
-              f"took {np.mean(seconds):.0f} s on average.", ""]
+    lines += [f"Machine: {machine}, torch {first.get('torch')}; {cfg['workers']} runs at a time, {cfg['threads_per_run']} "
+              f"thread(s) each. The {len(sweeps)} sweep runs and {len(finals)} final runs took {span / 60:.0f} minutes from the "
+              f"first run's start to the last one's end (a run's seconds count from its training loop's start).", ""]
     relative = os.path.relpath(os.path.abspath(cfg["out"]), REPO)
     lines += [f"![val bits/char, {b} x {cfg['block_size']}]({relative}/{images[b]})" for b in results]
     lines += [f"![gap to AdamW against batch size]({relative}/gap_vs_batch.png)", ""]

@@ -95,6 +95,7 @@ def test_a_command_line_flag_beats_the_preset():
 def test_one_batch_size_may_be_given_bare(tiny_bpe_data):
     assert compare.config_from(["--batch_sizes=128", f"--data_dir={tiny_bpe_data}"])["batch_sizes"] == (128,)
     assert compare.config_from(["--batch_sizes=8,128", f"--data_dir={tiny_bpe_data}"])["batch_sizes"] == (8, 128)
+    assert compare.config_from(["--adamw_lrs=3e-3", f"--data_dir={tiny_bpe_data}"])["adamw_lrs"] == (3e-3,)
 
 
 def test_reach_interpolates_between_evaluations():
@@ -215,9 +216,19 @@ def test_verdicts_follow_the_sign_of_every_seed():
     assert "noise" in report.verdict(np.array([-0.1, 0.02, -0.3]))
 
 
+@pytest.mark.parametrize("small, large, words", [(0.10, 0.04, "narrows"), (0.10, 0.20, "does not narrow"),
+                                                  (0.10, -0.05, "reverses: SophiaG is behind"),
+                                                  (-0.10, 0.05, "reverses: SophiaG is ahead"),
+                                                  (-0.05, -0.10, "grows in SophiaG's favour"), (-0.10, -0.05, "shrinks")])
+def test_the_batch_size_sentence_follows_the_gaps(small, large, words):
+    assert report.gap_trend(small, large).startswith(words)
+
+
 @pytest.mark.parametrize("argv, words", [(["--sweep_seed=1", "--seeds=(1,2,3)"], "sweep_seed=1 is one of --seeds"),
                                           (["--preset=tpu"], "--preset=tpu"),
-                                          (["--batch_sizes=(0,)"], "--batch_sizes")])
+                                          (["--batch_sizes=(0,)"], "--batch_sizes"),
+                                          (["--sophiag_lrs={0.3: 1e-3}"], "a tuple per rho"),
+                                          (["--muon_lrs=(1e-3,-1e-3)"], "--muon_lrs must hold positive")])
 def test_mistakes_are_user_errors(argv, words, tiny_bpe_data):
     from cli import UserError
 
