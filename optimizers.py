@@ -14,8 +14,8 @@ Adding a fifth optimizer, say Lion, touches this file and one config:
 2. add it to REGISTRY under its --optimizer name (train.py's choices and error message, bench.py
    and the plots' labels follow);
 3. config/train_<model>_lion.py with optimizer = "lion" and its hyperparameters.
-(To put it in the comparison too, give it a row in logs/compare_optimizers.py's METHODS: which
-methods an experiment compares, and on which grid, is the experiment's choice.)
+(To put it in the comparison too, give it a row in logs/compare_optimizers.py's METHODS and a grid
+in its DEFAULTS: which methods an experiment compares, and on which grid, is the experiment's choice.)
 
 The pass after a step receives train.py's Training (see there): the model as forward runs it,
 the optimizer, GradScaler and autocast, the micro-batch source and the generators.

@@ -1,312 +1,344 @@
-"""AdamW vs SophiaG vs Muon on the tiny Chinese GPT, honestly: a learning-rate sweep for every
-optimizer, then several seeds at the chosen rate, then a table and a plot.
+"""AdamW vs SophiaG vs sign momentum vs Muon on a small Chinese GPT, at two batch sizes: a sweep
+for every optimizer, three seeds at each winner, then the table, the plots and the README section
+(logs/compare_report.py writes those). One command, resumable:
 
-    python logs/compare_optimizers.py             # the whole experiment; finished runs are skipped
-    python logs/compare_optimizers.py --workers=1 --threads_per_run=2
+    python logs/compare_optimizers.py                    # the CPU protocol (~1 hour on 2 cores)
+    python logs/compare_optimizers.py --preset=gpu       # the same protocol sized for one large GPU
+    python logs/compare_optimizers.py --dry_run=True     # the whole pipeline at a toy size, into a temp dir
 
-Methods: AdamW; SophiaG with the Hessian estimated every 10 steps; SophiaG with hess_interval=0
-(the configuration of the project this one is modelled on: no Hessian, so sign momentum); Muon on
-the hidden matrices with AdamW on the rest. Each gets the same model (config/train_tiny_zh.py), data,
-warmup and cosine schedule decaying fully to lr/10 at the last step, and no weight decay on the
-embeddings (the Sophia authors' choice; README says why). The learning rate of each is
-the grid value with the lowest final val loss on sweep_seed; when that is at the edge of the grid
-the grid is extended (at most max_extensions times), so no method is judged on a rate that is too
-small or too large. To fit a CPU budget the sweep's runs are sweep_iters steps long, with the same
-warmup and a schedule that decays fully by their own last step. The final numbers are the seeds in
-`seeds`, none of them the sweep seed, at max_iters steps.
+The protocol (every number is a flag below):
+- Model: the recipe's shape (config/train_zh_speedrun.py: 2 layers, 2 heads, 128 wide, no bias,
+  dropout 0) at block 64, on data/zh_default (the 8,192-token BPE). No weight decay on the
+  embeddings for any method (--decay_embeddings=False, the Sophia authors' choice; README: why).
+- Batch sizes (sequences per step): 8 x 64 = 512 and 128 x 64 = 8,192 tokens per step, each run
+  the same number of tokens (tokens_per_run), so the large batch takes 16x fewer steps. Warmup is
+  a fixed fraction of the steps, cosine decay to lr/10 at the last step; the whole val split is
+  evaluated at ~evals_per_run points and at the end.
+- Sweep, on sweep_seed, as long as the finals: a learning-rate grid per method, and for SophiaG
+  (k=10) a learning-rate grid per rho. A grid whose best point is on an edge grows by a factor 2
+  on that side (for SophiaG also the rho set, when the best rho is its smallest or largest), at
+  most max_extensions times; a winner still on an edge is "inconclusive" in the table. The two
+  batch sizes are swept independently: the best learning rate depends on the batch.
+- Finals: `seeds` at each method's winner. A seed fixes the training batches whatever the
+  optimizer (SophiaG's Hessian pass draws from a generator of its own), so seeds pair across methods.
 
-Every run is an ordinary train.py run with its own out_dir under `out`/runs; a run whose
-metrics.jsonl already holds its last evaluation is skipped, an interrupted one resumes from its
-checkpoint. The results go to `out`/results.md and `out`/loss.png, and between the markers
-<!-- compare:begin --> and <!-- compare:end --> in the README.
+Every run is a train.py run in `out`/runs/<batch>/<method>_...; a run whose metrics.jsonl holds its
+last evaluation (or which diverged: DIVERGED in its folder) is skipped, an interrupted one resumes
+from its checkpoint, and a finished run's checkpoint is deleted (metrics.jsonl and train.log stay).
 """
 import concurrent.futures
-import json
+import math
 import os
-import platform
 import re
+import signal
 import subprocess
 import sys
+import tempfile
 import time
-
-from pathlib import Path
-
-import numpy as np
 
 # This script lives in logs/; the repository root holds the modules and train.py.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from cli import UserError, replace_marked_section, run, write_atomically  # noqa: E402
-from run_log import read_events  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cli import UserError, run  # noqa: E402
+from compare_grids import best_point, extend  # noqa: E402
 from configurator import parse_args  # noqa: E402
-from plot_loss import load_run, plot  # noqa: E402
+from run_log import read_events  # noqa: E402
 
 DEFAULTS = dict(
+    preset="cpu",  # cpu | gpu: the defaults below, or PRESETS["gpu"] over them
+    dry_run=False,  # True: DRY_RUN over the preset, a toy size into a temp dir (a check of the pipeline)
     out="logs/compare",
     data_dir="data/zh_default",
+    readme="README.md",  # "" = leave the README alone
     workers=2,  # runs at a time
-    threads_per_run=1,  # torch threads per run (OMP_NUM_THREADS)
-    max_iters=1000,
-    sweep_iters=500,  # the sweep's runs are shorter (with their own full schedule), to fit a CPU budget
-    batch_size=6,  # 6 sequences x 64 tokens = 384 tokens per step on a CPU
-    warmup_iters=100,
-    eval_interval=250,
+    threads_per_run=1,  # OMP_NUM_THREADS of each run
+    run_timeout_minutes=0.0,  # per-run wall-clock guard (0 = none): see run_one
+    device="cpu",
+    dtype="auto",  # bfloat16 where the CPU multiplies it natively, else float32
+    compile=False,
+    n_layer=2,
+    n_head=2,
+    n_embd=128,
+    block_size=64,
+    batch_sizes=(8, 128),  # sequences per step: 512 and 8,192 tokens per step at block 64
+    # the same for every batch size: 1562 steps at 8 x 64, 98 at 128 x 64. 0.8M rather than 1M keeps
+    # the whole protocol near an hour on 2 cores (estimated from step times, loaded machine: ~50 min
+    # without grid extensions at 0.8M, ~60 at 1M, plus ~10-15 for a typical dozen extension runs)
+    tokens_per_run=800_000,
+    warmup_fraction=0.05,
+    min_lr_ratio=0.1,  # cosine to lr * min_lr_ratio at the last step
+    evals_per_run=8,  # whole-val-split evaluations after step 0 (plus one at the last step)
+    logs_per_run=40,  # train log lines (SophiaG's win_rate is logged on these)
+    eval_iters=4,  # train batches per evaluation (a check only; val is the whole split)
     sweep_seed=0,
     seeds=(1, 2, 3),
     max_extensions=2,
-    readme="README.md",
+    adamw_lrs=(1e-3, 2e-3, 4e-3, 8e-3),
+    # SophiaG (k=10): a learning-rate grid per rho. A clipped coordinate steps lr * sign(m), an
+    # unclipped one (lr / rho) * m / (bs * h). At rho 0.05 most coordinates are clipped (win_rate
+    # ~0.1 in the previous table), so its best lr is near sign momentum's (2.5e-4 there). A larger
+    # rho unclips more coordinates and shrinks their step (lr / rho), so its best lr is larger,
+    # though by less than rho (the clipped coordinates still step lr): 2x per row here.
+    sophiag_lrs={0.05: (2.5e-4, 5e-4, 1e-3), 0.3: (5e-4, 1e-3, 2e-3), 2.0: (1e-3, 2e-3, 4e-3)},
+    sign_momentum_lrs=(1.25e-4, 2.5e-4, 5e-4),  # the previous table's best was 2.5e-4, at its lower edge
+    muon_lrs=(1e-3, 2e-3, 4e-3),
 )
+
+# The GPU protocol: the same sweep and seeds, a 4 x 256 model at block 128, 16 x 128 = 2,048 and
+# 256 x 128 = 32,768 tokens per step, 4M tokens per run (1953 and 122 steps), eight
+# runs at a time on the one GPU. Sized (by estimate; not yet run) for under 10 minutes on an H100/H200: ~70 runs of
+# ~30-60 s each, 8 at a time. data/zh_default's train split is 1.76M tokens, so a run sees it ~2.3
+# times; give --data_dir a larger prepared corpus to avoid repeating it.
+PRESETS = {
+    "cpu": {},
+    "gpu": dict(device="cuda", dtype="bfloat16", workers=8, n_layer=4, n_head=4, n_embd=256, block_size=128,
+                batch_sizes=(16, 256), tokens_per_run=4_000_000, run_timeout_minutes=5.0),
+}
+# A toy size that runs the whole pipeline in well under a minute on 2 CPU cores.
+DRY_RUN = dict(device="cpu", dtype="float32", workers=2, n_layer=1, n_head=2, n_embd=16, block_size=16,
+               batch_sizes=(2, 8), tokens_per_run=768, evals_per_run=3, logs_per_run=3, eval_iters=1,
+               seeds=(1,), max_extensions=0, adamw_lrs=(1e-2,), sophiag_lrs={0.3: (1e-2,)},
+               sign_momentum_lrs=(1e-2,), muon_lrs=(1e-2,), readme="", run_timeout_minutes=0.0)
 
 # Each method's name is the label its runs get in plots (optimizers.REGISTRY[...].run_label; tested).
 METHODS = {
-    "AdamW": dict(args=["--optimizer=adamw", "--beta1=0.9", "--beta2=0.95", "--weight_decay=0.1"],
-                  grid=(1e-3, 2e-3, 4e-3)),
+    "AdamW": dict(args=["--optimizer=adamw", "--beta1=0.9", "--beta2=0.95", "--weight_decay=0.1"], grid="adamw_lrs"),
     "SophiaG (k=10)": dict(args=["--optimizer=sophiag", "--beta1=0.965", "--beta2=0.99", "--weight_decay=0.2",
-                                 "--rho=0.05", "--hess_interval=10"], grid=(2.5e-4, 5e-4, 1e-3)),
+                                 "--hess_interval=10"], grid="sophiag_lrs"),
+    # rho does not matter without a Hessian estimate: every coordinate is clipped
     "SophiaG (k=0, sign momentum)": dict(args=["--optimizer=sophiag", "--beta1=0.965", "--beta2=0.99",
                                                "--weight_decay=0.2", "--rho=0.05", "--hess_interval=0"],
-                                         grid=(2.5e-4, 5e-4, 1e-3)),
-    "Muon": dict(args=["--optimizer=muon", "--beta1=0.9", "--beta2=0.95", "--weight_decay=0.1"],
-                 grid=(1e-3, 2e-3, 4e-3)),
+                                         grid="sign_momentum_lrs"),
+    "Muon": dict(args=["--optimizer=muon", "--beta1=0.9", "--beta2=0.95", "--weight_decay=0.1"], grid="muon_lrs"),
 }
 BASELINE = "AdamW"
-# The older project's table (one seed, 6 val records, Hessian never updated, schedule still warming up).
-OLDER_TABLE = {"AdamW": (2.8763, 2.7097), "Sophia": (2.7042, 2.5157)}
+RHO_SEARCHED = "SophiaG (k=10)"
+DIVERGED = "DIVERGED"  # a file in a run's folder: train.py stopped it for non-finite losses
 
+
+def config_from(argv):
+    """DEFAULTS, then the preset, then DRY_RUN if asked, then the command line."""
+    # a one-value sequence may be given bare: --batch_sizes=128 is (128,)
+    bare = tuple(f"--{key}=" for key, value in DEFAULTS.items() if isinstance(value, tuple))
+    argv = [f"{a}," if a.startswith(bare) and "," not in a else a for a in argv]
+    first = parse_args(DEFAULTS, argv)
+    if first["preset"] not in PRESETS:
+        raise UserError(f"--preset={first['preset']}: choose {' or '.join(PRESETS)}")
+    base = DEFAULTS | PRESETS[first["preset"]] | (DRY_RUN if first["dry_run"] else {})
+    cfg = parse_args(base, argv)
+    if cfg["dry_run"] and not any(arg.startswith("--out=") for arg in argv):
+        cfg["out"] = tempfile.mkdtemp(prefix="compare_dry_run_")
+    check(cfg)
+    return cfg
+
+
+def check(cfg):
+    if cfg["sweep_seed"] in cfg["seeds"]:
+        raise UserError(f"--sweep_seed={cfg['sweep_seed']} is one of --seeds: the final numbers must not reuse the sweep's seed")
+    for key in ("workers", "threads_per_run", "tokens_per_run", "n_layer", "n_head", "n_embd", "block_size",
+                "evals_per_run", "logs_per_run", "eval_iters"):
+        if cfg[key] <= 0:
+            raise UserError(f"--{key} must be positive")
+    if not cfg["batch_sizes"] or any(b <= 0 for b in cfg["batch_sizes"]):
+        raise UserError("--batch_sizes must be positive sequence counts, e.g. --batch_sizes=8,128")
+    if not 0 <= cfg["warmup_fraction"] < 1:
+        raise UserError("--warmup_fraction must be in [0, 1)")
+    for method, spec in METHODS.items():
+        grid = cfg[spec["grid"]]
+        rows = list(grid.values()) if isinstance(grid, dict) else [grid]
+        values = [lr for row in rows if isinstance(row, (tuple, list)) for lr in row]
+        if not values or len(rows) > sum(isinstance(row, (tuple, list)) for row in rows) or \
+                any(not isinstance(lr, (int, float)) or lr <= 0 for lr in values):
+            raise UserError(f"--{spec['grid']} must hold positive learning rates"
+                            + (", a tuple per rho: --sophiag_lrs='{0.3: (1e-3, 2e-3)}'" if isinstance(grid, dict) else ""))
+    if not os.path.isfile(os.path.join(cfg["data_dir"], "meta.json")):
+        raise UserError(f"{cfg['data_dir']} is missing; run python prepare.py first")
+
+
+# -- the schedule of one run ---------------------------------------------------------------------
+
+def tokens_per_step(cfg, batch):
+    return batch * cfg["block_size"]
+
+
+def steps_per_run(cfg, batch):
+    """Optimizer steps that spend tokens_per_run tokens at this batch size (at least 2)."""
+    return max(2, round(cfg["tokens_per_run"] / tokens_per_step(cfg, batch)))
+
+
+def schedule(cfg, batch):
+    """(max_iters, warmup_iters, eval_interval, log_interval) of every run at this batch size."""
+    iters = steps_per_run(cfg, batch)
+    warmup = min(iters - 1, max(1, round(cfg["warmup_fraction"] * iters)))
+    return iters, warmup, max(1, iters // cfg["evals_per_run"]), max(1, iters // cfg["logs_per_run"])
+
+
+# -- runs ------------------------------------------------------------------------------------------
 
 def slug(method):
     """A folder name for a method: "SophiaG (k=10)" -> "sophiag-k-10"."""
     return re.sub(r"[^a-z0-9]+", "-", method.lower()).strip("-")
 
 
-def run_dir(cfg, method, lr, seed):
-    return os.path.join(cfg["out"], "runs", f"{slug(method)}_lr{lr:g}_seed{seed}_iters{iters_for(cfg, seed)}")
+def batch_folder(cfg, batch):
+    return f"{batch}x{cfg['block_size']}"
 
 
-def iters_for(cfg, seed):
-    """The sweep (on sweep_seed) runs sweep_iters steps, the final runs max_iters."""
-    return cfg["sweep_iters"] if seed == cfg["sweep_seed"] else cfg["max_iters"]
+def run_dir(cfg, batch, method, rho, lr, seed):
+    rho_part = f"_rho{rho:g}" if rho is not None else ""
+    return os.path.join(cfg["out"], "runs", batch_folder(cfg, batch), f"{slug(method)}{rho_part}_lr{lr:g}_seed{seed}")
 
 
-def train_command(cfg, method, lr, seed, out_dir, resume):
-    iters = iters_for(cfg, seed)
+def train_command(cfg, batch, method, rho, lr, seed, out_dir, resume):
+    """The train.py command line of one run (tested: the protocol lives in these flags)."""
+    iters, warmup, eval_interval, log_interval = schedule(cfg, batch)
     return [
-        sys.executable, os.path.join(REPO, "train.py"), os.path.join(REPO, "config", "train_tiny_zh.py"),
-        *METHODS[method]["args"], f"--learning_rate={lr}", f"--min_lr={lr / 10}", f"--seed={seed}",
-        f"--out_dir={out_dir}", f"--data_dir={os.path.abspath(cfg['data_dir'])}", "--gradient_accumulation_steps=1", f"--batch_size={cfg['batch_size']}",
-        f"--max_iters={iters}", f"--lr_decay_iters={iters}", f"--warmup_iters={cfg['warmup_iters']}",
-        f"--eval_interval={cfg['eval_interval']}", "--device=cpu", "--dtype=float32",
+        sys.executable, os.path.join(REPO, "train.py"), *METHODS[method]["args"],
+        *([f"--rho={rho}"] if rho is not None else []),
+        f"--learning_rate={lr}", f"--min_lr={lr * cfg['min_lr_ratio']}", f"--seed={seed}",
+        f"--out_dir={os.path.abspath(out_dir)}", f"--data_dir={os.path.abspath(cfg['data_dir'])}",
+        f"--n_layer={cfg['n_layer']}", f"--n_head={cfg['n_head']}", f"--n_embd={cfg['n_embd']}",
+        f"--block_size={cfg['block_size']}", "--bias=False", "--dropout=0.0",
+        f"--batch_size={batch}", "--gradient_accumulation_steps=1",
+        f"--max_iters={iters}", f"--lr_decay_iters={iters}", f"--warmup_iters={warmup}",
+        f"--eval_interval={eval_interval}", f"--eval_iters={cfg['eval_iters']}", "--val_full_split=True",
+        f"--log_interval={log_interval}", f"--device={cfg['device']}", f"--dtype={cfg['dtype']}",
+        f"--compile={cfg['compile']}",
         "--decay_embeddings=False",  # the Sophia authors' weight decay, for every method (README: why)
         f"--init_from={'resume' if resume else 'scratch'}",
     ]
 
 
 def finished(out_dir, iters):
-    """Whether the run's log holds its last evaluation."""
+    """Whether the run's log holds its last evaluation, or the run diverged."""
+    if os.path.isfile(os.path.join(out_dir, DIVERGED)):
+        return True
     return any(e.get("event") == "eval" and e.get("iter") == iters for e in read_events(out_dir))
 
 
-def train_one(cfg, method, lr, seed):
-    """Run (or finish) one training run; returns its out_dir."""
-    out_dir = run_dir(cfg, method, lr, seed)
-    if finished(out_dir, iters_for(cfg, seed)):
+def diverged(out_dir):
+    return os.path.isfile(os.path.join(out_dir, DIVERGED))
+
+
+def run_one(cfg, batch, method, rho, lr, seed):
+    """Run (or finish) one training run; returns its out_dir.
+
+    The wall-clock guard (run_timeout_minutes) stops a run that overruns with SIGTERM (train.py then
+    saves a checkpoint) and stops the experiment: rerunning the command resumes it. It never
+    shortens a run, as train.py's --max_minutes would (that one fixes the horizon from the measured
+    step time, so the runs of one grid would differ in horizon)."""
+    out_dir = run_dir(cfg, batch, method, rho, lr, seed)
+    iters = schedule(cfg, batch)[0]
+    if finished(out_dir, iters):
         return out_dir
-    resume = os.path.isfile(os.path.join(out_dir, "ckpt.pt"))
+    checkpoint = os.path.join(out_dir, "ckpt.pt")
     os.makedirs(out_dir, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg["threads_per_run"]), PYTHONUNBUFFERED="1")
+    command = train_command(cfg, batch, method, rho, lr, seed, out_dir, os.path.isfile(checkpoint))
+    timeout = cfg["run_timeout_minutes"] * 60 or None
     with open(os.path.join(out_dir, "train.log"), "a", encoding="utf-8") as log:
-        result = subprocess.run(train_command(cfg, method, lr, seed, out_dir, resume), cwd=REPO, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
-    if result.returncode != 0 or not finished(out_dir, iters_for(cfg, seed)):
-        raise RuntimeError(f"run {out_dir} failed (exit {result.returncode}); see {out_dir}/train.log")
-    os.remove(os.path.join(out_dir, "ckpt.pt"))  # 80 MB each; the log is what the comparison needs
-    print(f"finished {out_dir}", flush=True)
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            status = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGTERM)
+            process.wait()
+            raise UserError(f"run {out_dir} passed --run_timeout_minutes={cfg['run_timeout_minutes']:g} and was stopped "
+                            f"with a checkpoint; rerun the same command to resume it, or lower --tokens_per_run") from None
+    if status != 0 and "non-finite loss or gradient" in tail(os.path.join(out_dir, "train.log")):
+        open(os.path.join(out_dir, DIVERGED), "w").close()  # a sweep point like any other: its score is inf
+    elif status != 0 or not finished(out_dir, iters):
+        raise RuntimeError(f"run {out_dir} failed (exit {status}); see {out_dir}/train.log")
+    if os.path.isfile(checkpoint):
+        os.remove(checkpoint)  # tens of MB each; the log is what the comparison needs
+    print(f"finished {out_dir}" + (" (diverged)" if diverged(out_dir) else ""), flush=True)
     return out_dir
 
 
-def train_all(cfg, jobs):
-    """Run (method, lr, seed) jobs, `workers` at a time."""
+def tail(path, size=4000):
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - size))
+        return f.read().decode("utf-8", errors="replace")
+
+
+def run_all(cfg, jobs):
+    """Run (batch, method, rho, lr, seed) jobs, `workers` at a time."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=cfg["workers"]) as pool:
-        for future in [pool.submit(train_one, cfg, *job) for job in jobs]:
+        for future in [pool.submit(run_one, cfg, *job) for job in jobs]:
             future.result()
 
 
-def final_val_loss(cfg, method, lr, seed):
-    return load_run(run_dir(cfg, method, lr, seed)).val.loss[-1]
+def final_bpc(cfg, batch, method, rho, lr, seed):
+    """The run's last val bits per character; inf if it diverged (or its last evaluation was not finite)."""
+    out_dir = run_dir(cfg, batch, method, rho, lr, seed)
+    if diverged(out_dir):
+        return math.inf
+    evals = [e for e in read_events(out_dir) if e.get("event") == "eval"]
+    value = evals[-1]["val_bpc"]
+    return value if math.isfinite(value) else math.inf
+
+
+# -- the sweep -------------------------------------------------------------------------------------
+
+def initial_grids(cfg):
+    """{(method, rho): [learning rates]}; rho is None except for SophiaG (k=10)'s rows."""
+    grids = {}
+    for method, spec in METHODS.items():
+        grid = cfg[spec["grid"]]
+        rows = grid.items() if isinstance(grid, dict) else [(None, grid)]
+        for rho, lrs in rows:
+            grids[(method, None if rho is None else float(rho))] = sorted(float(lr) for lr in lrs)
+    return grids
 
 
 def sweep(cfg):
-    """({method: grid run}, {method: chosen lr}), extending a grid whose best value is at its edge."""
-    grids = {method: list(spec["grid"]) for method, spec in METHODS.items()}
-
-    def best_lr(method):
-        grid = grids[method]
-        return grid[int(np.argmin([final_val_loss(cfg, method, lr, cfg["sweep_seed"]) for lr in grid]))]
-
+    """{batch: dict(grids={(method, rho): lrs}, winners={method: (rho, lr)}, scores={(method, rho, lr):
+    final val bits/char})}, on sweep_seed. The batch sizes are swept independently, but their runs
+    share the workers; each round runs what the last extension added."""
+    grids = {batch: initial_grids(cfg) for batch in cfg["batch_sizes"]}
+    scores = {batch: {} for batch in cfg["batch_sizes"]}
+    growing = list(cfg["batch_sizes"])
     for extensions in range(cfg["max_extensions"] + 1):
-        train_all(cfg, [(m, lr, cfg["sweep_seed"]) for m, grid in grids.items() for lr in grid])
-        best = {method: best_lr(method) for method in grids}
-        at_edge = [m for m, grid in grids.items() if best[m] in (grid[0], grid[-1])]
-        if not at_edge or extensions == cfg["max_extensions"]:
+        jobs = [(batch, m, rho, lr, cfg["sweep_seed"]) for batch in growing for (m, rho), lrs in grids[batch].items()
+                for lr in lrs if (m, rho, lr) not in scores[batch]]
+        run_all(cfg, jobs)
+        for batch, m, rho, lr, seed in jobs:
+            scores[batch][(m, rho, lr)] = final_bpc(cfg, batch, m, rho, lr, seed)
+        if extensions == cfg["max_extensions"]:
             break
-        for method in at_edge:
-            grid = grids[method]
-            if best[method] == grid[0]:
-                grid.insert(0, grid[0] / 2)
-            else:
-                grid.append(grid[-1] * 2)
-    return grids, best
-
-
-def steps_to_reach(run_val, target):
-    """First step at which the val curve reaches target, interpolated linearly between
-    evaluations; None if it never does."""
-    steps, loss = run_val.steps, run_val.loss
-    for i in range(len(steps)):
-        if loss[i] <= target:
-            if i == 0:
-                return int(steps[0])
-            fraction = (loss[i - 1] - target) / (loss[i - 1] - loss[i])
-            return int(round(steps[i - 1] + fraction * (steps[i] - steps[i - 1])))
-    return None
-
-
-def eval_at(run_, step):
-    index = np.flatnonzero(run_.val.steps == step)
-    return run_.val.loss[index[0]] if index.size else float("nan")
-
-
-def train_eval_loss(out_dir, step):
-    losses = [e["train_loss"] for e in read_events(out_dir) if e.get("event") == "eval" and e["iter"] == step]
-    return losses[-1]
-
-
-def wall_seconds(out_dir):
-    """First config event to last event of the run's log."""
-    events = read_events(out_dir)
-    return events[-1]["time"] - events[0]["time"]
-
-
-def summarise(cfg, chosen):
-    """{method: dict of mean/std numbers over the final seeds}."""
-    rows = {}
-    for method, lr in chosen.items():
-        dirs = [run_dir(cfg, method, lr, seed) for seed in cfg["seeds"]]
-        runs = [load_run(d) for d in dirs]
-        final = cfg["max_iters"]
-        rows[method] = dict(
-            lr=lr,
-            train=[train_eval_loss(d, final) for d in dirs],
-            val=[r.val.loss[-1] for r in runs],
-            val_half=[eval_at(r, final // 2) for r in runs],
-            seconds=[wall_seconds(d) for d in dirs],
-            runs=runs,
-        )
-    target = float(np.mean(rows[BASELINE]["val"]))
-    for row in rows.values():
-        row["steps_to_target"] = [steps_to_reach(r.val, target) for r in row["runs"]]
-    return rows, target
-
-
-def mean_std(values, digits=4):
-    values = np.asarray(values, dtype=float)
-    return f"{values.mean():.{digits}f} ± {values.std(ddof=1) if values.size > 1 else 0.0:.{digits}f}"
-
-
-def relative_gain(baseline, value):
-    """Improvement over AdamW as the older table wrote it: (AdamW - X) / AdamW, positive = lower loss."""
-    return f"{(baseline - value) / baseline * 100:+.2f}%"
-
-
-def results_markdown(cfg, grids, chosen, rows, target, total_seconds, machine):
-    base_train, base_val = np.mean(rows[BASELINE]["train"]), np.mean(rows[BASELINE]["val"])
-    tokens = cfg["batch_size"] * 64
-    with open(os.path.join(cfg["data_dir"], "meta.json"), encoding="utf-8") as f:
-        val_documents = json.load(f)["splits"]["val"]["documents"]
-    lines = [
-        f"Tiny GPT (2 layers, 2 heads, 128 wide, block 64, dropout 0.1) on the default corpus; "
-        f"{cfg['max_iters']} steps x {tokens} tokens ({cfg['batch_size']} x 64, no accumulation) = "
-        f"{cfg['max_iters'] * tokens / 1e6:.2f}M tokens per run; warmup {cfg['warmup_iters']} steps, cosine to lr/10 at step "
-        f"{cfg['max_iters']}; val loss over the whole val split ({val_documents} documents of {cfg['data_dir']}) "
-        f"every {cfg['eval_interval']} steps. Mean ± std over seeds {', '.join(map(str, cfg['seeds']))}; the learning rate of each "
-        f"optimizer is the best final val loss of its sweep on seed {cfg['sweep_seed']} ({cfg['sweep_iters']}-step runs, same warmup, "
-        f"decayed fully by their last step; the best rate in bold).",
-        "",
-        f"| optimizer | lr (sweep) | train loss | val loss | vs AdamW (train / val) | val @{cfg['max_iters'] // 2} | "
-        f"val @{cfg['max_iters']} | steps to AdamW's val loss | wall-clock per run |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for method, row in rows.items():
-        sweep_text = ", ".join(f"**{lr:g}**" if lr == chosen[method] else f"{lr:g}" for lr in grids[method])
-        reached = row["steps_to_target"]
-        if all(s is not None for s in reached):
-            steps_text = f"{np.mean(reached):.0f}"
-        else:
-            steps_text = f"not reached ({sum(s is None for s in reached)}/{len(reached)} seeds)"
-        gains = f"{relative_gain(base_train, np.mean(row['train']))} / {relative_gain(base_val, np.mean(row['val']))}"
-        lines.append(
-            f"| {method} | {sweep_text} | {mean_std(row['train'])} | {mean_std(row['val'])} | {gains if method != BASELINE else '—'} | "
-            f"{mean_std(row['val_half'])} | {mean_std(row['val'])} | {steps_text} | {np.mean(row['seconds']):.0f} s |")
-    at_edge = [m for m in rows if chosen[m] in (grids[m][0], grids[m][-1])]
-    if at_edge:
-        lines += ["", f"The best rate was at the edge of its sweep for {', '.join(at_edge)}: a wider sweep "
-                      f"(--max_extensions, {cfg['max_extensions']} here) may find a better one."]
-    old = OLDER_TABLE
-    lines += [
-        "",
-        f"AdamW's mean final val loss, the target of the steps column: {target:.4f} (interpolated between evaluations). "
-        f"\"vs AdamW\" is (AdamW − X) / AdamW of the mean loss, positive when X is lower, as in the older table.",
-        "",
-        f"The older project's table, for comparison: AdamW {old['AdamW'][0]} / {old['AdamW'][1]}, \"Sophia\" "
-        f"{old['Sophia'][0]} / {old['Sophia'][1]} (train / dev; \"+5.98% / +7.16%\"). It came from one seed, 6 dev records, "
-        f"2000 steps with 2000 warmup steps (the learning rate never decayed), no tuned learning rate, and a SophiaG whose "
-        f"Hessian was never estimated, i.e. the \"SophiaG (k=0, sign momentum)\" row here.",
-        "",
-        f"Machine: {machine}; {cfg['workers']} runs at a time, {cfg['threads_per_run']} thread(s) each. "
-        f"All {sum(len(g) for g in grids.values()) + len(rows) * len(cfg['seeds'])} runs took {total_seconds / 60:.0f} minutes of "
-        f"wall-clock time in all. Command: `{' '.join(['python logs/compare_optimizers.py', *sys.argv[1:]])}` (torch {torch_version()}).",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def torch_version():
-    import torch
-
-    return torch.__version__
-
-
-def experiment_span(cfg, grids, chosen):
-    """Wall-clock seconds from the first run's start to the last run's end."""
-    dirs = [run_dir(cfg, m, lr, cfg["sweep_seed"]) for m, grid in grids.items() for lr in grid]
-    dirs += [run_dir(cfg, m, lr, s) for m, lr in chosen.items() for s in cfg["seeds"]]
-    logs = [read_events(d) for d in dirs]
-    return max(events[-1]["time"] for events in logs) - min(events[0]["time"] for events in logs)
+        growing = [batch for batch in growing if extend(grids[batch], scores[batch])]
+        if not growing:
+            break
+    results = {}
+    for batch in cfg["batch_sizes"]:
+        winners = {}
+        for method in METHODS:
+            rho, lr, score = best_point(grids[batch], scores[batch], method)
+            if not math.isfinite(score):
+                raise RuntimeError(f"every sweep run of {method} at batch {batch} diverged; lower --{METHODS[method]['grid']}")
+            winners[method] = (rho, lr)
+        results[batch] = dict(grids=grids[batch], winners=winners, scores=scores[batch])
+    return results
 
 
 def main():
-    cfg = parse_args(DEFAULTS, sys.argv[1:])
-    if cfg["sweep_seed"] in cfg["seeds"]:
-        raise UserError(f"--sweep_seed={cfg['sweep_seed']} is one of --seeds: the final numbers must not reuse the sweep's seed")
-    for key in ("workers", "threads_per_run", "max_iters", "sweep_iters", "batch_size"):
-        if cfg[key] <= 0:
-            raise UserError(f"--{key} must be positive")
-    if not os.path.isfile(os.path.join(cfg["data_dir"], "meta.json")):
-        raise UserError(f"{cfg['data_dir']} is missing; run python prepare.py first")
+    cfg = config_from(sys.argv[1:])
     os.makedirs(cfg["out"], exist_ok=True)
     started = time.time()
-    grids, chosen = sweep(cfg)
-    print(f"chosen learning rates: {chosen} (sweep took {(time.time() - started) / 60:.1f} min)", flush=True)
-    train_all(cfg, [(m, lr, seed) for m, lr in chosen.items() for seed in cfg["seeds"]])
+    results = sweep(cfg)
+    for batch, result in results.items():
+        print(f"batch {batch}: winners {result['winners']}", flush=True)
+    print(f"sweep done in {(time.time() - started) / 60:.1f} min", flush=True)
+    finals = [(batch, m, rho, lr, seed) for batch, result in results.items()
+              for m, (rho, lr) in result["winners"].items() for seed in cfg["seeds"]]
+    run_all(cfg, finals)
+    broken = [run_dir(cfg, *job) for job in finals if diverged(run_dir(cfg, *job))]
+    if broken:  # its last evaluation would pass for a result: say so instead
+        raise RuntimeError(f"final runs diverged at their sweep's winner: {', '.join(broken)}; the table is not written")
+    import compare_report  # matplotlib and the table: only once every run is done
 
-    rows, target = summarise(cfg, chosen)
-    machine = load_run(run_dir(cfg, BASELINE, chosen[BASELINE], cfg["seeds"][0])).machine or platform.processor()
-    table = results_markdown(cfg, grids, chosen, rows, target, experiment_span(cfg, grids, chosen), machine)
-    write_atomically(os.path.join(cfg["out"], "results.md"), lambda path: Path(path).write_text(table, encoding="utf-8"))
-    plot({method: row["runs"] for method, row in rows.items()}, os.path.join(cfg["out"], "loss.png"))
-    readme = os.path.join(REPO, cfg["readme"])
-    print(table)
-    print(f"wrote {cfg['out']}/results.md and {cfg['out']}/loss.png" +
-          (f"; updated {readme}" if replace_marked_section(readme, "compare", table) else ""))
+    compare_report.write_all(cfg, results, sys.argv[1:])
 
 
 if __name__ == "__main__":
