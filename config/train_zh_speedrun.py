@@ -28,3 +28,8 @@ val_full_split = True  # val bits per character over the whole val split
 log_interval = 50
 device = "cpu"
 dtype = "auto"  # bfloat16 where the CPU multiplies it natively (AVX512_BF16, AMX), else float32
+# torch.compile fuses the small ops around the matmuls: 72.7 vs 91.0 ms per step here (Zen 4, 2 cores,
+# bf16), for ~16 s of compiling at the start: from ~1.5 minutes of budget on it trains more steps (10
+# minutes: ~7,900 vs ~6,600). It needs a C++ compiler on a CPU: without one the run stops at once with
+# a one-line error, and --compile=False runs eagerly.
+compile = True

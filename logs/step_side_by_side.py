@@ -1,0 +1,77 @@
+"""The default recipe's training step, this checkout against an older commit, side by side.
+
+    python logs/step_side_by_side.py --base=7f4ced9                     # the first landed recipe
+    python logs/step_side_by_side.py --base=7f4ced9 --rounds=3 --iters=400
+
+The older commit is checked out into a temporary git worktree (removed afterwards) that shares this
+checkout's data/ folder. Both run `train.py config/train_zh_speedrun.py` for the same steps, seed
+and schedule, one after the other, round after round, so that a machine's drift falls on both. Each
+run reports its median ms per step (from the steps after the first 50: compiling and warm-up are
+not the step) and its val bits per character at the end, so a speed-up that changed the training
+shows as a changed loss. `--extra` adds flags to this checkout's runs only (e.g. --compile=False).
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from cli import UserError, run  # noqa: E402
+from configurator import parse_args  # noqa: E402
+from run_log import read_events  # noqa: E402
+
+DEFAULTS = dict(
+    base="7f4ced9",  # the commit that landed the recipe (config/train_zh_speedrun.py)
+    rounds=2,
+    iters=400,
+    seed=1337,
+    extra="",  # flags for this checkout's runs only, space-separated
+)
+SKIP_STEPS = 50
+
+
+def train(checkout, out_dir, cfg, extra):
+    command = [sys.executable, "train.py", "config/train_zh_speedrun.py", f"--max_iters={cfg['iters']}",
+               f"--lr_decay_iters={cfg['iters']}", f"--warmup_iters={cfg['iters'] // 10}", f"--seed={cfg['seed']}",
+               f"--out_dir={out_dir}", "--log_interval=10", "--eval_interval=100000", *extra]
+    result = subprocess.run(command, cwd=checkout, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise UserError(f"train.py failed in {checkout}: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+    events = read_events(out_dir)
+    ms = [e["time_ms"] for e in events if e.get("event") == "train" and e["iter"] >= SKIP_STEPS]
+    final = [e for e in events if e.get("event") == "eval"][-1]
+    return statistics.median(ms), final["val_bpc"]
+
+
+def main():
+    cfg = parse_args(DEFAULTS, sys.argv[1:])
+    if cfg["iters"] <= SKIP_STEPS + 10:
+        raise UserError(f"--iters must be above {SKIP_STEPS + 10}: the first {SKIP_STEPS} steps are not timed")
+    with tempfile.TemporaryDirectory() as scratch:
+        base = os.path.join(scratch, "base")
+        added = subprocess.run(["git", "worktree", "add", "--detach", base, cfg["base"]], cwd=REPO, capture_output=True, text=True)
+        if added.returncode != 0:
+            raise UserError(f"cannot check out --base={cfg['base']}: {added.stderr.strip().splitlines()[-1]}")
+        try:
+            os.symlink(os.path.join(REPO, "data"), os.path.join(base, "data"))
+            checkouts = {f"base {cfg['base']}": (base, []), "this checkout": (REPO, cfg["extra"].split())}
+            results = {name: [] for name in checkouts}
+            for round_index in range(cfg["rounds"]):
+                for name, (checkout, extra) in checkouts.items():
+                    ms, bpc = train(checkout, os.path.join(scratch, f"run{round_index}_{len(results[name])}_{name[:4]}"), cfg, extra)
+                    results[name].append((ms, bpc))
+                    print(f"round {round_index + 1}, {name}: {ms:.1f} ms per step, val {bpc:.3f} bits/char", flush=True)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", base], cwd=REPO, capture_output=True)
+    medians = {name: statistics.median(ms for ms, _ in runs) for name, runs in results.items()}
+    base_ms, ours_ms = medians.values()
+    print(json.dumps({"ms_per_step": medians, "speedup": round(base_ms / ours_ms, 3)}))
+    print(f"this checkout takes {ours_ms:.1f} ms per step, {cfg['base']} {base_ms:.1f}: {base_ms / ours_ms:.2f}x fewer "
+          f"(medians over {cfg['rounds']} rounds of {cfg['iters']} steps, seed {cfg['seed']})")
+
+
+if __name__ == "__main__":
+    run(main)
