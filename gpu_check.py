@@ -180,7 +180,7 @@ def chinese_recipe_part(report, cfg, device):
         os.remove(metrics)  # a fresh run; an old log would count as this one's first step
     # the dry run trains a few steps of a tiny model instead: --max_minutes needs a dozen steps to time
     limits = [*TINY, "--gradient_accumulation_steps=1", "--eval_iters=1", "--val_full_split=False", "--log_interval=1",
-              "--max_minutes=0", "--warmup_iters=2", "--max_iters=4", "--lr_decay_iters=4"] if cfg["dry_run"] else \
+              "--max_minutes=0", "--warmup_iters=2", "--max_iters=4", "--lr_decay_iters=4", "--compile=False"] if cfg["dry_run"] else \
         [f"--max_minutes={cfg['zh_seconds'] / 60:g}"]
     command = [sys.executable, "train.py", cfg["zh_config"], f"--device={device}", f"--data_dir={data_dir}",
                f"--out_dir={out_dir}", "--init_from=scratch", "--overwrite_out_dir=True", *limits]
