@@ -31,6 +31,14 @@ def test_sample_prints_valid_utf8_chinese(trained_run, tmp_path):
     assert all(s.startswith("滚滚长江") for s in samples[:2])
     assert "\ufffd" not in result.stdout
     result.stdout.encode("utf-8")  # printable as UTF-8
+    # each sample's speed, on stderr (stdout is the text alone), in float32: the CPU default for sampling
+    speeds = [line for line in result.stderr.splitlines() if "tokens/s" in line]
+    assert len(speeds) == 2 and all("40 new tokens in" in s and "KV cache on, float32" in s for s in speeds), result.stderr
+
+
+def test_sampling_defaults_to_float32_on_a_cpu_only():
+    assert sample.sampling_dtype("auto", "cpu") == "float32"
+    assert sample.sampling_dtype("bfloat16", "cpu") == "bfloat16"  # asked for: kept
 
 
 def test_same_seed_gives_the_same_samples_with_and_without_kv_cache(trained_run):
