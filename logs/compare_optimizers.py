@@ -212,7 +212,7 @@ def train_command(cfg, batch, method, rho, lr, seed, out_dir, resume):
 
 def finished(out_dir, iters):
     """Whether the run's log holds its last evaluation, or the run diverged."""
-    if os.path.isfile(os.path.join(out_dir, DIVERGED)):
+    if diverged(out_dir):
         return True
     return any(e.get("event") == "eval" and e.get("iter") == iters for e in read_events(out_dir))
 

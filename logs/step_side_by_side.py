@@ -61,7 +61,7 @@ def main():
             results = {name: [] for name in checkouts}
             for round_index in range(cfg["rounds"]):
                 for name, (checkout, extra) in checkouts.items():
-                    ms, bpc = train(checkout, os.path.join(scratch, f"run{round_index}_{len(results[name])}_{name[:4]}"), cfg, extra)
+                    ms, bpc = train(checkout, os.path.join(scratch, f"{name[:4]}_round{round_index}"), cfg, extra)
                     results[name].append((ms, bpc))
                     print(f"round {round_index + 1}, {name}: {ms:.1f} ms per step, val {bpc:.3f} bits/char", flush=True)
         finally:
