@@ -2,21 +2,27 @@
 # wall-clock budget on 2 cores (see the README's speedrun and tokenizer tables, written by
 # logs/speedrun.py). Give the budget on the command line:
 #   python train.py config/train_zh_speedrun.py --max_minutes=10
-# 16 batch * 128 block * 1 accumulation = 2,048 tokens (~2,800 characters) per step.
-# The shape was picked by pairs of runs side by side (one thread each, same budget, 8,192-token
-# BPE, lr 3e-3, AMD EPYC Zen 4): at 3 minutes 2 layers x 128 wide reached 7.19 bits/char (twice),
-# 3 x 192 7.63, 4 x 256 7.96; at 5 minutes 2 x 128 6.90, 4 x 128 7.22. In minutes on a CPU, more
-# tokens through a small model beat fewer through a large one.
+# 32 batch * 128 block * 1 accumulation = 4,096 tokens (~5,600 characters) per step.
+# Shape and optimizer were picked by pairs of runs side by side (logs/recipe_tuning.sh: one thread
+# each for 16.5 minutes, about the steps 2 threads train in 10; AMD EPYC Zen 4; the runs' logs and
+# flags are in logs/speedrun/tuning/). Val bits/char, starting from the earlier recipe (2 layers,
+# batch 16, AdamW, lr 3e-3):
+#   earlier recipe 5.847 | Muon 5.772 (lr 6e-3: 5.801, 1.2e-2: 5.832)
+#   Muon + dropout 0.1 5.870 (a third fewer steps) | + weight decay 0.5 5.823 | + batch 8 5.993
+#   Muon, 4 layers 5.702 | 6 layers 5.714 | batch 32 5.721 | 4 layers and batch 32 5.666
+# Regularising does not pay in 10 minutes; Muon, depth and a larger batch do. (Earlier, with AdamW,
+# 2 x 128 beat 3 x 192 and 4 x 256 at 3 minutes: width costs more than it gives.)
 out_dir = "out-zh"
 dataset = "zh_default"  # the 8,192-token BPE trained on the default corpus's train split
-n_layer = 2
+n_layer = 4
 n_head = 2
 n_embd = 128
 block_size = 128
-batch_size = 16
+batch_size = 32
 gradient_accumulation_steps = 1
-dropout = 0.0  # a few epochs at most in 10 minutes: nothing to regularise yet
+dropout = 0.0  # measured above: 0.1 costs more steps than it saves
 bias = False
+optimizer = "muon"  # Muon on the hidden matrices, AdamW on embeddings and norms (muon_adamw.py)
 learning_rate = 3e-3
 min_lr = 3e-4
 warmup_iters = 100
@@ -28,8 +34,8 @@ val_full_split = True  # val bits per character over the whole val split
 log_interval = 50
 device = "cpu"
 dtype = "auto"  # bfloat16 where the CPU multiplies it natively (AVX512_BF16, AMX), else float32
-# torch.compile fuses the small ops around the matmuls: 72.7 vs 91.0 ms per step here (Zen 4, 2 cores,
-# bf16), for ~16 s of compiling at the start: from ~1.5 minutes of budget on it trains more steps (10
-# minutes: ~7,900 vs ~6,600). It needs a C++ compiler on a CPU: without one the run stops at once with
+# torch.compile fuses the small ops around the matmuls: 72.7 vs 91.0 ms per step (the earlier recipe;
+# Zen 4, 2 cores, bf16), for ~16 s of compiling at the start, so from ~1.5 minutes of budget on it
+# trains more steps. It needs a C++ compiler on a CPU: without one the run stops at once with
 # a one-line error, and --compile=False runs eagerly.
 compile = True

@@ -7,9 +7,10 @@ for every optimizer, three seeds at each winner, then the table, the plots and t
     python logs/compare_optimizers.py --dry_run=True     # the whole pipeline at a toy size, into a temp dir
 
 The protocol (every number is a flag below):
-- Model: the recipe's shape (config/train_zh_speedrun.py: 2 layers, 2 heads, 128 wide, no bias,
-  dropout 0) at block 64, on data/zh_default (the 8,192-token BPE). No weight decay on the
-  embeddings for any method (--decay_embeddings=False, the Sophia authors' choice; README: why).
+- Model: the first recipe's shape (2 layers, 2 heads, 128 wide, no bias, dropout 0; the recipe
+  in config/train_zh_speedrun.py has since grown) at block 64, on data/zh_default (the 8,192-token
+  BPE). No weight decay on the embeddings for any method (--decay_embeddings=False, the Sophia
+  authors' choice; README: why).
 - Batch sizes (sequences per step): 8 x 64 = 512 and 128 x 64 = 8,192 tokens per step, each run
   the same number of tokens (tokens_per_run), so the large batch takes 16x fewer steps. Warmup is
   a fixed fraction of the steps, cosine decay to lr/10 at the last step; the whole val split is

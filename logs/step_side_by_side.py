@@ -4,11 +4,12 @@
     python logs/step_side_by_side.py --base=7f4ced9 --rounds=3 --iters=400
 
 The older commit is checked out into a temporary git worktree (removed afterwards) that shares this
-checkout's data/ folder. Both run `train.py config/train_zh_speedrun.py` for the same steps, seed
-and schedule, one after the other, round after round, so that a machine's drift falls on both. Each
-run reports its median ms per step (from the steps after the first 50: compiling and warm-up are
-not the step) and its val bits per character at the end, so a speed-up that changed the training
-shows as a changed loss. `--extra` adds flags to this checkout's runs only (e.g. --compile=False).
+checkout's data/ folder. Both run `train.py config/train_zh_speedrun.py` with the first recipe's
+shape and optimizer (FIRST_RECIPE) for the same steps, seed and schedule, one after the other,
+round after round, so that a machine's drift falls on both. Each run reports its median ms per
+step (from the steps after the first 50: compiling and warm-up are not the step) and its val bits
+per character at the end, so a speed-up that changed the training shows as a changed loss.
+`--extra` adds flags to this checkout's runs only (e.g. --compile=False).
 """
 import json
 import os
@@ -31,12 +32,15 @@ DEFAULTS = dict(
     extra="",  # flags for this checkout's runs only, space-separated
 )
 SKIP_STEPS = 50
+# The recipe as 7f4ced9 landed it, given to both checkouts: the recipe has since grown (4 layers,
+# batch 32, Muon), and a step of a larger model is not the same step made faster.
+FIRST_RECIPE = ["--n_layer=2", "--batch_size=16", "--optimizer=adamw"]
 
 
 def train(checkout, out_dir, cfg, extra):
     command = [sys.executable, "train.py", "config/train_zh_speedrun.py", f"--max_iters={cfg['iters']}",
                f"--lr_decay_iters={cfg['iters']}", f"--warmup_iters={cfg['iters'] // 10}", f"--seed={cfg['seed']}",
-               f"--out_dir={out_dir}", "--log_interval=10", "--eval_interval=100000", *extra]
+               f"--out_dir={out_dir}", "--log_interval=10", "--eval_interval=100000", *FIRST_RECIPE, *extra]
     result = subprocess.run(command, cwd=checkout, capture_output=True, text=True)
     if result.returncode != 0:
         raise UserError(f"train.py failed in {checkout}: {(result.stderr.strip().splitlines() or ['?'])[-1]}")

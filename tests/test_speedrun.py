@@ -13,7 +13,7 @@ import speedrun  # noqa: E402
 
 
 def fake_run(val_bpc, steps=100, lr=1e-3, vocab=8192, kind="bpe"):
-    config = dict(n_layer=2, n_embd=128, block_size=64, batch_size=12, dtype="float32", learning_rate=lr)
+    config = dict(n_layer=2, n_embd=128, block_size=64, batch_size=12, dtype="float32", optimizer="adamw", learning_rate=lr)
     meta = dict(vocab_size=vocab, tokenizer=dict(kind=kind), splits=dict(val=dict(characters=1000, tokens=700)))
     return dict(config=config, meta=meta, steps=steps, dtype="float32", tokens=steps * 768, characters=steps * 1000.0, val_bpc=val_bpc,
                 seconds=600.0, ms_per_step=50.0, parameters=1.5e6, machine="a test CPU", planned=True)
@@ -65,3 +65,61 @@ def test_the_tokenizer_table_marks_the_lowest_bits_per_character(monkeypatch):
     table = speedrun.tokenizer_table(dict(speedrun.DEFAULTS))
     assert "**5.600**" in table and table.count("**") == 2 and "Best: BPE 8,192." in table
     assert "| GPT-2 BPE | | | | | | did not fit: --max_minutes=2 leaves room for 12 steps |" in table
+
+
+def write_finished_run(out_dir, train_args, made_in=REPO):
+    """A run folder as train.py leaves it after `train.py train_args`, as if made in the clone `made_in`."""
+    import json
+
+    import train
+    from configurator import parse_args
+
+    def moved(value):
+        return value.replace(REPO, made_in) if isinstance(value, str) else value
+
+    config = {key: moved(value) for key, value in parse_args(dict(train.DEFAULTS), train_args).items()}
+    os.makedirs(out_dir)
+    with open(os.path.join(out_dir, "metrics.jsonl"), "w", encoding="utf-8") as f:
+        argv = [moved(a) for a in [os.path.join(REPO, "train.py"), *train_args]]
+        f.write(json.dumps(dict(event="config", config=config, argv=argv)) + "\n")
+        f.write(json.dumps(dict(event="time_budget_end", elapsed_seconds=60.0)) + "\n")
+
+
+def test_a_finished_run_is_reused_only_while_its_configuration_is_unchanged(tmp_path):
+    recipe = os.path.join(REPO, "config", "train_zh_speedrun.py")
+    args = [recipe, "--learning_rate=0.003", f"--data_dir={os.path.join(REPO, 'data', 'zh_default')}", "--max_minutes=2"]
+    write_finished_run(str(tmp_path / "here"), args)
+    assert speedrun.finished_as_asked(str(tmp_path / "here"), args)
+    assert not speedrun.finished_as_asked(str(tmp_path / "here"), [*args, "--dropout=0.1"])  # e.g. an edited config file
+    assert not speedrun.finished_as_asked(str(tmp_path / "here"), [*args[:-1], "--max_minutes=10"])
+
+    # the same run committed from another clone: its paths name that clone's folder
+    write_finished_run(str(tmp_path / "moved"), args, made_in=str(tmp_path / "clone"))
+    assert speedrun.finished_as_asked(str(tmp_path / "moved"), args)
+
+
+def test_an_unfinished_run_is_not_reused(tmp_path):
+    assert not speedrun.finished_as_asked(str(tmp_path / "missing"), ["--learning_rate=0.003"])
+
+
+def test_when_the_short_sweep_prefers_another_rate_b_also_runs_at_its_configs(monkeypatch):
+    import math
+    calls = []
+
+    def budget_run(cfg, name, config_file, args, minutes):  # the recipe's 2-minute sweep is best at 4x its config's rate
+        calls.append((name, minutes))
+        lr = next(float(a.split("=")[1]) for a in args if a.startswith("--learning_rate="))
+        best = 8e-3 if name.startswith("nanogpt") else 4 * speedrun.recipe_learning_rate()
+        bpc = (8.0 if name.startswith("nanogpt") else 5.0) + (math.log2(lr / best)) ** 2 / 10
+        return fake_run(bpc, lr=lr, kind="gpt2" if name.startswith("nanogpt") else "bpe")
+
+    monkeypatch.setattr(speedrun, "budget_run", budget_run)
+    monkeypatch.setattr(speedrun, "ensure_data", lambda flags, folder: {})
+    cfg = dict(speedrun.DEFAULTS)
+    table = speedrun.speedrun_table(cfg)
+    recipe_lr = speedrun.recipe_learning_rate()
+    assert (f"recipe_zh_default_lr{4 * recipe_lr:g}_10min", cfg["minutes"]) in calls
+    assert (f"recipe_zh_default_lr{recipe_lr:g}_10min", cfg["minutes"]) in calls
+    assert f"| (b) at its config's lr | BPE 8,192 | 1.50M | float32 | adamw | {recipe_lr:g} |" in table
+    at_config_bpc = 5.0 + math.log2(1 / 4) ** 2 / 10
+    assert f"At its config's learning rate ({recipe_lr:g}, picked by runs of the whole budget) (b) reaches {at_config_bpc / 8.0:.2f}x." in table

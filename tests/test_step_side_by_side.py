@@ -16,3 +16,24 @@ def test_an_unknown_base_commit_is_one_line_and_leaves_no_worktree():
     before = worktrees()
     assert_user_error(run_script("logs/step_side_by_side.py", "--base=no-such-commit-anywhere"), "--base=no-such-commit-anywhere")
     assert worktrees() == before
+
+
+def test_both_checkouts_train_the_first_recipe_whatever_the_config_says_today(monkeypatch, tmp_path):
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(REPO, "logs"))
+    import step_side_by_side
+    commands = []
+
+    def fake_run(command, cwd, capture_output, text):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 1, "", "stopped by the test")
+
+    monkeypatch.setattr(step_side_by_side.subprocess, "run", fake_run)
+    cfg = dict(step_side_by_side.DEFAULTS)
+    try:
+        step_side_by_side.train(str(tmp_path), str(tmp_path / "out"), cfg, [])
+    except step_side_by_side.UserError:
+        pass
+    assert commands[0][-3:] == ["--n_layer=2", "--batch_size=16", "--optimizer=adamw"]
