@@ -268,8 +268,8 @@ class GPT(nn.Module):
         longer, every step reruns the last block_size tokens, exactly as without the cache
         (positions are absolute, so a sliding window cannot reuse cached keys). In float32 both
         paths give the same tokens for the same generator; in 16 bits their kernels round
-        differently and the tokens may part (sample.py samples in float32 on CPUs). n_real_vocab keeps the padding rows of a padded
-        vocabulary from ever being drawn.
+        differently and the tokens may part (sample.py samples in float32 on CPUs). n_real_vocab
+        keeps the padding rows of a padded vocabulary from ever being drawn.
         """
         block = self.config.block_size
         caches = None

@@ -19,20 +19,26 @@ def fake_run(val_bpc, steps=100, lr=1e-3, vocab=8192, kind="bpe"):
                 seconds=600.0, ms_per_step=50.0, parameters=1.5e6, machine="a test CPU", planned=True)
 
 
-@pytest.fixture
-def fake_training(monkeypatch):
-    """budget_run replaced: the nanoGPT sweep's bits/char are a parabola in log2(lr), lowest at 8e-3."""
+def parabola_training(calls, recipe_best):
+    """A budget_run stand-in: bits/char are a parabola in log2(lr), lowest at 8e-3 for the nanoGPT
+    runs and at recipe_best for the recipe's."""
     import math
-    calls = []
 
     def budget_run(cfg, name, config_file, args, minutes):
         calls.append((name, minutes))
         lr = next(float(a.split("=")[1]) for a in args if a.startswith("--learning_rate="))
-        best = 8e-3 if name.startswith("nanogpt") else 3e-3
+        best = 8e-3 if name.startswith("nanogpt") else recipe_best
         bpc = (8.0 if name.startswith("nanogpt") else 5.0) + (math.log2(lr / best)) ** 2 / 10
         return fake_run(bpc, lr=lr, kind="gpt2" if name.startswith("nanogpt") else "bpe")
 
-    monkeypatch.setattr(speedrun, "budget_run", budget_run)
+    return budget_run
+
+
+@pytest.fixture
+def fake_training(monkeypatch):
+    """budget_run replaced: the recipe's sweep is lowest at 3e-3, its config's rate."""
+    calls = []
+    monkeypatch.setattr(speedrun, "budget_run", parabola_training(calls, 3e-3))
     monkeypatch.setattr(speedrun, "ensure_data", lambda flags, folder: {})
     return calls
 
@@ -105,19 +111,11 @@ def test_an_unfinished_run_is_not_reused(tmp_path):
 def test_when_the_short_sweep_prefers_another_rate_b_also_runs_at_its_configs(monkeypatch):
     import math
     calls = []
-
-    def budget_run(cfg, name, config_file, args, minutes):  # the recipe's 2-minute sweep is best at 4x its config's rate
-        calls.append((name, minutes))
-        lr = next(float(a.split("=")[1]) for a in args if a.startswith("--learning_rate="))
-        best = 8e-3 if name.startswith("nanogpt") else 4 * speedrun.recipe_learning_rate()
-        bpc = (8.0 if name.startswith("nanogpt") else 5.0) + (math.log2(lr / best)) ** 2 / 10
-        return fake_run(bpc, lr=lr, kind="gpt2" if name.startswith("nanogpt") else "bpe")
-
-    monkeypatch.setattr(speedrun, "budget_run", budget_run)
+    recipe_lr = speedrun.recipe_learning_rate()
+    monkeypatch.setattr(speedrun, "budget_run", parabola_training(calls, 4 * recipe_lr))  # the short sweep: best at 4x
     monkeypatch.setattr(speedrun, "ensure_data", lambda flags, folder: {})
     cfg = dict(speedrun.DEFAULTS)
     table = speedrun.speedrun_table(cfg)
-    recipe_lr = speedrun.recipe_learning_rate()
     assert (f"recipe_zh_default_lr{4 * recipe_lr:g}_10min", cfg["minutes"]) in calls
     assert (f"recipe_zh_default_lr{recipe_lr:g}_10min", cfg["minutes"]) in calls
     assert f"| (b) at its config's lr | BPE 8,192 | 1.50M | float32 | adamw | {recipe_lr:g} |" in table
