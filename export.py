@@ -1,4 +1,6 @@
-"""Export a checkpoint as a transformers GPT-2 folder: model, generation settings and tokenizer.
+"""Export a checkpoint as a transformers folder: model, generation settings and tokenizer. A model
+with learned positions goes out as GPT-2 (below); a rotary one (--rotary=True, our default recipe)
+as GPT-NeoX (gpt_neox_format.py), which also loads with AutoModelForCausalLM and pipeline().
 
     python export.py --out_dir=out-tiny-zh-cpu --export_dir=hf-tiny-zh
     python sample.py --init_from=hf-tiny-zh --start=滚滚长江      # and back, via GPT.from_pretrained
@@ -24,6 +26,7 @@ from functools import lru_cache
 import torch
 
 import checkpoint as ckpt
+import gpt_neox_format
 from cli import UserError, run, space_left
 from configurator import parse_args
 from tokenizer import EOT_TOKEN, bytes_to_unicode, find_gpt2_ranks, load_ranks
@@ -121,7 +124,7 @@ def gpt2_config(config, eot_token):
         vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
         n_layer=config.n_layer, n_head=config.n_head, n_inner=4 * config.n_embd,
         scale_attn_by_inverse_layer_idx=config.scale_attn_by_inverse_layer_idx,
-        activation_function="gelu_new",  # GPT-2's tanh-approximated GELU, as our MLP's F.gelu(approximate="tanh")
+        activation_function=config.activation,  # model.ACTIVATIONS go by transformers' names
         layer_norm_epsilon=1e-5,  # nn.LayerNorm's default
         # The dropout the model was trained with: it does nothing in eval mode, and fine-tuning the
         # export with transformers then regularises as our training did.
@@ -132,7 +135,7 @@ def gpt2_config(config, eot_token):
 
 def gpt2_lm_head_model(model, tokenizer):
     """A transformers GPT2LMHeadModel computing what our GPT computes."""
-    from transformers import GenerationConfig, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     hf_model = GPT2LMHeadModel(gpt2_config(model.config, tokenizer.eot_token))
     ours = model.state_dict()
@@ -149,10 +152,23 @@ def gpt2_lm_head_model(model, tokenizer):
             param.copy_(value)
     left_over = set(ours) - copied - {"lm_head.weight"}
     assert not left_over, f"weights not exported: {sorted(left_over)[:3]}"
-    hf_model.generation_config = GenerationConfig(
+    hf_model.generation_config = generation_config(model, tokenizer)
+    return hf_model.eval()
+
+
+def generation_config(model, tokenizer):
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
         bos_token_id=tokenizer.eot_token, eos_token_id=tokenizer.eot_token, pad_token_id=tokenizer.eot_token,
         suppress_tokens=list(range(tokenizer.n_vocab, model.config.vocab_size)) or None, **SAMPLING,
     )
+
+
+def gpt_neox_model(model, tokenizer):
+    """A transformers GPTNeoXForCausalLM computing what our rotary GPT computes (gpt_neox_format.py)."""
+    hf_model = gpt_neox_format.to_neox(model, tokenizer.eot_token)
+    hf_model.generation_config = generation_config(model, tokenizer)
     return hf_model.eval()
 
 
@@ -175,13 +191,13 @@ def save_provenance(folder, checkpoint_path, checkpoint):
 def verify_export(model, tokenizer, folder):
     """Load the folder as a user would and check it against our model and tokenizer. A mismatch is
     a bug in this file, so it is loud, and the folder is never put in place."""
-    from transformers import AutoTokenizer, GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     assert os.path.isfile(os.path.join(folder, "model.safetensors")), "save_pretrained wrote no model.safetensors"
     ids = tokenizer.encode(CHECK_TEXT)
     hf_ids = AutoTokenizer.from_pretrained(folder)(CHECK_TEXT)["input_ids"]
     assert hf_ids == ids, f"exported tokenizer gives {hf_ids}, ours gives {ids}"
-    hf_model = GPT2LMHeadModel.from_pretrained(folder).eval()
+    hf_model = AutoModelForCausalLM.from_pretrained(folder).eval()
     idx = torch.tensor([ids[:model.config.block_size]])
     with torch.no_grad():
         ours, theirs = model.full_logits(idx), hf_model(idx).logits
@@ -279,7 +295,8 @@ def main():
     transformers.logging.disable_progress_bar()
 
     def write(folder):
-        gpt2_lm_head_model(model, tokenizer).save_pretrained(folder)
+        to_transformers = gpt_neox_model if model.config.rotary else gpt2_lm_head_model
+        to_transformers(model, tokenizer).save_pretrained(folder)
         save_tokenizer(tokenizer, model.config.block_size, folder)
         save_provenance(folder, checkpoint_path, checkpoint)
         verify_export(model, tokenizer, folder)

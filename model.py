@@ -2,9 +2,13 @@
 
 Follows nanoGPT's model.py (itself GPT-2), with two additions: the loss goes through
 head_loss.linear_cross_entropy so the full logits are never materialised, and generation keeps a
-KV cache. Unlike nanoGPT's, it builds no optimizer: optimizers.py does (parameter groups included).
+KV cache. Two options depart from GPT-2 for our CPU recipe, which measured them better: rotary
+positions instead of learned ones, and ReLU squared instead of GELU (GPT-2's weights load with
+neither; export.py writes a rotary model as GPT-NeoX). Unlike nanoGPT's, it builds no optimizer:
+optimizers.py does (parameter groups included).
 """
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +28,8 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # bias in Linears and LayerNorms, like GPT-2; False is a bit better and faster
     scale_attn_by_inverse_layer_idx: bool = False  # attention logits / (layer index + 1), as in the Sophia authors' medium/large runs
+    rotary: bool = False  # rotary position embeddings (Su et al. 2021) on queries and keys instead of GPT-2's learned wpe
+    activation: str = "gelu_new"  # the MLP's, by transformers' names: GPT-2's tanh GELU, or relu2 (ReLU squared, So et al. 2021)
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -33,6 +39,8 @@ class GPTConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
 
 
 class CausalSelfAttention(nn.Module):
@@ -47,10 +55,12 @@ class CausalSelfAttention(nn.Module):
         if config.scale_attn_by_inverse_layer_idx:
             self.scale /= layer_idx + 1  # a stability trick for deep models (transformers' GPT-2 has it too)
 
-    def forward(self, x, kv_cache=None):
+    def forward(self, x, kv_cache=None, rotation=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if rotation is not None:
+            q, k = rotate(q, *rotation), rotate(k, *rotation)
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)
         # With a cache, the T new queries sit at the end of the sequence, so the causal mask is the
@@ -94,15 +104,19 @@ def explicit_causal_attention(q, k, v, scale, dropout_p):
     return weights.to(v.dtype) @ v
 
 
+ACTIVATIONS = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu2": lambda x: F.relu(x).square()}
+
+
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.activation = ACTIVATIONS[config.activation]
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(self.activation(self.c_fc(x))))
 
 
 class Block(nn.Module):
@@ -113,9 +127,26 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(self, x, kv_cache=None, rotation=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, rotation)
         return x + self.mlp(self.ln_2(x))
+
+
+ROTARY_BASE = 10000.0  # the wavelengths of rotary embeddings grow from 2 pi to 2 pi * ROTARY_BASE
+
+
+def rotation_angles(positions, head_dim, base=ROTARY_BASE):
+    """(cos, sin), each (T, head_dim / 2): position p turns pair i of a query or key by p * base^(-2i / head_dim)."""
+    inverse_frequencies = base ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[:, None] * inverse_frequencies[None, :]
+    return angles.cos(), angles.sin()
+
+
+def rotate(x, cos, sin):
+    """Rotary position embedding of x (B, H, T, head_dim): its first and second halves are the pairs
+    (GPT-NeoX's layout), each turned by its angle, so q . k depends on positions only by their offset."""
+    first, second = x.float().chunk(2, dim=-1)
+    return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1).to(x.dtype)
 
 
 class LayerKVCache:
@@ -140,7 +171,7 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **({} if config.rotary else dict(wpe=nn.Embedding(config.block_size, config.n_embd))),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
@@ -167,7 +198,7 @@ class GPT(nn.Module):
         """Parameter count; the position embedding is left out by default, as nanoGPT does (the
         token embedding is shared with the head, so it counts)."""
         n_params = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and not self.config.rotary:
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
@@ -178,9 +209,15 @@ class GPT(nn.Module):
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        rotation = None
+        if self.config.rotary:
+            x = self.transformer.wte(idx)
+            rotation = rotation_angles(pos, self.config.n_embd // self.config.n_head)
+        else:
+            x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_caches[i] if kv_caches is not None else None)
+            x = block(x, kv_caches[i] if kv_caches is not None else None, rotation)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, sample_labels_from_vocab=0, label_generator=None):
@@ -210,14 +247,20 @@ class GPT(nn.Module):
         if block_size > self.config.block_size:
             raise ValueError(f"block_size {block_size} exceeds the model's {self.config.block_size}")
         self.config.block_size = block_size
+        if self.config.rotary:
+            return
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     @classmethod
     def from_pretrained(cls, name_or_dir, dropout=0.0):
         """A GPT with the weights of a transformers GPT2LMHeadModel: a hub name ('gpt2', ...,
-        downloaded when online) or a local directory."""
-        from transformers import GPT2LMHeadModel
+        downloaded when online) or a local directory; or of a GPT-NeoX folder that export.py wrote
+        from a rotary GPT (gpt_neox_format.py)."""
+        from transformers import AutoConfig, GPT2LMHeadModel
         from transformers.utils import logging as transformers_logging
+
+        if os.path.isdir(name_or_dir) and AutoConfig.from_pretrained(name_or_dir).model_type == "gpt_neox":
+            return cls._from_gpt_neox(name_or_dir, dropout)
 
         transformers_logging.disable_progress_bar()  # a bar per load is noise on our stderr
         verbosity = transformers_logging.get_verbosity()
@@ -235,6 +278,7 @@ class GPT(nn.Module):
             block_size=hf_config.n_positions, vocab_size=hf_config.vocab_size, n_layer=hf_config.n_layer,
             n_head=hf_config.n_head, n_embd=hf_config.n_embd, dropout=dropout, bias=True,
             scale_attn_by_inverse_layer_idx=bool(getattr(hf_config, "scale_attn_by_inverse_layer_idx", False)),
+            activation=hf_config.activation_function,  # GPT-2's own is gelu_new; another one we lack is a ValueError
         )
         model = cls(config)
         ours = model.state_dict()
@@ -253,6 +297,17 @@ class GPT(nn.Module):
         if missing:
             raise ValueError(f"{name_or_dir}: weights missing for {missing[:3]}")
         return model
+
+    @classmethod
+    def _from_gpt_neox(cls, folder, dropout):
+        import gpt_neox_format
+        from transformers import GPTNeoXForCausalLM
+
+        hf_model = GPTNeoXForCausalLM.from_pretrained(folder)
+        if not gpt_neox_format.is_ours(hf_model.config):
+            raise ValueError(f"{folder} is a GPT-NeoX model of another shape (parallel residuals, partial rotation or "
+                             f"another activation): only GPT-2's blocks with rotary positions load")
+        return gpt_neox_format.from_neox(hf_model, cls, dropout)
 
     def flops_per_token(self):
         """Training FLOPs per token: 6N for the matmuls plus attention (PaLM appendix B)."""

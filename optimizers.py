@@ -33,7 +33,7 @@ def param_groups(model, cfg):
     """Two groups: weight decay on the Linear weights, and on the embeddings (wte, which the head
     shares, and wpe) only with cfg["decay_embeddings"]; none on biases and LayerNorm weights.
     nanoGPT decays the embeddings; the Sophia authors do not, for AdamW and SophiaG alike."""
-    embeddings = {id(model.transformer.wte.weight), id(model.transformer.wpe.weight)}
+    embeddings = {id(module.weight) for module in model.modules() if isinstance(module, torch.nn.Embedding)}
     params = [p for p in model.parameters() if p.requires_grad]
     decayed = [p for p in params if p.dim() >= 2 and (cfg["decay_embeddings"] or id(p) not in embeddings)]
     decayed_ids = {id(p) for p in decayed}

@@ -34,7 +34,7 @@ import optimizers
 from cli import UserError, run
 from configurator import parse_args
 from data import TokenData
-from model import GPT, GPTConfig
+from model import ACTIVATIONS, GPT, GPTConfig
 from run_log import RunLog
 
 DEFAULTS = dict(
@@ -68,6 +68,8 @@ DEFAULTS = dict(
     dropout=0.0,
     bias=False,
     scale_attn_by_inverse_layer_idx=False,
+    rotary=False,  # rotary position embeddings instead of learned ones (export.py writes such a model as GPT-NeoX)
+    activation="gelu_new",  # the MLP's: gelu_new (GPT-2's tanh GELU) or relu2 (ReLU squared)
     # optimizer
     optimizer="adamw",  # adamw | sophiag | muon
     learning_rate=6e-4,
@@ -126,6 +128,8 @@ def check_config(cfg):
         raise UserError(f"--n_embd={cfg['n_embd']} must be divisible by --n_head={cfg['n_head']}")
     if not 0.0 <= cfg["dropout"] < 1.0:
         raise UserError(f"--dropout must be in [0, 1), got {cfg['dropout']}")
+    if cfg["activation"] not in ACTIVATIONS:
+        raise UserError(f"--activation must be one of {', '.join(ACTIVATIONS)}, got {cfg['activation']}")
     if cfg["optimizer"] not in optimizers.REGISTRY:
         raise UserError(f"unknown --optimizer={cfg['optimizer']}; choose {optimizers.choices()}")
     if cfg["decay_lr"] and cfg["lr_decay_iters"] <= cfg["warmup_iters"]:
@@ -144,7 +148,8 @@ def check_config(cfg):
 
 # What a checkpoint fixes: the model's shape, and the optimizer whose state (hyperparameters included:
 # load_state_dict restores them) it holds. A resumed run must be given the same values.
-CHECKPOINT_SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "scale_attn_by_inverse_layer_idx")
+CHECKPOINT_SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "scale_attn_by_inverse_layer_idx", "rotary",
+                    "activation")
 CHECKPOINT_OPTIMIZER = ("optimizer", "beta1", "beta2", "weight_decay", "decay_embeddings")
 
 
@@ -220,20 +225,26 @@ class TimeBudget:
     """--max_minutes: the schedule's horizon from measured step time.
 
     The clock starts with the training loop (the first evaluation counts). The steps from
-    FIRST_TIMED_ITER to LAST_TIMED_ITER are timed (the first ones pay for allocation and compiling);
-    they lie inside the warm-up, whose learning rates do not depend on the horizon, so the run
-    follows exactly the schedule of a run told its horizon up front. Then max_iters = lr_decay_iters
-    = the last step whose training and evaluations (each as long as the longest so far) still fit.
+    FIRST_TIMED_ITER to the end of the warm-up are timed (the first ones pay for allocation and
+    compiling), or fewer if the warm-up would take more than TIMING_SHARE of the budget, but at
+    least up to MIN_LAST_TIMED_ITER. They lie inside the warm-up, whose learning rates do not depend
+    on the horizon, so the run follows exactly the schedule of a run told its horizon up front. Then
+    max_iters = lr_decay_iters = the last step whose training and evaluations (each as long as the
+    longest so far) still fit. Timing the whole warm-up, not a few steps, matters on a shared
+    machine: ten steps timed at a quiet moment once planned 2,730 steps of 217 ms where 252 ms was
+    the average, and another run left 8% of its budget unused.
     The horizon is saved with the config in every checkpoint: a resumed run continues that schedule
     and does not measure again. Should the machine slow down later, the run stops at the budget
     with an evaluation, before its planned horizon (and says so)."""
 
-    FIRST_TIMED_ITER, LAST_TIMED_ITER = 2, 12
+    FIRST_TIMED_ITER, MIN_LAST_TIMED_ITER = 2, 12
+    TIMING_SHARE = 0.05
+    UNMEASURED = 10**9  # max_iters until the horizon is fixed: one no run reaches
 
     def __init__(self, cfg, iter_num, resumed_config, world_size, device):
         self.cfg, self.world_size, self.device = cfg, world_size, device
         self.enabled = False
-        if resumed_config and resumed_config.get("max_minutes") and iter_num >= self.LAST_TIMED_ITER:
+        if resumed_config and resumed_config.get("max_minutes") and resumed_config["max_iters"] < self.UNMEASURED:
             for key in ("max_iters", "lr_decay_iters", "warmup_iters"):
                 cfg[key] = resumed_config[key]
             cfg["max_minutes"] = resumed_config["max_minutes"]
@@ -242,10 +253,10 @@ class TimeBudget:
         self.enabled = self.seconds > 0
         if not self.enabled:
             return
-        if cfg["decay_lr"] and cfg["warmup_iters"] < self.LAST_TIMED_ITER:
-            raise UserError(f"--max_minutes needs --warmup_iters of at least {self.LAST_TIMED_ITER}: the step time "
+        if cfg["decay_lr"] and cfg["warmup_iters"] < self.MIN_LAST_TIMED_ITER:
+            raise UserError(f"--max_minutes needs --warmup_iters of at least {self.MIN_LAST_TIMED_ITER}: the step time "
                             f"is measured during warm-up, before the decay's length is known")
-        cfg["max_iters"] = cfg["lr_decay_iters"] = 10**9  # until measured: a horizon no run reaches
+        cfg["max_iters"] = cfg["lr_decay_iters"] = self.UNMEASURED
         self.fixed = False
         self.start = time.perf_counter()
         self.longest_eval = self.eval_seconds_since_timing = 0.0
@@ -266,17 +277,17 @@ class TimeBudget:
         if not self.fixed and self.timing_start is None and iter_num >= self.FIRST_TIMED_ITER:
             hardware.synchronize(self.device)
             self.timing_start, self.timing_iter, self.eval_seconds_since_timing = time.perf_counter(), iter_num, 0.0
-        elif not self.fixed and iter_num >= self.LAST_TIMED_ITER and self.timing_start is not None:
+        elif not self.fixed and self.timing_start is not None and self._timing_done(iter_num):
             hardware.synchronize(self.device)
             now = time.perf_counter()
             step_seconds = (now - self.timing_start - self.eval_seconds_since_timing) / (iter_num - self.timing_iter)
             horizon = self._horizon(iter_num, self.seconds - (now - self.start), step_seconds)
-            if horizon <= self.LAST_TIMED_ITER + 2:
+            if horizon <= iter_num + 2:
                 raise UserError(f"--max_minutes={self.cfg['max_minutes']:g} leaves room for {horizon} steps of "
                                 f"{step_seconds * 1000:.0f} ms, too few to warm up and decay; give more minutes")
             shortened = ""
             if horizon < 2 * self.cfg["warmup_iters"]:  # the warm-up would leave no room to decay: a tenth of the run
-                self.cfg["warmup_iters"] = max(self.LAST_TIMED_ITER, horizon // 10)
+                self.cfg["warmup_iters"] = max(iter_num, horizon // 10)
                 shortened = f", warm-up shortened to {self.cfg['warmup_iters']} steps"
             self.cfg["max_iters"] = self.cfg["lr_decay_iters"] = horizon
             self.fixed, self.step_seconds = True, step_seconds
@@ -294,6 +305,13 @@ class TimeBudget:
 
     def elapsed(self):
         return time.perf_counter() - self.start
+
+    def _timing_done(self, iter_num):
+        """Whether the steps timed so far fix the horizon: the warm-up is over (the next step's
+        learning rate would depend on it), or timing it all would spend too much of the budget."""
+        if iter_num < self.MIN_LAST_TIMED_ITER:
+            return False
+        return iter_num >= self.cfg["warmup_iters"] or self.elapsed() >= self.TIMING_SHARE * self.seconds
 
     def _horizon(self, iter_num, seconds_left, step_seconds):
         """The last iteration whose steps and evaluations (every eval_interval and at the end) fit."""
@@ -335,7 +353,8 @@ def build_model(cfg, data, data_dir, tokenizer):
     checkpoint = None
     model_args = dict(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], block_size=cfg["block_size"],
                       bias=cfg["bias"], vocab_size=data.padded_vocab_size, dropout=cfg["dropout"],
-                      scale_attn_by_inverse_layer_idx=cfg["scale_attn_by_inverse_layer_idx"])
+                      scale_attn_by_inverse_layer_idx=cfg["scale_attn_by_inverse_layer_idx"], rotary=cfg["rotary"],
+                      activation=cfg["activation"])
     if cfg["init_from"] == "scratch":
         model = GPT(GPTConfig(**model_args))
     elif cfg["init_from"] == "resume":

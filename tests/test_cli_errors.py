@@ -40,6 +40,7 @@ def copy_data(tiny_data, folder):
     (["--grad_clip=-1"], ["--grad_clip must be zero or positive"]),
     (["--weight_decay=-0.1"], ["--weight_decay must be zero or positive"]),
     (["--rho=-0.04"], ["--rho must be zero or positive"]),
+    (["--activation=swish"], ["--activation must be one of gelu_new, relu2"]),
 ])
 def test_train_rejects_bad_options_without_writing(tiny_data, tmp_path, args, words):
     out = tmp_path / "out"
@@ -121,6 +122,8 @@ def test_resume_with_another_shape_or_optimizer_names_the_checkpoints_values(tin
     assert_user_error(train_on(*resume, "--n_head=1"), "n_head 2", "--n_head=2")
     assert_user_error(train_on(*resume, "--optimizer=sophiag"), "optimizer adamw", "--optimizer=adamw")  # was a KeyError
     assert_user_error(train_on(*resume, "--weight_decay=0.5"), "weight_decay 0.1", "--weight_decay=0.1")
+    assert_user_error(train_on(*resume, "--rotary=True", "--activation=relu2"), "rotary False, activation gelu_new",
+                      "--rotary=False --activation=gelu_new")
     assert (trained_out / "metrics.jsonl").read_bytes() == before
 
 

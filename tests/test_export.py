@@ -34,18 +34,20 @@ TEXTS = [
 ]
 
 
-def write_checkpoint(out_dir, bias, seed=0, tokenizer=None, vocab_size=TINY["vocab_size"]):
+def write_checkpoint(out_dir, bias, seed=0, tokenizer=None, vocab_size=TINY["vocab_size"], rotary=False,
+                     activation="gelu_new"):
     """A tiny model with every parameter random (biases and LayerNorm weights too, so a weight
     exported to the wrong place shows in the logits), saved as train.py saves it."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(**TINY | {"vocab_size": vocab_size}, bias=bias))
+    model = GPT(GPTConfig(**TINY | {"vocab_size": vocab_size}, bias=bias, rotary=rotary, activation=activation))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
     optimizer = torch.optim.AdamW(model.parameters())
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    state = ckpt.training_state(model, optimizer, scaler, dict(TINY, bias=bias, vocab_size=vocab_size), 2, 9.9,
-                                {"bias": bias}, torch.Generator().manual_seed(0), tokenizer or GPT2Tokenizer())
+    model_args = dict(TINY, bias=bias, vocab_size=vocab_size, rotary=rotary, activation=activation)
+    state = ckpt.training_state(model, optimizer, scaler, model_args, 2, 9.9, {"bias": bias},
+                                torch.Generator().manual_seed(0), tokenizer or GPT2Tokenizer())
     os.makedirs(out_dir, exist_ok=True)
     ckpt.save(state, os.path.join(out_dir, ckpt.FILENAME))
     return model.eval()
@@ -69,12 +71,15 @@ def leftovers(parent):
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    """{bias: (our model, exported folder)} for a bias=True and a bias=False model."""
+    """{bias: (our model, exported folder)} for a bias=True and a bias=False model (that one with
+    ReLU squared), and under "rotary" a bias-free rotary one with ReLU squared, our default recipe's
+    model (exported as GPT-NeoX)."""
     result = {}
     with pytest.MonkeyPatch.context() as mp:
-        for bias in (True, False):
+        for bias in (True, False, "rotary"):
             root = tmp_path_factory.mktemp(f"bias{bias}")
-            model = write_checkpoint(root / "run", bias, seed=int(bias))
+            model = write_checkpoint(root / "run", bias is True, seed=int(bias is True), rotary=bias == "rotary",
+                                     activation="gelu_new" if bias is True else "relu2")
             mp.setattr(sys, "argv", ["export.py", f"--out_dir={root / 'run'}", f"--export_dir={root / 'hf'}"])
             export.main()
             result[bias] = (model, str(root / "hf"))
@@ -120,6 +125,33 @@ def test_from_pretrained_round_trip_gives_our_logits(exports, offline, bias):
     idx = sample_ids(seed=1)
     with torch.no_grad():
         assert (loaded.full_logits(idx) - model.full_logits(idx)).abs().max().item() < 1e-5
+
+
+def test_a_rotary_model_exports_as_gpt_neox_with_our_logits_and_comes_back(exports, offline):
+    from transformers import AutoModelForCausalLM, GPTNeoXForCausalLM, pipeline
+
+    model, folder = exports["rotary"]
+    hf_model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert isinstance(hf_model, GPTNeoXForCausalLM)
+    idx = sample_ids(seed=2)
+    with torch.no_grad():
+        assert (hf_model(idx).logits - model.full_logits(idx)).abs().max().item() < 1e-4
+        loaded = GPT.from_pretrained(folder).eval()
+        assert loaded.config.rotary and (loaded.full_logits(idx) - model.full_logits(idx)).abs().max().item() < 1e-5
+    text = pipeline("text-generation", model=folder)("长江", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+    assert text.startswith("长江") and len(text) > 2
+
+
+def test_a_gpt_neox_model_of_another_shape_does_not_load_as_ours(tmp_path, offline):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    # Pythia's blocks: attention and MLP side by side from the same input, a quarter of each head rotated
+    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=16, use_parallel_residual=True,
+                                     rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                          partial_rotary_factor=0.25))).save_pretrained(tmp_path / "pythia")
+    with pytest.raises(cli.UserError, match="another shape"):
+        ckpt.gpt2_model(str(tmp_path / "pythia"), 0.0)
 
 
 def test_tokenizer_gives_tiktoken_ids(exports, offline):

@@ -111,9 +111,23 @@ def test_crop_block_size_shrinks_the_position_table():
         model.crop_block_size(32)
 
 
+def test_a_rotary_model_has_no_position_table_and_crops_its_block():
+    model = tiny_gpt(rotary=True)
+    assert "wpe" not in model.transformer
+    model.crop_block_size(8)
+    assert model.config.block_size == 8
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+# rotary: the cache must carry on the positions
+ARCHITECTURES = [dict(), dict(rotary=True), dict(rotary=True, activation="relu2")]
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
 @pytest.mark.parametrize("temperature, top_k", [(0.0, None), (1.0, 5), (0.8, None)])
-def test_kv_cache_generates_the_same_tokens(temperature, top_k):
-    model = tiny_gpt()
+def test_kv_cache_generates_the_same_tokens(temperature, top_k, architecture):
+    model = tiny_gpt(**architecture)
     prompt = torch.randint(0, 320, (2, 5))
     outputs = []
     for use_cache in (True, False):
@@ -124,9 +138,10 @@ def test_kv_cache_generates_the_same_tokens(temperature, top_k):
     assert torch.equal(outputs[0], outputs[1])
 
 
-def test_greedy_generation_follows_the_argmax_of_the_full_forward():
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_greedy_generation_follows_the_argmax_of_the_full_forward(architecture):
     # the reference: nanoGPT's loop, the whole cropped window through the model for every token
-    model = tiny_gpt()
+    model = tiny_gpt(**architecture)
     idx = torch.randint(0, 320, (2, 5))
     generated = model.generate(idx, 20, temperature=0.0)
     with torch.no_grad():
@@ -134,6 +149,44 @@ def test_greedy_generation_follows_the_argmax_of_the_full_forward():
             next_token = model.full_logits(idx[:, -model.config.block_size:])[:, -1].argmax(-1, keepdim=True)
             idx = torch.cat((idx, next_token), dim=1)
     assert torch.equal(generated, idx)
+
+
+def test_rotation_turns_each_pair_by_its_angle_as_complex_numbers_do():
+    from model import rotate, rotation_angles
+
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 7, 8, dtype=torch.float64)
+    positions = torch.arange(7)
+    # the reference, from the definition: pair i = (x_i, x_{i + 4}) as a complex number, times
+    # e^{i p theta_i} with theta_i = 10000^(-2i / 8)
+    theta = 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    turned = torch.complex(x[..., :4], x[..., 4:]) * torch.polar(torch.ones(7, 4, dtype=torch.float64),
+                                                                 positions[:, None] * theta)
+    expected = torch.cat((turned.real, turned.imag), dim=-1)
+    torch.testing.assert_close(rotate(x, *rotation_angles(positions, 8)), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation, from_the_math", [
+    ("gelu_new", lambda h: 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))),
+    ("relu2", lambda h: torch.where(h > 0, h * h, torch.zeros_like(h))),
+])
+def test_mlp_activation(activation, from_the_math):
+    mlp = tiny_gpt(activation=activation).transformer.h[0].mlp
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), mlp.c_proj(from_the_math(mlp.c_fc(x))))
+
+
+def test_rotary_attention_scores_depend_on_the_offset_only():
+    from model import rotate, rotation_angles
+
+    torch.manual_seed(6)
+    q, k = torch.randn(2, 1, 1, 1, 16)
+    def score(m, n):
+        cos, sin = rotation_angles(torch.tensor([m, n]), 16)
+        return (rotate(q, cos[:1], sin[:1]) * rotate(k, cos[1:], sin[1:])).sum()
+    torch.testing.assert_close(score(7, 3), score(104, 100))
+    assert not torch.allclose(score(7, 3), score(7, 4))
 
 
 def test_generation_never_draws_padding_tokens():
@@ -149,6 +202,7 @@ def test_generation_never_draws_padding_tokens():
     (dict(n_embd=30, n_head=4), "divisible"),
     (dict(block_size=0), "block_size must be positive"),
     (dict(dropout=1.0), "dropout"),
+    (dict(activation="swish"), "activation must be one of gelu_new, relu2"),
 ])
 def test_config_validation(args, message):
     with pytest.raises(ValueError, match=message):

@@ -120,4 +120,4 @@ def test_when_the_short_sweep_prefers_another_rate_b_also_runs_at_its_configs(mo
     assert (f"recipe_zh_default_lr{recipe_lr:g}_10min", cfg["minutes"]) in calls
     assert f"| (b) at its config's lr | BPE 8,192 | 1.50M | float32 | adamw | {recipe_lr:g} |" in table
     at_config_bpc = 5.0 + math.log2(1 / 4) ** 2 / 10
-    assert f"At its config's learning rate ({recipe_lr:g}, picked by runs of the whole budget) (b) reaches {at_config_bpc / 8.0:.2f}x." in table
+    assert f"At its config's learning rate ({recipe_lr:g}, picked by longer runs side by side, see the config's comments) (b) reaches {at_config_bpc / 8.0:.2f}x." in table

@@ -37,3 +37,19 @@ def test_both_checkouts_train_the_first_recipe_whatever_the_config_says_today(mo
     except step_side_by_side.UserError:
         pass
     assert commands[0][-3:] == ["--n_layer=2", "--batch_size=16", "--optimizer=adamw"]
+
+
+def test_this_checkout_trains_the_first_recipes_model_whatever_the_config_says_today():
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(REPO, "logs"))
+    import step_side_by_side
+    import train
+    from configurator import parse_args
+
+    flags = step_side_by_side.FIRST_RECIPE + step_side_by_side.this_checkouts_flags(dict(step_side_by_side.DEFAULTS))
+    cfg = parse_args(train.DEFAULTS, [os.path.join(REPO, "config", "train_zh_speedrun.py"), *flags])
+    # 7f4ced9's recipe: 2 layers of 128, 16 windows of 128 tokens, AdamW, learned positions
+    assert (cfg["n_layer"], cfg["n_embd"], cfg["batch_size"], cfg["block_size"]) == (2, 128, 16, 128)
+    assert cfg["optimizer"] == "adamw" and cfg["rotary"] is False

@@ -4,6 +4,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 import train
 from conftest import REPO, TINY_MODEL_ARGS, assert_user_error, read_events, run_script
 
@@ -22,7 +24,7 @@ def test_run_ends_inside_its_budget_with_the_schedule_decayed(tiny_data, tmp_pat
     assert result.returncode == 0, result.stderr
     [planned] = read_events(out, "time_budget")
     horizon = planned["max_iters"]
-    assert planned["iter"] == train.TimeBudget.LAST_TIMED_ITER and horizon == planned["lr_decay_iters"] > 12
+    assert planned["iter"] == 12 and horizon == planned["lr_decay_iters"] > 12  # timed up to the warm-up's end
     [end] = read_events(out, "time_budget_end")
     # the guard keeps the run inside the budget unless one step or evaluation suddenly takes much
     # longer than the ones measured: allow a tenth for a busy machine
@@ -70,7 +72,38 @@ def test_a_budget_too_short_for_the_warm_up_shortens_it(tiny_data, tmp_path):
     result = run_script("train.py", *budget_args(tiny_data, out), "--warmup_iters=100000")
     assert result.returncode == 0, result.stderr
     [planned] = read_events(out, "time_budget")
-    warmup = max(12, planned["max_iters"] // 10)
+    warmup = max(planned["iter"], planned["max_iters"] // 10)
     assert f"warm-up shortened to {warmup} steps" in result.stdout
     cfg = dict(train.DEFAULTS, learning_rate=1e-2, min_lr=1e-3, warmup_iters=warmup, lr_decay_iters=planned["max_iters"])
-    assert all(s["lr"] == train.learning_rate_at(s["iter"], cfg) for s in read_events(out, "train") if s["iter"] >= 12)
+    after_fixing = [s for s in read_events(out, "train") if s["iter"] >= planned["iter"]]
+    assert after_fixing and all(s["lr"] == train.learning_rate_at(s["iter"], cfg) for s in after_fixing)
+
+
+def fixed_horizon(monkeypatch, warmup_iters, step_seconds_at):
+    """Drive a 10-minute TimeBudget by a fake clock whose step N takes step_seconds_at(N) seconds;
+    return (the iteration the horizon was fixed after, the horizon, the step time it used)."""
+    clock = [0.0]
+    monkeypatch.setattr(train.time, "perf_counter", lambda: clock[0])
+    cfg = dict(train.DEFAULTS, max_minutes=10.0, warmup_iters=warmup_iters, eval_interval=10**6)
+    budget = train.TimeBudget(cfg, 0, None, 1, "cpu")
+    for iter_num in range(1, 10_000):
+        clock[0] += step_seconds_at(iter_num)
+        if budget.after_step(iter_num):
+            return iter_num, cfg["max_iters"], budget.step_seconds
+    raise AssertionError("the horizon was never fixed")
+
+
+def test_the_horizon_comes_from_the_whole_warm_up(monkeypatch):
+    # quick first steps, then the machine is busier: the warm-up's mean, not its first steps, decides
+    fixed_after, horizon, step_seconds = fixed_horizon(monkeypatch, 50, lambda n: 0.125 if n <= 12 else 0.25)  # exact in binary
+    assert fixed_after == 50
+    assert step_seconds == pytest.approx((10 * 0.125 + 38 * 0.25) / 48)  # steps 3 to 50
+    elapsed = 12 * 0.125 + 38 * 0.25
+    assert horizon == 50 + int((600 - elapsed) / step_seconds)
+
+
+def test_a_long_warm_up_is_timed_for_a_share_of_the_budget_only(monkeypatch):
+    fixed_after, _, step_seconds = fixed_horizon(monkeypatch, 10_000, lambda n: 0.125)
+    # 5% of the 10 minutes is 30 s: 240 steps of 0.125 s
+    assert fixed_after == round(train.TimeBudget.TIMING_SHARE * 600 / 0.125)
+    assert step_seconds == pytest.approx(0.125)
