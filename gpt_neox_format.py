@@ -23,7 +23,8 @@ def neox_config(config, eot_token):
     return GPTNeoXConfig(
         vocab_size=config.vocab_size, hidden_size=config.n_embd, num_hidden_layers=config.n_layer,
         num_attention_heads=config.n_head, intermediate_size=4 * config.n_embd, max_position_embeddings=config.block_size,
-        rope_parameters=dict(rope_type="default", rope_theta=ROTARY_BASE, partial_rotary_factor=1.0),
+        # transformers 4's names for the rotation, which transformers 5 turns into its rope_parameters
+        rotary_pct=1.0, rotary_emb_base=ROTARY_BASE,
         use_parallel_residual=False, hidden_act=config.activation, layer_norm_eps=1e-5, attention_bias=True,
         hidden_dropout=config.dropout, attention_dropout=config.dropout, tie_word_embeddings=True,
         bos_token_id=eot_token, eos_token_id=eot_token,
@@ -35,9 +36,11 @@ def is_ours(hf_config):
     partial rotation, say, it does not)."""
     from model import ACTIVATIONS
 
-    rope = getattr(hf_config, "rope_parameters", None) or {}
-    return (not hf_config.use_parallel_residual and rope.get("partial_rotary_factor", 1.0) == 1.0
-            and rope.get("rope_theta") == ROTARY_BASE and hf_config.hidden_act in ACTIVATIONS
+    rope = getattr(hf_config, "rope_parameters", None) or {}  # transformers 5; 4 has rotary_pct, rotary_emb_base
+    rotated_share = rope.get("partial_rotary_factor", getattr(hf_config, "rotary_pct", None))
+    base = rope.get("rope_theta", getattr(hf_config, "rotary_emb_base", None))
+    return (not hf_config.use_parallel_residual and rotated_share == 1.0 and base == ROTARY_BASE
+            and hf_config.hidden_act in ACTIVATIONS
             and hf_config.intermediate_size == 4 * hf_config.hidden_size and hf_config.tie_word_embeddings)
 
 
