@@ -257,18 +257,11 @@ class GPT(nn.Module):
         downloaded when online) or a local directory; or of a GPT-NeoX folder that export.py wrote
         from a rotary GPT (gpt_neox_format.py)."""
         from transformers import AutoConfig, GPT2LMHeadModel
-        from transformers.utils import logging as transformers_logging
 
         if os.path.isdir(name_or_dir) and AutoConfig.from_pretrained(name_or_dir).model_type == "gpt_neox":
             return cls._from_gpt_neox(name_or_dir, dropout)
 
-        transformers_logging.disable_progress_bar()  # a bar per load is noise on our stderr
-        verbosity = transformers_logging.get_verbosity()
-        transformers_logging.set_verbosity_error()  # its report on missing weights: we raise on them below
-        try:
-            hf_model, loading = GPT2LMHeadModel.from_pretrained(name_or_dir, output_loading_info=True)
-        finally:
-            transformers_logging.set_verbosity(verbosity)
+        hf_model, loading = _load_quietly(GPT2LMHeadModel, name_or_dir)
         # transformers fills weights a folder lacks (a foreign model's, say BERT's) with random values
         not_loaded = [k for k in loading["missing_keys"] if not k.endswith((".attn.masked_bias", ".attn.bias", "lm_head.weight"))]
         if not_loaded:
@@ -303,10 +296,14 @@ class GPT(nn.Module):
         import gpt_neox_format
         from transformers import GPTNeoXForCausalLM
 
-        hf_model = GPTNeoXForCausalLM.from_pretrained(folder)
+        hf_model, loading = _load_quietly(GPTNeoXForCausalLM, folder)
         if not gpt_neox_format.is_ours(hf_model.config):
             raise ValueError(f"{folder} is a GPT-NeoX model of another shape (parallel residuals, partial rotation or "
                              f"another activation): only GPT-2's blocks with rotary positions load")
+        # a folder missing weights (a truncated copy, say) would otherwise load with random ones in their place
+        not_loaded = [k for k in loading["missing_keys"] if not k.startswith(("embed_out.", "lm_head."))]  # the tied head
+        if not_loaded:
+            raise ValueError(f"{folder}: weights missing for {not_loaded[:3]}")
         return gpt_neox_format.from_neox(hf_model, cls, dropout)
 
     def flops_per_token(self):
@@ -352,6 +349,20 @@ class GPT(nn.Module):
         dtype = self.lm_head.weight.dtype
         return [LayerKVCache(batch, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head, device, dtype)
                 for _ in range(cfg.n_layer)]
+
+
+def _load_quietly(model_class, name_or_dir):
+    """(model, loading info) of transformers' from_pretrained, without its progress bar (noise on our
+    stderr) or its report on missing weights (the callers raise on those)."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        return model_class.from_pretrained(name_or_dir, output_loading_info=True)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 def sample_next_token(logits, temperature, top_k, generator):

@@ -154,6 +154,20 @@ def test_a_gpt_neox_model_of_another_shape_does_not_load_as_ours(tmp_path, offli
         ckpt.gpt2_model(str(tmp_path / "pythia"), 0.0)
 
 
+def test_a_gpt_neox_folder_missing_a_weight_is_one_line(exports, tmp_path, offline):
+    from safetensors.torch import load_file, save_file
+
+    _, folder = exports["rotary"]
+    truncated = tmp_path / "truncated"
+    shutil.copytree(folder, truncated)
+    weights = load_file(truncated / "model.safetensors")
+    dropped = next(k for k in weights if "dense_h_to_4h.weight" in k)
+    del weights[dropped]
+    save_file(weights, truncated / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(cli.UserError, match="weights missing for .*dense_h_to_4h"):
+        ckpt.gpt2_model(str(truncated), 0.0)
+
+
 def test_tokenizer_gives_tiktoken_ids(exports, offline):
     from transformers import AutoTokenizer
 

@@ -49,6 +49,7 @@ def test_the_sweep_grows_past_a_winning_edge_then_trains_the_winner(fake_trainin
     sweep = [name for name, minutes in fake_training if name.startswith("nanogpt") and minutes == cfg["sweep_minutes"]]
     assert sweep == [f"nanogpt_lr{lr}_2min" for lr in ("0.001", "0.002", "0.004", "0.008", "0.016")]
     assert ("nanogpt_lr0.008_10min", cfg["minutes"]) in fake_training
+    assert ("nanogpt_lr0.004_10min", cfg["minutes"]) in fake_training  # the runner-up (tied with 0.016: the lower)
     recipe_lr = speedrun.recipe_learning_rate()  # (b)'s sweep is centred on its config's rate
     assert (f"recipe_zh_default_lr{3e-3:g}_10min", cfg["minutes"]) in fake_training
     assert sum(name.startswith("recipe") and minutes == cfg["sweep_minutes"] for name, minutes in fake_training) >= 3
@@ -120,4 +121,27 @@ def test_when_the_short_sweep_prefers_another_rate_b_also_runs_at_its_configs(mo
     assert (f"recipe_zh_default_lr{recipe_lr:g}_10min", cfg["minutes"]) in calls
     assert f"| (b) at its config's lr | BPE 8,192 | 1.50M | float32 | adamw | {recipe_lr:g} |" in table
     at_config_bpc = 5.0 + math.log2(1 / 4) ** 2 / 10
-    assert f"At its config's learning rate ({recipe_lr:g}, picked by longer runs side by side, see the config's comments) (b) reaches {at_config_bpc / 8.0:.2f}x." in table
+    assert f"| {at_config_bpc:.3f} |" in table
+    assert "(b) / (a) = **0.62x** the bits per character, the better 10-minute run of each side (5.000 / 8.000)" in table
+
+
+def test_each_side_is_scored_by_its_better_run_of_the_whole_budget(monkeypatch):
+    """Over 10 minutes (a)'s runner-up rate beats its sweep's winner, and (b)'s config rate beats its
+    sweep's: the ratio takes each side's better run."""
+    whole_budget = {"nanogpt_lr0.004_10min": 7.5, "recipe_zh_default_lr0.006_10min": 4.9}
+    calls = []
+    short = parabola_training(calls, 0.024)  # the short sweeps: (a) best at 0.008, then 0.004; (b) best at 0.024
+
+    def budget_run(cfg, name, config_file, args, minutes):
+        row = short(cfg, name, config_file, args, minutes)
+        return row | {"val_bpc": whole_budget.get(name, row["val_bpc"])}
+
+    monkeypatch.setattr(speedrun, "budget_run", budget_run)
+    monkeypatch.setattr(speedrun, "ensure_data", lambda flags, folder: {})
+    monkeypatch.setattr(speedrun, "recipe_learning_rate", lambda: 0.006)
+    table = speedrun.speedrun_table(dict(speedrun.DEFAULTS))
+    assert "| (a) the nanoGPT way | GPT-2 BPE | 1.50M | float32 | adamw | 0.008 |" in table
+    assert "| (a) at its second-best sweep lr | GPT-2 BPE | 1.50M | float32 | adamw | 0.004 |" in table
+    assert "| (b) our default recipe | BPE 8,192 | 1.50M | float32 | adamw | 0.024 |" in table
+    assert "| (b) at its config's lr | BPE 8,192 | 1.50M | float32 | adamw | 0.006 |" in table
+    assert "(b) / (a) = **0.65x** the bits per character, the better 10-minute run of each side (4.900 / 7.500)" in table
