@@ -85,9 +85,7 @@ def timed_in_alternation(functions, device, warmup, iters):
 def build(cfg, device, optimizer_name="adamw"):
     """A GPT with vocab_size tokens (padded as train.py pads them) and the optimizer optimizers.py builds for it."""
     torch.manual_seed(0)
-    config = GPTConfig(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], block_size=cfg["block_size"],
-                       vocab_size=padded_vocab_size(cfg["vocab_size"]), dropout=cfg["dropout"], bias=cfg["bias"],
-                       rotary=cfg["rotary"], activation=cfg["activation"])
+    config = GPTConfig(**train.model_args_from(cfg, padded_vocab_size(cfg["vocab_size"])))
     model = GPT(config).to(device)
     optimizer = optimizers.REGISTRY[optimizer_name].build(model, cfg | dict(optimizer=optimizer_name), device.split(":")[0])
     return model, optimizer

@@ -28,9 +28,10 @@ OPTIMIZER_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")
 
 
 def training_state(model, optimizer, scaler, model_args, iter_num, best_val_loss, config, batch_generator, tokenizer,
-                   hessian_generator=None):
+                   hessian_generator=None, train_windows=None, weight_average=None):
     """Everything `init_from=resume` needs to continue the run exactly, and the tokenizer that
-    sample.py and export.py need to turn its tokens into text without the data folder."""
+    sample.py and export.py need to turn its tokens into text without the data folder. With a
+    weight_average (weight_average.py), "model" is the average and "trained_model" the weights trained."""
     np_state = np.random.get_state()
     rng = dict(
         python=random.getstate(),
@@ -40,8 +41,13 @@ def training_state(model, optimizer, scaler, model_args, iter_num, best_val_loss
     )
     if hessian_generator is not None:
         rng["hessian"] = hessian_generator.get_state()
+    if train_windows is not None:
+        rng["train_windows"] = train_windows.state_dict()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state_all()
+    averaged = {} if weight_average is None else dict(
+        model=weight_average.averaged_state_dict(model), trained_model=model.state_dict(),
+        weight_average_updates=weight_average.updates)
     return dict(
         format=FORMAT,
         model=model.state_dict(),
@@ -53,7 +59,7 @@ def training_state(model, optimizer, scaler, model_args, iter_num, best_val_loss
         config=config,
         rng=rng,
         tokenizer=tokenizer.spec,
-    )
+    ) | averaged
 
 
 def save(state, path):
@@ -124,9 +130,9 @@ def load(path):
     return checkpoint
 
 
-def load_model_state(model, checkpoint):
-    """Copy the checkpoint's weights into model; a shape mismatch is a user error."""
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in checkpoint["model"].items()}
+def load_model_state(model, checkpoint, key="model"):
+    """Copy the checkpoint's weights (or those under key) into model; a shape mismatch is a user error."""
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in checkpoint[key].items()}
     expected = model.state_dict()
     for key, value in state.items():
         if key in expected and expected[key].shape != value.shape:
@@ -145,8 +151,9 @@ def model_from(checkpoint, dropout=None):
     return model
 
 
-def restore_training_state(checkpoint, optimizer, scaler, batch_generator, hessian_generator, rank):
-    """Optimizer, GradScaler and random states, so the resumed run is the run that was saved."""
+def restore_training_state(checkpoint, optimizer, scaler, batch_generator, hessian_generator, rank, train_windows=None):
+    """Optimizer, GradScaler and random states (and where train_windows, a data.ShuffledEpochs, was in
+    its epoch), so the resumed run is the run that was saved."""
     try:
         load_optimizer_state(optimizer, checkpoint["optimizer"])
     except (ValueError, KeyError) as e:
@@ -158,6 +165,8 @@ def restore_training_state(checkpoint, optimizer, scaler, batch_generator, hessi
     batch_generator.set_state(rng["batches"])
     if "hessian" in rng:  # checkpoints from before the Hessian pass had a stream of its own lack it
         hessian_generator.set_state(rng["hessian"])
+    if train_windows is not None and "train_windows" in rng:  # else (a run saved with sampling=random) a new epoch
+        train_windows.load_state_dict(rng["train_windows"])
     if rank != 0:
         return  # only rank 0's process-local random states are saved; the others keep their own seeds
     random.setstate(_as_tuples(rng["python"]))

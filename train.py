@@ -33,9 +33,10 @@ import hardware
 import optimizers
 from cli import UserError, run
 from configurator import parse_args
-from data import TokenData
+from data import SAMPLINGS, TokenData
 from model import ACTIVATIONS, GPT, GPTConfig
 from run_log import RunLog
+from weight_average import WeightAverage
 
 DEFAULTS = dict(
     # output and evaluation
@@ -61,6 +62,7 @@ DEFAULTS = dict(
     gradient_accumulation_steps=40,  # per process
     batch_size=12,
     block_size=1024,
+    sampling="random",  # training windows: random (nanoGPT's: each start drawn anywhere) | epochs (data.ShuffledEpochs)
     # model
     n_layer=12,
     n_head=12,
@@ -81,6 +83,7 @@ DEFAULTS = dict(
     rho=0.04,  # SophiaG's clipping threshold scale
     hess_interval=10,  # SophiaG: update the Hessian EMA every k steps; 0 = never (sign momentum)
     hess_accumulation_steps=0,  # micro-batches per process in a Hessian estimate; 0 = gradient_accumulation_steps, as the authors
+    ema_decay=0.0,  # > 0: evaluate and save a moving average of the weights (weight_average.py); 0 = off
     decay_embeddings=True,  # weight decay on wte (shared with the head) and wpe too, as nanoGPT; the Sophia authors: False
     # learning-rate schedule: linear warmup, then cosine decay to min_lr at lr_decay_iters
     decay_lr=True,
@@ -136,7 +139,9 @@ def check_config(cfg):
         raise UserError(f"--lr_decay_iters ({cfg['lr_decay_iters']}) must exceed --warmup_iters ({cfg['warmup_iters']})")
     if cfg["learning_rate"] <= 0 or cfg["min_lr"] < 0:
         raise UserError("--learning_rate must be positive and --min_lr zero or positive")
-    for key in ("beta1", "beta2"):
+    if cfg["sampling"] not in SAMPLINGS:
+        raise UserError(f"--sampling must be one of {', '.join(SAMPLINGS)}, got {cfg['sampling']}")
+    for key in ("beta1", "beta2", "ema_decay"):
         if not 0.0 <= cfg[key] < 1.0:
             raise UserError(f"--{key} must be in [0, 1), got {cfg[key]}")
     for key in ("grad_clip", "weight_decay", "rho"):
@@ -347,14 +352,19 @@ class StopRequest:
         return 128 + (self.signum or signal.SIGTERM)
 
 
+def model_args_from(cfg, vocab_size):
+    """GPTConfig's fields as the run's flags set them, for a model of vocab_size (already padded)."""
+    return dict(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], block_size=cfg["block_size"],
+                bias=cfg["bias"], vocab_size=vocab_size, dropout=cfg["dropout"],
+                scale_attn_by_inverse_layer_idx=cfg["scale_attn_by_inverse_layer_idx"], rotary=cfg["rotary"],
+                activation=cfg["activation"])
+
+
 def build_model(cfg, data, data_dir, tokenizer):
     """(model, model_args, checkpoint): the GPT that init_from names, on the CPU; the checkpoint
     when resuming (its optimizer and random states are restored later), else None."""
     checkpoint = None
-    model_args = dict(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], block_size=cfg["block_size"],
-                      bias=cfg["bias"], vocab_size=data.padded_vocab_size, dropout=cfg["dropout"],
-                      scale_attn_by_inverse_layer_idx=cfg["scale_attn_by_inverse_layer_idx"], rotary=cfg["rotary"],
-                      activation=cfg["activation"])
+    model_args = model_args_from(cfg, data.padded_vocab_size)
     if cfg["init_from"] == "scratch":
         model = GPT(GPTConfig(**model_args))
     elif cfg["init_from"] == "resume":
@@ -378,6 +388,18 @@ def build_model(cfg, data, data_dir, tokenizer):
     return model, model_args, checkpoint
 
 
+def start_weight_average(cfg, model, checkpoint, is_master):
+    """The run's WeightAverage (rank 0 only, with ema_decay > 0), after putting the weights to go on
+    training from in the model: a checkpoint saved with an average holds it as "model", which
+    build_model loaded, and the trained weights as "trained_model"."""
+    average = WeightAverage(model, cfg["ema_decay"]) if cfg["ema_decay"] and is_master else None
+    if checkpoint is not None and "trained_model" in checkpoint:
+        ckpt.load_model_state(model, checkpoint, "trained_model")
+        if average is not None:
+            average.updates = checkpoint["weight_average_updates"]
+    return average
+
+
 def build_optimizer(cfg, model, device_type):
     """The optimizer --optimizer names, over the model's parameters: see optimizers.py."""
     return optimizers.REGISTRY[cfg["optimizer"]].build(model, cfg, device_type)
@@ -398,6 +420,7 @@ class Training:
     world_size: int
     batch_generator: torch.Generator  # the training windows, the same on every rank (data.py)
     hessian_generator: torch.Generator  # the Hessian pass's windows and labels, also the same on every rank
+    weight_average: WeightAverage = None  # with ema_decay > 0, on rank 0: what evaluations measure and checkpoints save
     pass_statistics: dict = field(default_factory=dict)  # of the optimizer's last pass after a step, to log
 
     @property
@@ -521,7 +544,7 @@ def log_training_step(t, log, iter_num, lr, step, seconds, total_bad_steps, peak
 def save_training_state(t, model_args, iter_num, best_val_loss, tokenizer, file_name, log):
     """Write out_dir/file_name: everything --init_from=resume needs to continue exactly."""
     state = ckpt.training_state(t.raw_model, t.optimizer, t.scaler, model_args, iter_num, best_val_loss, t.cfg,
-                                t.batch_generator, tokenizer, t.hessian_generator)
+                                t.batch_generator, tokenizer, t.hessian_generator, t.data.epochs, t.weight_average)
     ckpt.save(state, os.path.join(t.cfg["out_dir"], file_name))
     log.text(f"saved checkpoint {t.cfg['out_dir']}/{file_name} at iter {iter_num}")
 
@@ -543,7 +566,7 @@ def main():
         hardware.check_compile_works(device)
 
     data_dir = cfg["data_dir"] or os.path.join("data", cfg["dataset"])
-    data = TokenData(data_dir, cfg["block_size"])
+    data = TokenData(data_dir, cfg["block_size"], cfg["sampling"])
     tokenizer = data.load_tokenizer()
     token_byte_lengths = torch.from_numpy(tokenizer.token_byte_lengths)
 
@@ -561,10 +584,11 @@ def main():
     resumed_config = checkpoint["config"] if checkpoint else None
     out_dir_lock = claim_out_dir(cfg) if is_master else None
     model.to(device)
+    weight_average = start_weight_average(cfg, model, checkpoint, is_master)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     optimizer = build_optimizer(cfg, model, device_type)
     if checkpoint is not None:
-        ckpt.restore_training_state(checkpoint, optimizer, scaler, batch_generator, hessian_generator, rank)
+        ckpt.restore_training_state(checkpoint, optimizer, scaler, batch_generator, hessian_generator, rank, data.epochs)
         checkpoint = None  # free the memory
 
     raw_model = model
@@ -574,7 +598,8 @@ def main():
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
     t = Training(cfg=cfg, model=model, raw_model=raw_model, optimizer=optimizer, scaler=scaler,
                  autocast=hardware.autocast_context(device, dtype), data=data, device=device, rank=rank,
-                 world_size=world_size, batch_generator=batch_generator, hessian_generator=hessian_generator)
+                 world_size=world_size, batch_generator=batch_generator, hessian_generator=hessian_generator,
+                 weight_average=weight_average)
     log = RunLog(cfg, is_master, machine=hardware.device_name(device))
     stop = StopRequest()
 
@@ -585,6 +610,11 @@ def main():
                  f"device {device} ({hardware.device_name(device)}), dtype {dtype}")
         if t.spec.describe(cfg):
             log.text(t.spec.describe(cfg))
+        if data.epochs:
+            log.text(f"training windows: the train split's {data.epochs.windows_per_epoch:,} windows in a new "
+                     f"random order every epoch (sampling=epochs)")
+        if weight_average:
+            log.text(f"evaluating and saving a moving average of the weights (ema_decay={cfg['ema_decay']})")
     peak, peak_source = hardware.peak_flops(device, dtype) if is_master else (None, "")
     log.event("peak_flops", flops=peak, source=peak_source)
 
@@ -606,7 +636,8 @@ def main():
 
         if (iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"]) and is_master:
             t_eval = time.perf_counter()
-            metrics = evaluate(raw_model, data, cfg, device, t.autocast, token_byte_lengths)
+            with weight_average.swapped_in(raw_model) if weight_average else nullcontext():
+                metrics = evaluate(raw_model, data, cfg, device, t.autocast, token_byte_lengths)
             train, val = metrics["train"], metrics["val"]
             log.event("eval", iter=iter_num, train_loss=train["loss"], val_loss=val["loss"], train_bpc=train["bpc"],
                       val_bpc=val["bpc"], val_bpb=val["bpb"], lr=lr)
@@ -633,6 +664,8 @@ def main():
                 raise UserError(diverged_message(bad_steps, iter_num, last_saved_iter, cfg, dtype))
         else:
             bad_steps = 0
+            if weight_average:
+                weight_average.update(raw_model)
         clock.count_iteration()
         iter_num += 1
         budget_note = budget.after_step(iter_num)

@@ -24,6 +24,12 @@
 #   with 0.4: not on the embeddings 5.696 | lr 1.2e-2 5.694 | untied head 5.714 | zero-initialised output
 #   projections 5.691 | constant lr, then linear decay over the last half 5.693 | block 256 x batch 16 5.773
 #   8.25 min: 96 wide (1,712 steps) 5.718 vs 128 wide (1,295 steps) 5.674
+# Then runs of the whole regime: a fixed 2,830 steps (the horizon of the last 10-minute run on 2 threads),
+# one thread each; "average" = the moving average of the weights, evaluated beside the weights:
+#   windows drawn anywhere (nanoGPT's) 5.505, average 0.99 / 0.995 / 0.998: 5.446 / 5.425 / 5.413
+#   read in shuffled epochs 5.390, average 0.99 / 0.995 / 0.998: 5.344 / **5.333** / 5.341
+#   with both (average 0.995): lr 1.2e-2 5.363 | weight decay 0.8 5.375 | AdamW part at half the lr 5.364 |
+#   RMS-normalised queries and keys 5.338 (not kept: no gain, and GPT-NeoX has no place for it)
 out_dir = "out-zh"
 dataset = "zh_default"  # the 8,192-token BPE trained on the default corpus's train split
 n_layer = 4
@@ -32,6 +38,7 @@ n_embd = 128
 block_size = 128
 batch_size = 32
 gradient_accumulation_steps = 1
+sampling = "epochs"  # every token once per epoch, in shuffled windows (data.ShuffledEpochs); measured above
 dropout = 0.0  # measured above: 0.1 is worse even at equal steps, and its steps cost 50% more
 weight_decay = 0.4  # on the hidden matrices (Muon) and the embedding (AdamW); measured above
 bias = False
@@ -40,6 +47,7 @@ activation = "relu2"  # ReLU squared in the MLP
 optimizer = "muon"  # Muon on the hidden matrices, AdamW on embeddings and norms (muon_adamw.py)
 learning_rate = 6e-3  # 1.2e-2 tied it at 1,200 steps; over 10 minutes (2 threads) 6e-3 gave 5.530, 1.2e-2 5.571
 min_lr = 6e-4
+ema_decay = 0.995  # evaluate and save a moving average of the weights (weight_average.py); measured above
 warmup_iters = 100
 max_iters = 5000  # replaced by the horizon that --max_minutes measures
 lr_decay_iters = 5000

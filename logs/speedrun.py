@@ -97,14 +97,16 @@ def finished_as_asked(out_dir, train_args):
     """Whether out_dir holds a finished run whose configuration is the one train_args give today.
     Runs are reused by name, so without this check an edited config file or train.py default would
     leave a table built from runs of the old recipe. Paths are compared relative to the repository
-    each run was made in, so a committed run stays reusable in another clone."""
+    each run was made in, so a committed run stays reusable in another clone. A flag train.py gained
+    after the run, left at its default, asks for what the run did: new flags default to the old way."""
     events = read_events(out_dir)
     if not any(e["event"] == "time_budget_end" for e in events):
         return False
     recorded = next(e for e in events if e["event"] == "config")
     made_in = os.path.dirname(recorded["argv"][0]) or REPO  # the repository holding the train.py that ran
-    return (repository_relative(recorded["config"], made_in)
-            == repository_relative(parse_args(train_defaults(), train_args), REPO))
+    today = parse_args(train_defaults(), train_args)
+    today = {key: value for key, value in today.items() if key in recorded["config"] or value != train_defaults()[key]}
+    return repository_relative(recorded["config"], made_in) == repository_relative(today, REPO)
 
 
 def repository_relative(config, repository):

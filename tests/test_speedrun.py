@@ -105,6 +105,18 @@ def test_a_finished_run_is_reused_only_while_its_configuration_is_unchanged(tmp_
     assert speedrun.finished_as_asked(str(tmp_path / "moved"), args)
 
 
+def test_a_run_from_before_a_new_flag_is_reused_while_the_flag_is_at_its_default(tmp_path):
+    import json
+    args = [os.path.join(REPO, "config", "train_tiny_zh_cpu.py"), "--learning_rate=0.004", "--max_minutes=2"]
+    write_finished_run(str(tmp_path / "older"), args)
+    metrics = tmp_path / "older" / "metrics.jsonl"
+    events = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines()]
+    del events[0]["config"]["ema_decay"]  # as train.py recorded it before it had the flag
+    metrics.write_text("".join(json.dumps(e) + "\n" for e in events), encoding="utf-8")
+    assert speedrun.finished_as_asked(str(tmp_path / "older"), args)
+    assert not speedrun.finished_as_asked(str(tmp_path / "older"), [*args, "--ema_decay=0.99"])
+
+
 def test_an_unfinished_run_is_not_reused(tmp_path):
     assert not speedrun.finished_as_asked(str(tmp_path / "missing"), ["--learning_rate=0.003"])
 
