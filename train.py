@@ -34,7 +34,7 @@ import optimizers
 from cli import UserError, run
 from configurator import parse_args
 from data import SAMPLINGS, TokenData
-from model import ACTIVATIONS, GPT, GPTConfig
+from model import GPT, GPTConfig
 from run_log import RunLog
 from weight_average import WeightAverage
 
@@ -119,20 +119,17 @@ def learning_rate_at(it, cfg):
 
 
 def check_config(cfg):
-    positive = ("batch_size", "block_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd",
-                "log_interval", "eval_interval", "eval_iters", "max_bad_steps")
+    try:  # the model's own fields: GPTConfig checks them (its messages name the field)
+        GPTConfig(**model_args_from(cfg, vocab_size=1))
+    except ValueError as e:
+        raise UserError(f"--{e}") from None
+    positive = ("batch_size", "gradient_accumulation_steps", "log_interval", "eval_interval", "eval_iters", "max_bad_steps")
     for key in positive:
         if cfg[key] <= 0:
             raise UserError(f"--{key} must be positive, got {cfg[key]}")
     for key in ("max_iters", "warmup_iters", "ckpt_interval", "hess_interval", "hess_accumulation_steps", "lr_decay_iters"):
         if cfg[key] < 0:
             raise UserError(f"--{key} must be zero or positive, got {cfg[key]}")
-    if cfg["n_embd"] % cfg["n_head"] != 0:
-        raise UserError(f"--n_embd={cfg['n_embd']} must be divisible by --n_head={cfg['n_head']}")
-    if not 0.0 <= cfg["dropout"] < 1.0:
-        raise UserError(f"--dropout must be in [0, 1), got {cfg['dropout']}")
-    if cfg["activation"] not in ACTIVATIONS:
-        raise UserError(f"--activation must be one of {', '.join(ACTIVATIONS)}, got {cfg['activation']}")
     if cfg["optimizer"] not in optimizers.REGISTRY:
         raise UserError(f"unknown --optimizer={cfg['optimizer']}; choose {optimizers.choices()}")
     if cfg["decay_lr"] and cfg["lr_decay_iters"] <= cfg["warmup_iters"]:

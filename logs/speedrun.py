@@ -40,6 +40,7 @@ from configurator import parse_args  # noqa: E402
 from data import padded_vocab_size  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from run_log import read_events  # noqa: E402
+import train  # noqa: E402
 
 DEFAULTS = dict(
     section="all",  # all | tokenizers | speedrun
@@ -104,7 +105,7 @@ def finished_as_asked(out_dir, train_args):
         return False
     recorded = next(e for e in events if e["event"] == "config")
     made_in = os.path.dirname(recorded["argv"][0]) or REPO  # the repository holding the train.py that ran
-    defaults = train_defaults()
+    defaults = train.DEFAULTS
     today = parse_args(defaults, train_args)
     today = {key: value for key, value in today.items() if key in recorded["config"] or value != defaults[key]}
     return repository_relative(recorded["config"], made_in) == repository_relative(today, REPO)
@@ -125,9 +126,8 @@ def summary(out_dir):
         meta = json.load(f)
     train_split = meta["splits"]["train"]
     tokens_per_step = config["batch_size"] * config["block_size"] * config["gradient_accumulation_steps"]
-    model = GPT(GPTConfig(n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
-                          block_size=config["block_size"], vocab_size=padded_vocab_size(meta["vocab_size"]), bias=config["bias"],
-                          rotary=config.get("rotary", False)))
+    # a run recorded before a model flag existed trained with that flag's default
+    model = GPT(GPTConfig(**train.model_args_from(train.DEFAULTS | config, padded_vocab_size(meta["vocab_size"]))))
     return dict(
         config=config, meta=meta, steps=final["iter"], dtype=hardware.pick_dtype(config["dtype"], config["device"]), tokens=final["iter"] * tokens_per_step,
         characters=final["iter"] * tokens_per_step * (train_split["characters"] + train_split["documents"]) / train_split["tokens"],
@@ -145,7 +145,7 @@ def recipe_run(cfg, folder, lr, minutes):
 
 
 def recipe_learning_rate():
-    return parse_args(train_defaults(), [RECIPE])["learning_rate"]
+    return parse_args(train.DEFAULTS, [RECIPE])["learning_rate"]
 
 
 def best_learning_rate(lrs, run_at):
@@ -254,12 +254,6 @@ def speedrun_table(cfg):
 
 def sweep_text(sweep):
     return ", ".join(f"{lr:g}: {run['val_bpc']:.3f}" for lr, run in sorted(sweep.items()))
-
-
-def train_defaults():
-    import train
-
-    return train.DEFAULTS
 
 
 def lr_args(lr):
