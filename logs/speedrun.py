@@ -237,7 +237,7 @@ def speedrun_table(cfg):
     unplanned = [label for label, row in rows if not row["planned"]]
     lines += [
         "",
-        f"(b) / (a) = **{ours['val_bpc'] / nanogpt['val_bpc']:.2f}x** the bits per character, the better "
+        f"(b) / (a) = **{ours['val_bpc'] / nanogpt['val_bpc']:.3f}x** the bits per character, the better "
         f"{cfg['minutes']:g}-minute run of each side ({ours['val_bpc']:.3f} / {nanogpt['val_bpc']:.3f}). "
         f"Sweeps of {cfg['sweep_minutes']:g}-minute runs (lr: val bits/char): (a) {sweep_text(sweep)}; "
         f"(b) {sweep_text(our_sweep)}. (a) trains the whole budget at the two best rates of its sweep; (b) at the best of "

@@ -54,7 +54,7 @@ def test_the_sweep_grows_past_a_winning_edge_then_trains_the_winner(fake_trainin
     assert (f"recipe_zh_default_lr{3e-3:g}_10min", cfg["minutes"]) in fake_training
     assert sum(name.startswith("recipe") and minutes == cfg["sweep_minutes"] for name, minutes in fake_training) >= 3
     assert f"recipe_zh_default_lr{recipe_lr:g}_2min" in [name for name, _ in fake_training]
-    assert "(b) / (a) = **0.62x**" in table  # 5.0 / 8.0
+    assert "(b) / (a) = **0.625x**" in table  # 5.0 / 8.0
     assert "| (a) the nanoGPT way | GPT-2 BPE |" in table and "| (b) our default recipe | BPE 8,192 |" in table
 
 
@@ -134,7 +134,7 @@ def test_when_the_short_sweep_prefers_another_rate_b_also_runs_at_its_configs(mo
     assert f"| (b) at its config's lr | BPE 8,192 | 1.50M | float32 | adamw | {recipe_lr:g} |" in table
     at_config_bpc = 5.0 + math.log2(1 / 4) ** 2 / 10
     assert f"| {at_config_bpc:.3f} |" in table
-    assert "(b) / (a) = **0.62x** the bits per character, the better 10-minute run of each side (5.000 / 8.000)" in table
+    assert "(b) / (a) = **0.625x** the bits per character, the better 10-minute run of each side (5.000 / 8.000)" in table
 
 
 def test_each_side_is_scored_by_its_better_run_of_the_whole_budget(monkeypatch):
@@ -156,4 +156,4 @@ def test_each_side_is_scored_by_its_better_run_of_the_whole_budget(monkeypatch):
     assert "| (a) at its second-best sweep lr | GPT-2 BPE | 1.50M | float32 | adamw | 0.004 |" in table
     assert "| (b) our default recipe | BPE 8,192 | 1.50M | float32 | adamw | 0.024 |" in table
     assert "| (b) at its config's lr | BPE 8,192 | 1.50M | float32 | adamw | 0.006 |" in table
-    assert "(b) / (a) = **0.65x** the bits per character, the better 10-minute run of each side (4.900 / 7.500)" in table
+    assert "(b) / (a) = **0.653x** the bits per character, the better 10-minute run of each side (4.900 / 7.500)" in table
