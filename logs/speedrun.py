@@ -105,9 +105,8 @@ def finished_as_asked(out_dir, train_args):
         return False
     recorded = next(e for e in events if e["event"] == "config")
     made_in = os.path.dirname(recorded["argv"][0]) or REPO  # the repository holding the train.py that ran
-    defaults = train.DEFAULTS
-    today = parse_args(defaults, train_args)
-    today = {key: value for key, value in today.items() if key in recorded["config"] or value != defaults[key]}
+    today = parse_args(train.DEFAULTS, train_args)
+    today = {key: value for key, value in today.items() if key in recorded["config"] or value != train.DEFAULTS[key]}
     return repository_relative(recorded["config"], made_in) == repository_relative(today, REPO)
 
 
