@@ -100,8 +100,10 @@ class MuonSpec(OptimizerSpec):
         rest = param_groups(model, cfg)
         for group in rest:
             group["params"] = [p for p in group["params"] if id(p) not in hidden_ids]
+        # the fused query, key and value projection: three maps, orthogonalised one at a time
+        stacked = {block.attn.c_attn.weight: 3 for block in model.transformer.h}
         return MuonWithAdamW(hidden, rest, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"],
-                             betas=(cfg["beta1"], cfg["beta2"]))
+                             betas=(cfg["beta1"], cfg["beta2"]), momentum=cfg["muon_momentum"], stacked=stacked)
 
 
 class SophiaGSpec(OptimizerSpec):

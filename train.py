@@ -79,6 +79,7 @@ DEFAULTS = dict(
     weight_decay=1e-1,
     beta1=0.9,
     beta2=0.95,
+    muon_momentum=0.95,  # Muon's (Nesterov) momentum on the hidden matrices; AdamW's part keeps beta1, beta2
     grad_clip=1.0,  # 0 = no clipping
     rho=0.04,  # SophiaG's clipping threshold scale
     hess_interval=10,  # SophiaG: update the Hessian EMA every k steps; 0 = never (sign momentum)
@@ -138,7 +139,7 @@ def check_config(cfg):
         raise UserError("--learning_rate must be positive and --min_lr zero or positive")
     if cfg["sampling"] not in SAMPLINGS:
         raise UserError(f"--sampling must be one of {', '.join(SAMPLINGS)}, got {cfg['sampling']}")
-    for key in ("beta1", "beta2", "ema_decay"):
+    for key in ("beta1", "beta2", "muon_momentum", "ema_decay"):
         if not 0.0 <= cfg[key] < 1.0:
             raise UserError(f"--{key} must be in [0, 1), got {cfg[key]}")
     for key in ("grad_clip", "weight_decay", "rho"):
@@ -159,7 +160,7 @@ def check_resume_matches(cfg, checkpoint, path):
     """A one-line error listing every value the checkpoint fixes that the command line changed."""
     saved = {key: checkpoint["model_args"][key] for key in CHECKPOINT_SHAPE if key in checkpoint["model_args"]}
     saved_config = checkpoint.get("config") or {}
-    keys = CHECKPOINT_OPTIMIZER + (("rho",) if cfg["optimizer"] == "sophiag" else ())
+    keys = CHECKPOINT_OPTIMIZER + {"sophiag": ("rho",), "muon": ("muon_momentum",)}.get(cfg["optimizer"], ())
     saved |= {key: saved_config[key] for key in keys if saved_config.get(key) is not None}
     differing = [key for key, value in saved.items() if cfg[key] != value]
     if differing:

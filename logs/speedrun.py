@@ -5,8 +5,8 @@
     python logs/speedrun.py --section=speedrun --minutes=10
 
 tokenizers: the default recipe's model (config/train_zh_speedrun.py) trained for the same
-wall-clock budget on the default corpus tokenised four ways: GPT-2's BPE and byte-level BPEs of
-4,096, 8,192 and 16,384 tokens trained on the train split. A smaller vocabulary makes each step
+wall-clock budget on the default corpus tokenised five ways: GPT-2's BPE and byte-level BPEs of
+4,096, 8,192, 12,288 and 16,384 tokens trained on the train split. A smaller vocabulary makes each step
 cheaper and each token carry less text; bits per character after the same time says which wins.
 
 speedrun: (a) the nanoGPT way: GPT-2's BPE, the older project's tiny model (2 layers, 2 heads,
@@ -56,6 +56,7 @@ TOKENIZERS = {  # name: (prepare.py flags, data folder)
     "GPT-2 BPE": (["--tokenizer=gpt2"], "data/zh_default_gpt2"),
     "BPE 4,096": (["--vocab_size=4096"], "data/zh_default_bpe4096"),
     "BPE 8,192": (["--vocab_size=8192"], "data/zh_default"),
+    "BPE 12,288": (["--vocab_size=12288"], "data/zh_default_bpe12288"),
     "BPE 16,384": (["--vocab_size=16384"], "data/zh_default_bpe16384"),
 }
 # (a): the older project's tiny model (config/train_tiny_zh_cpu.py: 2 layers, 2 heads, 128 wide, block
@@ -124,7 +125,8 @@ def summary(out_dir):
     with open(os.path.join(config["data_dir"], "meta.json"), encoding="utf-8") as f:
         meta = json.load(f)
     train_split = meta["splits"]["train"]
-    tokens_per_step = config["batch_size"] * config["block_size"] * config["gradient_accumulation_steps"]
+    # as the run counted them (train.Training.tokens_per_step: all processes' micro-batches)
+    tokens_per_step = round(steps[-1]["tokens_per_sec"] * steps[-1]["time_ms"] / 1000)
     # a run recorded before a model flag existed trained with that flag's default
     model = GPT(GPTConfig(**train.model_args_from(train.DEFAULTS | config, padded_vocab_size(meta["vocab_size"]))))
     return dict(

@@ -59,7 +59,7 @@ def test_the_sweep_grows_past_a_winning_edge_then_trains_the_winner(fake_trainin
 
 
 def test_the_tokenizer_table_marks_the_lowest_bits_per_character(monkeypatch):
-    results = iter([None, 5.9, 5.6, 5.7])
+    results = iter([None, 5.9, 5.6, 5.8, 5.7])
 
     def budget_run(cfg, name, config_file, args, minutes):
         bpc = next(results)
@@ -157,3 +157,24 @@ def test_each_side_is_scored_by_its_better_run_of_the_whole_budget(monkeypatch):
     assert "| (b) our default recipe | BPE 8,192 | 1.50M | float32 | adamw | 0.024 |" in table
     assert "| (b) at its config's lr | BPE 8,192 | 1.50M | float32 | adamw | 0.006 |" in table
     assert "(b) / (a) = **0.653x** the bits per character, the better 10-minute run of each side (4.900 / 7.500)" in table
+
+
+def test_the_summary_counts_the_tokens_of_every_process(tmp_path):
+    """Two processes of 12 x 64 tokens train 1,536 tokens a step: the table's tokens and characters
+    are what the run logged, not one process's batch."""
+    import json
+
+    import train
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    train_split = dict(documents=10, characters=990, bytes=2970, tokens=500)  # 2 characters per token, eot included
+    (data_dir / "meta.json").write_text(json.dumps(dict(vocab_size=300, splits=dict(train=train_split))), encoding="utf-8")
+    config = dict(train.DEFAULTS, n_layer=1, n_head=2, n_embd=32, block_size=64, batch_size=12, data_dir=str(data_dir))
+    events = [dict(event="config", config=config, machine="a test CPU"),
+              *(dict(event="train", iter=i, time_ms=100.0, tokens_per_sec=2 * 12 * 64 / 0.1) for i in (10, 20)),
+              dict(event="eval", iter=20, val_bpc=5.5, val_loss=3.8),
+              dict(event="time_budget_end", iter=20, elapsed_seconds=2.5)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events), encoding="utf-8")
+    summary = speedrun.summary(str(tmp_path))
+    assert summary["steps"] == 20 and summary["tokens"] == 20 * 2 * 12 * 64
+    assert summary["characters"] == pytest.approx(summary["tokens"] * 2)
