@@ -36,7 +36,8 @@
 # and then (logs/speedrun/tuning/r_*): Muon orthogonalising query, key and value apart 5.328, and with
 #   momentum 0.9 **5.314**: both kept | block 64 x batch 64 5.368 | rotary on half of each head 5.342 |
 #   attention kept inside each document 5.338 | BPE-dropout 0.1 on the train split 5.441 | a 12,288-token
-#   BPE (1.2x a step: 2,320 steps) 5.328, and with both kept changes 5.294 (2,348 steps): not yet the default
+#   BPE (1.2x a step: 2,320 steps) 5.328, and with both kept changes 5.294 (2,348 steps); over 10 minutes on
+#   2 threads 5.307 against 5.322 on 8,192 (README, tokenizer table): the next change to try, not yet made
 out_dir = "out-zh"
 dataset = "zh_default"  # the 8,192-token BPE trained on the default corpus's train split
 n_layer = 4
@@ -54,7 +55,8 @@ activation = "relu2"  # ReLU squared in the MLP
 optimizer = "muon"  # Muon on the hidden matrices, AdamW on embeddings and norms (muon_adamw.py)
 muon_momentum = 0.9  # measured above (Muon's authors use 0.95)
 learning_rate = 6e-3  # 1.2e-2 tied it at 1,200 steps; over 10 minutes (2 threads) 6e-3 gave 5.530, 1.2e-2 5.571,
-# and with shuffled epochs and the weight average 5.371 and 5.382, then 5.343 and 5.368 (the speedrun tables, README)
+# and with shuffled epochs and the weight average 5.371 and 5.382, then 5.343 and 5.368 (the speedrun tables, README);
+# with Muon splitting query, key and value at momentum 0.9, the 2-minute sweep picked 6e-3 itself: 5.322
 min_lr = 6e-4
 ema_decay = 0.995  # evaluate and save a moving average of the weights (weight_average.py); measured above
 warmup_iters = 100

@@ -35,6 +35,7 @@ def copy_data(tiny_data, folder):
     (["--init_from=resume"], ["checkpoint", "not found"]),
     (["--beta1=1.0"], ["--beta1 must be in [0, 1)"]),
     (["--beta2=-0.5"], ["--beta2 must be in [0, 1)"]),
+    (["--muon_momentum=1.0"], ["--muon_momentum must be in [0, 1)"]),
     (["--seed=-1"], ["--seed must be between 0 and"]),
     (["--seed=99999999999"], ["--seed must be between 0 and"]),
     (["--grad_clip=-1"], ["--grad_clip must be zero or positive"]),
@@ -125,6 +126,15 @@ def test_resume_with_another_shape_or_optimizer_names_the_checkpoints_values(tin
     assert_user_error(train_on(*resume, "--rotary=True", "--activation=relu2"), "rotary False, activation gelu_new",
                       "--rotary=False --activation=gelu_new")
     assert (trained_out / "metrics.jsonl").read_bytes() == before
+
+
+def test_resume_of_a_muon_run_refuses_another_momentum(tiny_data, tmp_path):
+    """Muon's state holds its momentum as well: a resumed run given another would silently keep the old."""
+    out = tmp_path / "out"
+    result = train_on(tiny_data, out, "--eval_interval=2", "--optimizer=muon", "--muon_momentum=0.9")
+    assert result.returncode == 0, result.stderr
+    assert_user_error(train_on(tiny_data, out, "--init_from=resume", "--optimizer=muon"), "muon_momentum 0.9",
+                      "--muon_momentum=0.9")
 
 
 def test_flipped_bytes_in_a_checkpoint_are_caught_by_its_checksum(tiny_data, trained_out, tmp_path):
