@@ -34,6 +34,14 @@ def orthogonalise(update, steps=NS_STEPS, coefficients=NS_COEFFICIENTS, eps=1e-7
     return x if wide else x.T
 
 
+def loss_of(closure):
+    """What an optimizer's step(closure) returns: the closure's loss, computed with gradients on."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class BlockwiseMuon(torch.optim.Muon):
     """torch.optim.Muon's update (Nesterov momentum, decoupled weight decay, "match_rms_adamw"
     learning rate), with each weight in `stacked` orthogonalised as stacked[p] equal row blocks.
@@ -45,10 +53,7 @@ class BlockwiseMuon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = loss_of(closure)
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
             for p in group["params"]:
@@ -80,10 +85,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = loss_of(closure)
         self.muon.step()
         self.adamw.step()
         return loss

@@ -79,3 +79,18 @@ def test_a_checkpoint_of_torch_muon_loads_and_steps_the_same():
     steps(theirs, params, grads[2:])
     steps(ours, resumed, grads[2:])
     assert torch.allclose(params[0], resumed[0], atol=2e-4)
+
+
+def test_step_returns_the_closures_loss_computed_with_gradients():
+    weight = torch.nn.Parameter(torch.randn(8, 4, generator=torch.Generator().manual_seed(0)))
+    optimizer = BlockwiseMuon([weight], **SETTINGS)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = weight.square().sum()
+        loss.backward()
+        return loss
+
+    before = weight.detach().clone()
+    assert optimizer.step(closure) == before.square().sum()
+    assert not torch.equal(weight, before)
