@@ -65,12 +65,11 @@ class BlockwiseMuon(torch.optim.Muon):
                 buffer = state["momentum_buffer"]
                 buffer.lerp_(p.grad, 1 - momentum)
                 update = p.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
-                blocks = update.chunk(self.stacked.get(id(p), 1), dim=0)
-                orthogonal = torch.cat([orthogonalise(b, group["ns_steps"], group["ns_coefficients"], group["eps"])
-                                        for b in blocks])
-                rows, columns = blocks[0].shape
                 p.mul_(1 - lr * group["weight_decay"])
-                p.add_(orthogonal, alpha=-lr * 0.2 * math.sqrt(max(rows, columns)))  # RMS 0.2, as AdamW's
+                blocks = self.stacked.get(id(p), 1)
+                for weight, block in zip(p.chunk(blocks, dim=0), update.chunk(blocks, dim=0)):  # views of p
+                    orthogonal = orthogonalise(block, group["ns_steps"], group["ns_coefficients"], group["eps"])
+                    weight.add_(orthogonal, alpha=-lr * 0.2 * math.sqrt(max(block.shape)))  # RMS 0.2, as AdamW's
         return loss
 
 
