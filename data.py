@@ -9,6 +9,7 @@ checkpoint makes resume continue the same sequence of batches.
 import json
 import math
 import os
+import re
 
 import numpy as np
 import torch
@@ -25,11 +26,22 @@ def padded_vocab_size(vocab_size):
     return (vocab_size + 63) // 64 * 64
 
 
+def prepare_command(data_dir):
+    """The prepare.py command that writes data_dir when it is a folder prepare.py names itself for the
+    embedded corpus (prepare.default_out: data/zh_default, its _gpt2 and _bpe<N> siblings)."""
+    name = os.path.basename(os.path.normpath(data_dir))
+    vocabulary = re.fullmatch(r"zh_default_bpe(\d+)", name)
+    flags = {"zh_default": "", "zh_default_gpt2": " --tokenizer=gpt2"}.get(name, vocabulary and f" --vocab_size={vocabulary[1]}")
+    if flags is None:
+        return f"python prepare.py --out={data_dir} with the flags that made it"
+    return "python prepare.py" + flags + ("" if os.path.normpath(data_dir) == os.path.join("data", name) else f" --out={data_dir}")
+
+
 class TokenData:
     def __init__(self, data_dir, block_size, sampling="random"):
         meta_path = os.path.join(data_dir, "meta.json")
         if not os.path.isdir(data_dir):
-            raise UserError(f"data folder {data_dir} not found; run: python prepare.py (or set --dataset / --data_dir)")
+            raise UserError(f"data folder {data_dir} not found; run: {prepare_command(data_dir)} (or set --dataset / --data_dir)")
         if not os.path.isfile(meta_path):
             raise UserError(f"{meta_path} not found: {data_dir} is incomplete; rerun python prepare.py --out={data_dir}")
         try:

@@ -11,8 +11,10 @@ cheaper and each token carry less text; bits per character after the same time s
 
 speedrun: (a) the nanoGPT way: GPT-2's BPE, the older project's tiny model (2 layers, 2 heads,
 128 wide, block 64, batch 12, dropout 0.1), AdamW, float32, full logits and F.cross_entropy, at the
-two best learning rates of a short sweep (so it is not a straw man); (b) our default recipe, at the
-best rate of its sweep and at its config's. Each side is scored by its better run. All
+two best learning rates of a short sweep (so it is not a straw man); (b) our default recipe on its
+config's data folder, at the best rate of its sweep and at its config's. Each side is scored by its
+better run. Where the recipe's tokenizer is not prepare.py's default, (b) also trains the whole budget
+on the default's folder: the check that the vocabulary chosen for this budget wins at it. All
 train for `minutes` of wall-clock time (train.py --max_minutes: warm-up and cosine decay fitted to
 the budget, evaluations included), one after the other on this machine, and are scored by val bits
 per character over the whole val split.
@@ -59,6 +61,7 @@ TOKENIZERS = {  # name: (prepare.py flags, data folder)
     "BPE 12,288": (["--vocab_size=12288"], "data/zh_default_bpe12288"),
     "BPE 16,384": (["--vocab_size=16384"], "data/zh_default_bpe16384"),
 }
+DEFAULT_TOKENIZER = "BPE 8,192"  # what python prepare.py trains (prepare.DEFAULT_VOCAB_SIZE)
 # (a): the older project's tiny model (config/train_tiny_zh_cpu.py: 2 layers, 2 heads, 128 wide, block
 # 64, batch 12, dropout 0.1, AdamW) as nanoGPT trains it: GPT-2 tokens, float32, full logits.
 NANOGPT_ARGS = ["--dtype=float32", "--compile=False", "--chunked_head_loss=False", "--optimizer=adamw",
@@ -140,13 +143,22 @@ def summary(out_dir):
 
 
 def recipe_run(cfg, folder, lr, minutes):
-    """Our recipe on a data folder: the tokenizer table's runs and (b)'s sweep share the one on data/zh_default."""
+    """Our recipe on a data folder: the tokenizer table's run on the recipe's folder is also one of (b)'s sweep."""
     name = f"recipe_{os.path.basename(folder)}_lr{lr:g}_{minutes:g}min"
     return budget_run(cfg, name, RECIPE, [f"--data_dir={os.path.join(REPO, folder)}", *lr_args(lr)], minutes)
 
 
 def recipe_learning_rate():
     return parse_args(train.DEFAULTS, [RECIPE])["learning_rate"]
+
+
+def recipe_tokenizer():
+    """The TOKENIZERS row whose data folder the recipe's config trains on."""
+    folder = os.path.join("data", parse_args(train.DEFAULTS, [RECIPE])["dataset"])
+    for name, (_, row_folder) in TOKENIZERS.items():
+        if row_folder == folder:
+            return name
+    raise UserError(f"{RECIPE} trains on {folder}, which is not a tokenizer of this table; add it to TOKENIZERS")
 
 
 def best_learning_rate(lrs, run_at):
@@ -195,20 +207,23 @@ def tokenizer_table(cfg):
         lines.append(f"| {name} | {row['meta']['vocab_size']:,} | {val['characters'] / val['tokens']:.2f} | "
                      f"{row['ms_per_step']:.0f} | {row['steps']:,} | {row['characters'] / 1e6:.2f}M | "
                      f"{bold}{row['val_bpc']:.3f}{bold} |")
-    lines += ["", f"Best: {best}. {machine_line(rows[best])} Command: `python logs/speedrun.py --section=tokenizers`."]
+    lines += ["", f"Best: {best}. The recipe's config trains on {recipe_tokenizer()} (its `dataset`). {machine_line(rows[best])} "
+                  f"Command: `python logs/speedrun.py --section=tokenizers`."]
     return "\n".join(lines) + "\n"
 
 
 def speedrun_table(cfg):
     ensure_data(*TOKENIZERS["GPT-2 BPE"])
-    ensure_data(*TOKENIZERS["BPE 8,192"])
+    ours_on = recipe_tokenizer()
+    ensure_data(*TOKENIZERS[ours_on])
+    folder = TOKENIZERS[ours_on][1]
     def nanogpt_run(lr, minutes):
         return budget_run(cfg, f"nanogpt_lr{lr:g}_{minutes:g}min", TINY, [*NANOGPT_ARGS, *lr_args(lr)], minutes)
 
     best_lr, sweep = best_learning_rate(cfg["nanogpt_lrs"], lambda lr: nanogpt_run(lr, cfg["sweep_minutes"]))
     recipe_lr = recipe_learning_rate()
     our_lr, our_sweep = best_learning_rate((recipe_lr / 2, recipe_lr, recipe_lr * 2),
-                                           lambda lr: recipe_run(cfg, "data/zh_default", lr, cfg["sweep_minutes"]))
+                                           lambda lr: recipe_run(cfg, folder, lr, cfg["sweep_minutes"]))
     # A short sweep is a rough guide to the rate for the whole budget (from one run of this table to the
     # next it has picked either of two neighbouring rates), so each side trains the whole budget at two
     # rates and is scored by the better run: (a) at the two best of its sweep; (b) at the best of its
@@ -216,12 +231,18 @@ def speedrun_table(cfg):
     second_lr = sorted(sweep, key=lambda lr: sweep[lr]["val_bpc"])[1]
     nanogpt_rows = [("(a) the nanoGPT way", nanogpt_run(best_lr, cfg["minutes"])),
                     ("(a) at its second-best sweep lr", nanogpt_run(second_lr, cfg["minutes"]))]
-    recipe_rows = [("(b) our default recipe", recipe_run(cfg, "data/zh_default", our_lr, cfg["minutes"]))]
+    recipe_rows = [("(b) our default recipe", recipe_run(cfg, folder, our_lr, cfg["minutes"]))]
     if our_lr != recipe_lr:
-        recipe_rows.append(("(b) at its config's lr", recipe_run(cfg, "data/zh_default", recipe_lr, cfg["minutes"])))
+        recipe_rows.append(("(b) at its config's lr", recipe_run(cfg, folder, recipe_lr, cfg["minutes"])))
     nanogpt = min((row for _, row in nanogpt_rows), key=lambda row: row["val_bpc"])
     ours = min((row for _, row in recipe_rows), key=lambda row: row["val_bpc"])
-    rows = nanogpt_rows + recipe_rows
+    # Not scored: the recipe as (b) ran it, on prepare.py's default tokenizer instead of its own
+    vocabulary_check = []
+    if ours_on != DEFAULT_TOKENIZER:
+        ensure_data(*TOKENIZERS[DEFAULT_TOKENIZER])
+        on_default = recipe_run(cfg, TOKENIZERS[DEFAULT_TOKENIZER][1], ours["config"]["learning_rate"], cfg["minutes"])
+        vocabulary_check = [(f"(b) on {DEFAULT_TOKENIZER}, not scored", on_default)]
+    rows = nanogpt_rows + recipe_rows + vocabulary_check
     lines = [
         f"{cfg['minutes']:g} minutes of training each (`--max_minutes={cfg['minutes']:g}`), one after the other, "
         f"val bits per character over the whole val split (lower is better).",
@@ -243,6 +264,8 @@ def speedrun_table(cfg):
         f"Sweeps of {cfg['sweep_minutes']:g}-minute runs (lr: val bits/char): (a) {sweep_text(sweep)}; "
         f"(b) {sweep_text(our_sweep)}. (a) trains the whole budget at the two best rates of its sweep; (b) at the best of "
         f"its sweep and at its config's ({recipe_lr:g}, picked by longer runs side by side, see the config's comments). "
+        + (f"(b) on {DEFAULT_TOKENIZER} (`python prepare.py`'s default) is the same recipe and lr on that tokenizer: the check "
+           f"of the recipe's vocabulary at this budget, not scored. " if vocabulary_check else "") +
         f"(a) is nanoGPT's model and loss "
         f"(full logits, `--chunked_head_loss=False`) run by our train.py, so both share the data pipeline and evaluation.",
     ]

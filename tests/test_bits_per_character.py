@@ -77,10 +77,10 @@ def test_checkpoint_samples_with_its_own_tokenizer_without_the_data_folder(tiny_
     assert result.stdout.startswith("滚滚长江") and "\ufffd" not in result.stdout
 
 
-def test_resume_on_data_from_another_tokenizer_is_one_line(tiny_data, bpe_run):
+def test_resume_on_data_from_another_tokenizer_is_one_line(tiny_data, tiny_bpe_data, bpe_run):
     result = run_script("train.py", f"--data_dir={tiny_data}", f"--out_dir={bpe_run}", *TINY_MODEL_ARGS,
                         "--init_from=resume", "--max_iters=31")
-    assert_user_error(result, "another tokenizer")
+    assert_user_error(result, "another tokenizer", f"--data_dir={tiny_bpe_data}")
 
 
 def test_gpt2_weights_on_data_with_another_vocabulary_is_one_line(tiny_bpe_data, tmp_path):

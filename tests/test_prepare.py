@@ -132,6 +132,20 @@ def test_same_corpus_with_two_tokenizers_gets_two_folders():
     assert prepare.default_out("zh_default", cfg | {"vocab_size": 4096}) == os.path.join("data", "zh_default_bpe4096")
 
 
+@pytest.mark.parametrize("flags", [{}, {"tokenizer": "gpt2"}, {"vocab_size": 12288}])
+def test_a_missing_data_folder_is_met_with_the_prepare_command_that_writes_it(flags):
+    """train.py's error for a missing folder of the embedded corpus gives the flags that name it."""
+    from configurator import parse_args
+    from data import prepare_command
+
+    folder = prepare.default_out("zh_default", prepare.DEFAULTS | flags)
+    command = prepare_command(folder).split()
+    assert command[:2] == ["python", "prepare.py"]
+    assert prepare.default_out("zh_default", parse_args(dict(prepare.DEFAULTS), command[2:])) == folder
+    assert prepare_command(os.path.join("elsewhere", os.path.basename(folder))).endswith(f"--out={os.path.join('elsewhere', os.path.basename(folder))}")
+    assert prepare_command("data/mine") == "python prepare.py --out=data/mine with the flags that made it"
+
+
 @pytest.mark.parametrize("content, words", [
     ("", ["no text"]),
     ("\n \n\u3000\n", ["no text"]),

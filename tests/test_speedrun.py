@@ -43,6 +43,12 @@ def fake_training(monkeypatch):
     return calls
 
 
+def recipe_run_name(lr, minutes):
+    """The name of the recipe's run on its config's data folder."""
+    folder = speedrun.TOKENIZERS[speedrun.recipe_tokenizer()][1]
+    return f"recipe_{os.path.basename(folder)}_lr{lr:g}_{minutes:g}min"
+
+
 def test_the_sweep_grows_past_a_winning_edge_then_trains_the_winner(fake_training):
     cfg = dict(speedrun.DEFAULTS)
     table = speedrun.speedrun_table(cfg)
@@ -51,9 +57,9 @@ def test_the_sweep_grows_past_a_winning_edge_then_trains_the_winner(fake_trainin
     assert ("nanogpt_lr0.008_10min", cfg["minutes"]) in fake_training
     assert ("nanogpt_lr0.004_10min", cfg["minutes"]) in fake_training  # the runner-up (tied with 0.016: the lower)
     recipe_lr = speedrun.recipe_learning_rate()  # (b)'s sweep is centred on its config's rate
-    assert (f"recipe_zh_default_lr{3e-3:g}_10min", cfg["minutes"]) in fake_training
+    assert (recipe_run_name(3e-3, 10), cfg["minutes"]) in fake_training
     assert sum(name.startswith("recipe") and minutes == cfg["sweep_minutes"] for name, minutes in fake_training) >= 3
-    assert f"recipe_zh_default_lr{recipe_lr:g}_2min" in [name for name, _ in fake_training]
+    assert recipe_run_name(recipe_lr, 2) in [name for name, _ in fake_training]
     assert "(b) / (a) = **0.625x**" in table  # 5.0 / 8.0
     assert "| (a) the nanoGPT way | GPT-2 BPE |" in table and "| (b) our default recipe | BPE 8,192 |" in table
 
@@ -129,8 +135,8 @@ def test_when_the_short_sweep_prefers_another_rate_b_also_runs_at_its_configs(mo
     monkeypatch.setattr(speedrun, "ensure_data", lambda flags, folder: {})
     cfg = dict(speedrun.DEFAULTS)
     table = speedrun.speedrun_table(cfg)
-    assert (f"recipe_zh_default_lr{4 * recipe_lr:g}_10min", cfg["minutes"]) in calls
-    assert (f"recipe_zh_default_lr{recipe_lr:g}_10min", cfg["minutes"]) in calls
+    assert (recipe_run_name(4 * recipe_lr, 10), cfg["minutes"]) in calls
+    assert (recipe_run_name(recipe_lr, 10), cfg["minutes"]) in calls
     assert f"| (b) at its config's lr | BPE 8,192 | 1.50M | float32 | adamw | {recipe_lr:g} |" in table
     at_config_bpc = 5.0 + math.log2(1 / 4) ** 2 / 10
     assert f"| {at_config_bpc:.3f} |" in table
@@ -140,7 +146,7 @@ def test_when_the_short_sweep_prefers_another_rate_b_also_runs_at_its_configs(mo
 def test_each_side_is_scored_by_its_better_run_of_the_whole_budget(monkeypatch):
     """Over 10 minutes (a)'s runner-up rate beats its sweep's winner, and (b)'s config rate beats its
     sweep's: the ratio takes each side's better run."""
-    whole_budget = {"nanogpt_lr0.004_10min": 7.5, "recipe_zh_default_lr0.006_10min": 4.9}
+    whole_budget = {"nanogpt_lr0.004_10min": 7.5, recipe_run_name(0.006, 10): 4.9}
     calls = []
     short = parabola_training(calls, 0.024)  # the short sweeps: (a) best at 0.008, then 0.004; (b) best at 0.024
 
@@ -157,6 +163,39 @@ def test_each_side_is_scored_by_its_better_run_of_the_whole_budget(monkeypatch):
     assert "| (b) our default recipe | BPE 8,192 | 1.50M | float32 | adamw | 0.024 |" in table
     assert "| (b) at its config's lr | BPE 8,192 | 1.50M | float32 | adamw | 0.006 |" in table
     assert "(b) / (a) = **0.653x** the bits per character, the better 10-minute run of each side (4.900 / 7.500)" in table
+
+
+def test_the_default_tokenizer_is_the_folder_plain_prepare_writes():
+    import prepare
+
+    flags, folder = speedrun.TOKENIZERS[speedrun.DEFAULT_TOKENIZER]
+    assert flags == [f"--vocab_size={prepare.DEFAULT_VOCAB_SIZE}"] and folder == prepare.default_out("zh_default", prepare.DEFAULTS)
+
+
+@pytest.mark.parametrize("recipe_tokenizer", ["BPE 12,288", speedrun.DEFAULT_TOKENIZER])
+def test_a_recipe_on_another_vocabulary_is_checked_on_the_default_one_unscored(monkeypatch, recipe_tokenizer):
+    """The recipe's own tokenizer is scored; prepare.py's default gets one whole-budget run at the
+    winning rate beside it, which does not count even when it is better."""
+    calls = []
+    short = parabola_training(calls, 3e-3)
+
+    def budget_run(cfg, name, config_file, args, minutes):
+        row = short(cfg, name, config_file, args, minutes)
+        return row | {"val_bpc": 4.0} if name == "recipe_zh_default_lr0.003_10min" else row
+
+    monkeypatch.setattr(speedrun, "budget_run", budget_run)
+    monkeypatch.setattr(speedrun, "ensure_data", lambda flags, folder: {})
+    monkeypatch.setattr(speedrun, "recipe_learning_rate", lambda: 3e-3)
+    monkeypatch.setattr(speedrun, "recipe_tokenizer", lambda: recipe_tokenizer)
+    table = speedrun.speedrun_table(dict(speedrun.DEFAULTS))
+    recipe_runs = [name for name, minutes in calls if name.startswith("recipe") and minutes == 10]
+    if recipe_tokenizer == speedrun.DEFAULT_TOKENIZER:
+        assert recipe_runs == ["recipe_zh_default_lr0.003_10min"]
+        assert "not scored" not in table and "(b) / (a) = **0.500x**" in table  # 4.0 / 8.0
+    else:
+        assert recipe_runs == ["recipe_zh_default_bpe12288_lr0.003_10min", "recipe_zh_default_lr0.003_10min"]
+        assert f"| (b) on {speedrun.DEFAULT_TOKENIZER}, not scored |" in table and "| 4.000 |" in table
+        assert "(b) / (a) = **0.625x**" in table  # 5.0 / 8.0: the recipe's own run
 
 
 def test_the_summary_counts_the_tokens_of_every_process(tmp_path):

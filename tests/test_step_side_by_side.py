@@ -36,7 +36,7 @@ def test_both_checkouts_train_the_first_recipe_whatever_the_config_says_today(mo
         step_side_by_side.train(str(tmp_path), str(tmp_path / "out"), cfg, [])
     except step_side_by_side.UserError:
         pass
-    assert commands[0][-3:] == ["--n_layer=2", "--batch_size=16", "--optimizer=adamw"]
+    assert commands[0][-4:] == ["--n_layer=2", "--batch_size=16", "--optimizer=adamw", "--dataset=zh_default"]
 
 
 def test_this_checkout_trains_the_first_recipes_model_whatever_the_config_says_today():
@@ -52,4 +52,4 @@ def test_this_checkout_trains_the_first_recipes_model_whatever_the_config_says_t
     cfg = parse_args(train.DEFAULTS, [os.path.join(REPO, "config", "train_zh_speedrun.py"), *flags])
     # 7f4ced9's recipe: 2 layers of 128, 16 windows of 128 tokens, AdamW, learned positions
     assert (cfg["n_layer"], cfg["n_embd"], cfg["batch_size"], cfg["block_size"]) == (2, 128, 16, 128)
-    assert cfg["optimizer"] == "adamw" and cfg["rotary"] is False
+    assert cfg["optimizer"] == "adamw" and cfg["rotary"] is False and cfg["dataset"] == "zh_default"
