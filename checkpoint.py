@@ -209,11 +209,11 @@ def check_same_tokenizer(checkpoint, data_tokenizer, data_dir):
     """Resuming on data made with another tokenizer would train on ids that mean other text."""
     trained = tokenizer_of(checkpoint).sha256
     if trained != data_tokenizer.sha256:
-        run = checkpoint.get("config", {})
-        trained_on = run.get("data_dir") or os.path.join("data", run.get("dataset", "?"))
+        run = checkpoint.get("config") or {}  # the run's flags, where the checkpoint recorded them
+        trained_on = run.get("data_dir") or (run.get("dataset") and os.path.join("data", run["dataset"]))
         raise UserError(f"the checkpoint was trained with another tokenizer than {data_dir}'s "
                         f"(sha256 {trained[:12]} vs {data_tokenizer.sha256[:12]}); use the data folder it was "
-                        f"trained on: --data_dir={trained_on}")
+                        f"trained on" + (f": --data_dir={trained_on}" if trained_on else ""))
 
 
 def pretrained_tokenizer(name_or_dir):
