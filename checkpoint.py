@@ -16,6 +16,7 @@ import torch
 
 import tokenizer as tok
 from cli import UserError, space_left, write_atomically
+from data import data_folder
 from model import GPT, GPTConfig
 
 FILENAME = "ckpt.pt"
@@ -209,8 +210,8 @@ def check_same_tokenizer(checkpoint, data_tokenizer, data_dir):
     """Resuming on data made with another tokenizer would train on ids that mean other text."""
     trained = tokenizer_of(checkpoint).sha256
     if trained != data_tokenizer.sha256:
-        run = checkpoint.get("config") or {}  # the run's flags, where the checkpoint recorded them
-        trained_on = run.get("data_dir") or (run.get("dataset") and os.path.join("data", run["dataset"]))
+        run = checkpoint.get("config")  # the run's flags, where the checkpoint recorded them
+        trained_on = data_folder(run) if run else None
         raise UserError(f"the checkpoint was trained with another tokenizer than {data_dir}'s "
                         f"(sha256 {trained[:12]} vs {data_tokenizer.sha256[:12]}); use the data folder it was "
                         f"trained on" + (f": --data_dir={trained_on}" if trained_on else ""))

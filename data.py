@@ -26,6 +26,11 @@ def padded_vocab_size(vocab_size):
     return (vocab_size + 63) // 64 * 64
 
 
+def data_folder(cfg):
+    """The folder a run reads: --data_dir, else data/<--dataset>."""
+    return cfg["data_dir"] or os.path.join("data", cfg["dataset"])
+
+
 def prepare_command(data_dir):
     """The prepare.py command that writes data_dir when it is a folder prepare.py names itself for the
     embedded corpus (prepare.default_out: data/zh_default, its _gpt2 and _bpe<N> siblings)."""

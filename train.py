@@ -33,7 +33,7 @@ import hardware
 import optimizers
 from cli import UserError, run
 from configurator import parse_args
-from data import SAMPLINGS, TokenData
+from data import SAMPLINGS, TokenData, data_folder
 from model import GPT, GPTConfig
 from run_log import RunLog
 from weight_average import WeightAverage
@@ -563,7 +563,7 @@ def main():
     if cfg["compile"]:
         hardware.check_compile_works(device)
 
-    data_dir = cfg["data_dir"] or os.path.join("data", cfg["dataset"])
+    data_dir = data_folder(cfg)
     data = TokenData(data_dir, cfg["block_size"], cfg["sampling"])
     tokenizer = data.load_tokenizer()
     token_byte_lengths = torch.from_numpy(tokenizer.token_byte_lengths)

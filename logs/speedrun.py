@@ -39,7 +39,7 @@ sys.path.insert(0, REPO)
 import hardware  # noqa: E402
 from cli import UserError, replace_marked_section, run, write_atomically  # noqa: E402
 from configurator import parse_args  # noqa: E402
-from data import padded_vocab_size  # noqa: E402
+from data import data_folder, padded_vocab_size  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from run_log import read_events  # noqa: E402
 import train  # noqa: E402
@@ -154,7 +154,7 @@ def recipe_learning_rate():
 
 def recipe_tokenizer():
     """The TOKENIZERS row whose data folder the recipe's config trains on."""
-    folder = os.path.join("data", parse_args(train.DEFAULTS, [RECIPE])["dataset"])
+    folder = data_folder(parse_args(train.DEFAULTS, [RECIPE]))
     for name, (_, row_folder) in TOKENIZERS.items():
         if row_folder == folder:
             return name
