@@ -73,10 +73,10 @@ class RunFailed(Exception):
 
 
 def ensure_data(flags, folder):
+    """The data folder, prepared first where it is missing."""
     if not os.path.isfile(os.path.join(REPO, folder, "meta.json")):
         subprocess.run([sys.executable, os.path.join(REPO, "prepare.py"), *flags], cwd=REPO, check=True)
-    with open(os.path.join(REPO, folder, "meta.json"), encoding="utf-8") as f:
-        return json.load(f)
+    return folder
 
 
 def budget_run(cfg, name, config_file, args, minutes):
@@ -215,8 +215,7 @@ def tokenizer_table(cfg):
 def speedrun_table(cfg):
     ensure_data(*TOKENIZERS["GPT-2 BPE"])
     ours_on = recipe_tokenizer()
-    ensure_data(*TOKENIZERS[ours_on])
-    folder = TOKENIZERS[ours_on][1]
+    folder = ensure_data(*TOKENIZERS[ours_on])
     def nanogpt_run(lr, minutes):
         return budget_run(cfg, f"nanogpt_lr{lr:g}_{minutes:g}min", TINY, [*NANOGPT_ARGS, *lr_args(lr)], minutes)
 
@@ -239,10 +238,12 @@ def speedrun_table(cfg):
     # Not scored: the recipe as (b) ran it, on prepare.py's default tokenizer instead of its own
     vocabulary_check = []
     if ours_on != DEFAULT_TOKENIZER:
-        ensure_data(*TOKENIZERS[DEFAULT_TOKENIZER])
-        on_default = recipe_run(cfg, TOKENIZERS[DEFAULT_TOKENIZER][1], ours["config"]["learning_rate"], cfg["minutes"])
+        default_folder = ensure_data(*TOKENIZERS[DEFAULT_TOKENIZER])
+        on_default = recipe_run(cfg, default_folder, ours["config"]["learning_rate"], cfg["minutes"])
         vocabulary_check = [(f"(b) on {DEFAULT_TOKENIZER}, not scored", on_default)]
     rows = nanogpt_rows + recipe_rows + vocabulary_check
+    check_text = (f"(b) on {DEFAULT_TOKENIZER} (`python prepare.py`'s default) is the same recipe and lr on that tokenizer: "
+                  f"the check of the recipe's vocabulary at this budget, not scored. " if vocabulary_check else "")
     lines = [
         f"{cfg['minutes']:g} minutes of training each (`--max_minutes={cfg['minutes']:g}`), one after the other, "
         f"val bits per character over the whole val split (lower is better).",
@@ -264,9 +265,7 @@ def speedrun_table(cfg):
         f"Sweeps of {cfg['sweep_minutes']:g}-minute runs (lr: val bits/char): (a) {sweep_text(sweep)}; "
         f"(b) {sweep_text(our_sweep)}. (a) trains the whole budget at the two best rates of its sweep; (b) at the best of "
         f"its sweep and at its config's ({recipe_lr:g}, picked by longer runs side by side, see the config's comments). "
-        + (f"(b) on {DEFAULT_TOKENIZER} (`python prepare.py`'s default) is the same recipe and lr on that tokenizer: the check "
-           f"of the recipe's vocabulary at this budget, not scored. " if vocabulary_check else "") +
-        f"(a) is nanoGPT's model and loss "
+        f"{check_text}(a) is nanoGPT's model and loss "
         f"(full logits, `--chunked_head_loss=False`) run by our train.py, so both share the data pipeline and evaluation.",
     ]
     if unplanned:

@@ -39,7 +39,7 @@ def fake_training(monkeypatch):
     """budget_run replaced: the recipe's sweep is lowest at 3e-3, its config's rate."""
     calls = []
     monkeypatch.setattr(speedrun, "budget_run", parabola_training(calls, 3e-3))
-    monkeypatch.setattr(speedrun, "ensure_data", lambda flags, folder: {})
+    monkeypatch.setattr(speedrun, "ensure_data", lambda flags, folder: folder)
     return calls
 
 
@@ -74,7 +74,7 @@ def test_the_tokenizer_table_marks_the_lowest_bits_per_character(monkeypatch):
         return fake_run(bpc)
 
     monkeypatch.setattr(speedrun, "budget_run", budget_run)
-    monkeypatch.setattr(speedrun, "ensure_data", lambda flags, folder: {})
+    monkeypatch.setattr(speedrun, "ensure_data", lambda flags, folder: folder)
     table = speedrun.tokenizer_table(dict(speedrun.DEFAULTS))
     assert "**5.600**" in table and table.count("**") == 2 and "Best: BPE 8,192." in table
     assert "| GPT-2 BPE | | | | | | did not fit: --max_minutes=2 leaves room for 12 steps |" in table
@@ -132,7 +132,7 @@ def test_when_the_short_sweep_prefers_another_rate_b_also_runs_at_its_configs(mo
     calls = []
     recipe_lr = speedrun.recipe_learning_rate()
     monkeypatch.setattr(speedrun, "budget_run", parabola_training(calls, 4 * recipe_lr))  # the short sweep: best at 4x
-    monkeypatch.setattr(speedrun, "ensure_data", lambda flags, folder: {})
+    monkeypatch.setattr(speedrun, "ensure_data", lambda flags, folder: folder)
     cfg = dict(speedrun.DEFAULTS)
     table = speedrun.speedrun_table(cfg)
     assert (recipe_run_name(4 * recipe_lr, 10), cfg["minutes"]) in calls
@@ -155,7 +155,7 @@ def test_each_side_is_scored_by_its_better_run_of_the_whole_budget(monkeypatch):
         return row | {"val_bpc": whole_budget.get(name, row["val_bpc"])}
 
     monkeypatch.setattr(speedrun, "budget_run", budget_run)
-    monkeypatch.setattr(speedrun, "ensure_data", lambda flags, folder: {})
+    monkeypatch.setattr(speedrun, "ensure_data", lambda flags, folder: folder)
     monkeypatch.setattr(speedrun, "recipe_learning_rate", lambda: 0.006)
     table = speedrun.speedrun_table(dict(speedrun.DEFAULTS))
     assert "| (a) the nanoGPT way | GPT-2 BPE | 1.50M | float32 | adamw | 0.008 |" in table
@@ -184,7 +184,7 @@ def test_a_recipe_on_another_vocabulary_is_checked_on_the_default_one_unscored(m
         return row | {"val_bpc": 4.0} if name == "recipe_zh_default_lr0.003_10min" else row
 
     monkeypatch.setattr(speedrun, "budget_run", budget_run)
-    monkeypatch.setattr(speedrun, "ensure_data", lambda flags, folder: {})
+    monkeypatch.setattr(speedrun, "ensure_data", lambda flags, folder: folder)
     monkeypatch.setattr(speedrun, "recipe_learning_rate", lambda: 3e-3)
     monkeypatch.setattr(speedrun, "recipe_tokenizer", lambda: recipe_tokenizer)
     table = speedrun.speedrun_table(dict(speedrun.DEFAULTS))
