@@ -27,12 +27,12 @@ import time
 
 import torch
 
-import hardware
-import optimizers
+from opengpt import hardware
+from opengpt import optimizers
 import train
-from cli import UserError, replace_marked_section, run
+from opengpt.cli import UserError, replace_marked_section, run
 from configurator import parse_args
-from data import padded_vocab_size
+from opengpt.data import padded_vocab_size
 from model import GPT, GPTConfig
 
 DEFAULTS = train.DEFAULTS | dict(
@@ -198,7 +198,7 @@ def sophia_section(cfg, device):
     say(f"optimizer.step() alone: AdamW {seconds['adamw'] * 1000:.2f} ms, SophiaG {seconds['sophiag'] * 1000:.2f} ms "
         f"({seconds['sophiag'] / seconds['adamw']:.2f}x)")
 
-    from head_loss import sample_labels
+    from opengpt.head_loss import sample_labels
 
     model, _ = build(cfg, device)
     real_vocab = cfg["vocab_size"]

@@ -25,11 +25,11 @@ from functools import lru_cache
 
 import torch
 
-import checkpoint as ckpt
-import gpt_neox_format
-from cli import UserError, run, space_left
+from opengpt import checkpoint as ckpt
+from opengpt import gpt_neox_format
+from opengpt.cli import UserError, run, space_left
 from configurator import parse_args
-from tokenizer import EOT_TOKEN, bytes_to_unicode, find_gpt2_ranks, load_ranks
+from opengpt.tokenizer import EOT_TOKEN, bytes_to_unicode, find_gpt2_ranks, load_ranks
 
 DEFAULTS = dict(
     out_dir="out",

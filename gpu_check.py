@@ -28,9 +28,9 @@ import time
 
 import torch
 
-import hardware
-import run_log
-from cli import UserError, run, write_atomically
+from opengpt import hardware
+from opengpt import run_log
+from opengpt.cli import UserError, run, write_atomically
 from configurator import parse_args
 
 DEFAULTS = dict(

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from head_loss import linear_cross_entropy, sampled_label_cross_entropy
+from opengpt.head_loss import linear_cross_entropy, sampled_label_cross_entropy
 
 
 @dataclass
@@ -293,7 +293,7 @@ class GPT(nn.Module):
 
     @classmethod
     def _from_gpt_neox(cls, folder, dropout):
-        import gpt_neox_format
+        from opengpt import gpt_neox_format
         from transformers import GPTNeoXForCausalLM
 
         hf_model, loading = _load_quietly(GPTNeoXForCausalLM, folder)

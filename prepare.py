@@ -45,12 +45,12 @@ from collections import deque
 
 import numpy as np
 
-import corpus as sources
-import tokenizer as tok
-from cli import UserError, run
+from opengpt import corpus as sources
+from opengpt import tokenizer as tok
+from opengpt.cli import UserError, run
 from configurator import parse_args
-from folder_lock import lock_folder
-from staged_folder import remove_stale_folders, staged_folder
+from opengpt.folder_lock import lock_folder
+from opengpt.staged_folder import remove_stale_folders, staged_folder
 
 DEFAULTS = dict(
     input="",  # a .txt, .jsonl, .txt.gz, .jsonl.gz or .parquet file, or a folder of them; empty for the default corpus

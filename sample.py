@@ -11,9 +11,9 @@ import time
 
 import torch
 
-import checkpoint as ckpt
-import hardware
-from cli import UserError, run
+from opengpt import checkpoint as ckpt
+from opengpt import hardware
+from opengpt.cli import UserError, run
 from configurator import parse_args
 
 DEFAULTS = dict(

@@ -27,16 +27,16 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import checkpoint as ckpt
-import folder_lock
-import hardware
-import optimizers
-from cli import UserError, run
+from opengpt import checkpoint as ckpt
+from opengpt import folder_lock
+from opengpt import hardware
+from opengpt import optimizers
+from opengpt.cli import UserError, run
 from configurator import parse_args
-from data import SAMPLINGS, TokenData, data_folder
+from opengpt.data import SAMPLINGS, TokenData, data_folder
 from model import GPT, GPTConfig
-from run_log import RunLog
-from weight_average import WeightAverage
+from opengpt.run_log import RunLog
+from opengpt.weight_average import WeightAverage
 
 DEFAULTS = dict(
     # output and evaluation

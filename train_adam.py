@@ -3,7 +3,7 @@
     torchrun --standalone --nproc_per_node=8 train_adam.py config/train_gpt2_small_adam.py --batch_size=12 --gradient_accumulation_steps=5
 """
 import train
-from cli import run
+from opengpt.cli import run
 
 if __name__ == "__main__":
     train.DEFAULTS["optimizer"] = "adamw"

@@ -1,7 +1,7 @@
 """How long and how much memory prepare.py takes on a large corpus, with 1 and more processes.
 
-    python logs/bench_prepare.py                          # ~1 GB, --num_proc 1 and 2, the default BPE reused
-    python logs/bench_prepare.py --size_mb=200 --tokenizer=gpt2 --num_procs=1,2,4
+    python -m logs.bench_prepare                          # ~1 GB, --num_proc 1 and 2, the default BPE reused
+    python -m logs.bench_prepare --size_mb=200 --tokenizer=gpt2 --num_procs=1,2,4
 
 It writes a Chinese-and-English corpus of about size_mb MB of JSONL (the embedded default corpus
 and English prose from the docstrings of Python's standard library, repeated with perturbations,
@@ -29,10 +29,9 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-import corpus  # noqa: E402
-from cli import UserError, run  # noqa: E402
-from configurator import parse_args  # noqa: E402
+from opengpt import corpus
+from opengpt.cli import UserError, run
+from configurator import parse_args
 
 DEFAULTS = dict(
     size_mb=1000,  # corpus size in MB of JSONL

@@ -2,9 +2,9 @@
 for every optimizer, three seeds at each winner, then the table, the plots and the README section
 (logs/compare_report.py writes those). One command, resumable:
 
-    python logs/compare_optimizers.py                    # the CPU protocol (~1 hour on 2 cores)
-    python logs/compare_optimizers.py --preset=gpu       # the same protocol sized for one large GPU
-    python logs/compare_optimizers.py --dry_run=True     # the whole pipeline at a toy size, into a temp dir
+    python -m logs.compare_optimizers                    # the CPU protocol (~1 hour on 2 cores)
+    python -m logs.compare_optimizers --preset=gpu       # the same protocol sized for one large GPU
+    python -m logs.compare_optimizers --dry_run=True     # the whole pipeline at a toy size, into a temp dir
 
 The protocol (every number is a flag below):
 - Model: the first recipe's shape (2 layers, 2 heads, 128 wide, no bias, dropout 0; the recipe
@@ -37,14 +37,11 @@ import sys
 import tempfile
 import time
 
-# This script lives in logs/; the repository root holds the modules and train.py.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cli import UserError, run  # noqa: E402
-from compare_grids import best_point, extend  # noqa: E402
-from configurator import parse_args  # noqa: E402
-from run_log import read_events  # noqa: E402
+from opengpt.cli import UserError, run
+from logs.compare_grids import best_point, extend
+from configurator import parse_args
+from opengpt.run_log import read_events
 
 DEFAULTS = dict(
     preset="cpu",  # cpu | gpu: the defaults below, or PRESETS["gpu"] over them
@@ -337,7 +334,7 @@ def main():
     broken = [run_dir(cfg, *job) for job in finals if diverged(run_dir(cfg, *job))]
     if broken:  # its last evaluation would pass for a result: say so instead
         raise RuntimeError(f"final runs diverged at their sweep's winner: {', '.join(broken)}; the table is not written")
-    import compare_report  # matplotlib and the table: only once every run is done
+    from logs import compare_report  # matplotlib and the table: only once every run is done
 
     compare_report.write_all(cfg, results, sys.argv[1:])
 

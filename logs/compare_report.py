@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import replace_marked_section, write_atomically
-from compare_grids import on_edge, rhos_of
-from compare_optimizers import BASELINE, METHODS, REPO, RHO_SEARCHED, run_dir, schedule, tokens_per_step
-from plot_loss import load_run
-from run_log import read_events
+from opengpt.cli import replace_marked_section, write_atomically
+from logs.compare_grids import on_edge, rhos_of
+from logs.compare_optimizers import BASELINE, METHODS, REPO, RHO_SEARCHED, run_dir, schedule, tokens_per_step
+from logs.plot_loss import load_run
+from opengpt.run_log import read_events
 
 WIN_RATE_ADVISED = (0.1, 0.5)  # the Sophia authors' advice for win_rate
 
@@ -289,7 +289,7 @@ def plot_gap(cfg, tables, path):
 def write_all(cfg, results, argv):
     """results.md, the plots, and the README section."""
     tables = {batch: final_seeds(cfg, batch, result["winners"]) for batch, result in results.items()}
-    command = " ".join(["python logs/compare_optimizers.py", *argv])
+    command = " ".join(["python -m logs.compare_optimizers", *argv])
     images = {batch: f"val_bpc_{tokens_per_step(cfg, batch)}_tokens.png" for batch in results}
     for batch, (rows, _) in tables.items():
         plot_batch(cfg, batch, rows, results[batch], os.path.join(cfg["out"], images[batch]))

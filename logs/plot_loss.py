@@ -1,7 +1,7 @@
 """Plot the loss curves of training runs: one line per optimizer, the seeds of each as a band.
 
-    python logs/plot_loss.py out-adamw-s1 out-adamw-s2 out-sophiag-s1 out-sophiag-s2 --out=logs/loss.png
-    python logs/plot_loss.py adam.log sophia.log --label=adam.log=AdamW --label=sophia.log=SophiaG
+    python -m logs.plot_loss out-adamw-s1 out-adamw-s2 out-sophiag-s1 out-sophiag-s2 --out=logs/loss.png
+    python -m logs.plot_loss adam.log sophia.log --label=adam.log=AdamW --label=sophia.log=SophiaG
 
 Each RUN is a metrics.jsonl written by train.py, a run folder (out_dir) holding one, or a classic
 text log as nanoGPT and the Sophia project print: `iter 120: loss 3.4521, time 35.20ms, mfu 12.34%`
@@ -31,11 +31,8 @@ from functools import reduce
 
 import numpy as np
 
-# This script lives in logs/, one folder below the repository's modules; put the repository root
-# on the import path so that `python logs/plot_loss.py` works from any directory.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cli import UserError, run, write_atomically  # noqa: E402
-from optimizers import REGISTRY  # noqa: E402
+from opengpt.cli import UserError, run, write_atomically
+from opengpt.optimizers import REGISTRY
 
 # Config keys that do not change what a run computes: runs differing only in these are seeds of
 # one experiment. A group whose runs differ in any other key gets a note.

@@ -1,8 +1,8 @@
 """The 10-minute CPU speedrun, and the tokenizer table that picked our vocabulary, in bits per character.
 
-    python logs/speedrun.py                           # both tables (about an hour on 2 cores)
-    python logs/speedrun.py --section=tokenizers      # only the tokenizer table
-    python logs/speedrun.py --section=speedrun --minutes=10
+    python -m logs.speedrun                           # both tables (about an hour on 2 cores)
+    python -m logs.speedrun --section=tokenizers      # only the tokenizer table
+    python -m logs.speedrun --section=speedrun --minutes=10
 
 tokenizers: the default recipe's model (config/train_zh_speedrun.py) trained for the same
 wall-clock budget on the default corpus tokenised five ways: GPT-2's BPE and byte-level BPEs of
@@ -33,16 +33,14 @@ import sys
 import time
 from pathlib import Path
 
-# This script lives in logs/; the repository root holds the modules and train.py.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-import hardware  # noqa: E402
-from cli import UserError, replace_marked_section, run, write_atomically  # noqa: E402
-from configurator import parse_args  # noqa: E402
-from data import data_folder, padded_vocab_size  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-from run_log import read_events  # noqa: E402
-import train  # noqa: E402
+from opengpt import hardware
+from opengpt.cli import UserError, replace_marked_section, run, write_atomically
+from configurator import parse_args
+from opengpt.data import data_folder, padded_vocab_size
+from model import GPT, GPTConfig
+from opengpt.run_log import read_events
+import train
 
 DEFAULTS = dict(
     section="all",  # all | tokenizers | speedrun
@@ -208,7 +206,7 @@ def tokenizer_table(cfg):
                      f"{row['ms_per_step']:.0f} | {row['steps']:,} | {row['characters'] / 1e6:.2f}M | "
                      f"{bold}{row['val_bpc']:.3f}{bold} |")
     lines += ["", f"Best: {best}. The recipe's config trains on {recipe_tokenizer()} (its `dataset`). {machine_line(rows[best])} "
-                  f"Command: `python logs/speedrun.py --section=tokenizers`."]
+                  f"Command: `python -m logs.speedrun --section=tokenizers`."]
     return "\n".join(lines) + "\n"
 
 
@@ -271,7 +269,7 @@ def speedrun_table(cfg):
     if unplanned:
         lines.append(f"{' and '.join(unplanned)} stopped at the time guard, before the planned horizon: the machine slowed down "
                      f"after the steps that were timed.")
-    lines += ["", f"{machine_line(ours)} Command: `python logs/speedrun.py --section=speedrun`."]
+    lines += ["", f"{machine_line(ours)} Command: `python -m logs.speedrun --section=speedrun`."]
     return "\n".join(lines) + "\n"
 
 

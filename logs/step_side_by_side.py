@@ -1,7 +1,7 @@
 """The default recipe's training step, this checkout against an older commit, side by side.
 
-    python logs/step_side_by_side.py --base=7f4ced9                     # the first landed recipe
-    python logs/step_side_by_side.py --base=7f4ced9 --rounds=3 --iters=400
+    python -m logs.step_side_by_side --base=7f4ced9                     # the first landed recipe
+    python -m logs.step_side_by_side --base=7f4ced9 --rounds=3 --iters=400
 
 The older commit is checked out into a temporary git worktree (removed afterwards) that shares this
 checkout's data/ folder. Both run `train.py config/train_zh_speedrun.py` with the first recipe's
@@ -19,10 +19,9 @@ import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from cli import UserError, run  # noqa: E402
-from configurator import parse_args  # noqa: E402
-from run_log import read_events  # noqa: E402
+from opengpt.cli import UserError, run
+from configurator import parse_args
+from opengpt.run_log import read_events
 
 DEFAULTS = dict(
     base="7f4ced9",  # the commit that landed the recipe (config/train_zh_speedrun.py)

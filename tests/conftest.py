@@ -30,7 +30,12 @@ def tiny_documents(n_docs, seed=0):
 def run_script(script, *args, timeout=300, cwd=REPO, env=None):
     """Run one of the repo's scripts in a fresh interpreter; returns the CompletedProcess."""
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
-    return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd, env=full_env,
+    if script.startswith("logs/"):  # the lab notebook's scripts run as modules of the logs package
+        full_env["PYTHONPATH"] = REPO
+        command = ["-m", script[:-len(".py")].replace("/", ".")]
+    else:
+        command = [os.path.join(REPO, script)]
+    return subprocess.run([sys.executable, *command, *map(str, args)], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
 

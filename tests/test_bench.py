@@ -36,7 +36,7 @@ def test_an_unknown_section_is_a_one_line_error():
 def test_bench_times_the_model_that_train_builds_from_the_same_flags():
     import bench
     import train
-    from data import padded_vocab_size
+    from opengpt.data import padded_vocab_size
     cfg = bench.DEFAULTS | dict(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=100, rotary=True,
                                 activation="relu2", scale_attn_by_inverse_layer_idx=True, bias=False)
     model, _ = bench.build(cfg, "cpu")

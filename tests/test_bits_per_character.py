@@ -11,9 +11,9 @@ import torch
 
 import train
 from conftest import TINY_MODEL_ARGS, assert_user_error, read_events, run_script
-from data import TokenData
+from opengpt.data import TokenData
 from model import GPT, GPTConfig
-from tokenizer import EOT_TOKEN, gpt2_encoding
+from opengpt.tokenizer import EOT_TOKEN, gpt2_encoding
 
 
 def test_bits_per_character_of_a_uniform_model_by_hand(tiny_data):

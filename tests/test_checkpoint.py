@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint as ckpt
-import optimizers
+from opengpt import checkpoint as ckpt
+from opengpt import optimizers
 import train
 from model import GPT, GPTConfig
 

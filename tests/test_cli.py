@@ -1,4 +1,4 @@
-import cli
+from opengpt import cli
 
 
 def test_marked_section_is_replaced_between_its_markers(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint as ckpt
+from opengpt import checkpoint as ckpt
 from conftest import TINY_MODEL_ARGS, assert_user_error, run_script
 
 
@@ -193,8 +193,8 @@ def test_full_disk_while_saving_keeps_the_earlier_checkpoint(tiny_data, mount_tm
 
 
 def test_compile_where_it_does_not_work_is_one_line(monkeypatch):
-    import cli
-    import hardware
+    from opengpt import cli
+    from opengpt import hardware
 
     def broken_compile(fn, **kwargs):
         def call(*args):

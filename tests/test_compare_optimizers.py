@@ -9,10 +9,9 @@ import pytest
 
 from conftest import REPO
 
-sys.path.insert(0, os.path.join(REPO, "logs"))
-import compare_grids as grids_module  # noqa: E402
-import compare_optimizers as compare  # noqa: E402
-import compare_report as report  # noqa: E402
+from logs import compare_grids as grids_module
+from logs import compare_optimizers as compare
+from logs import compare_report as report
 
 
 def config(*argv, data_dir=os.path.join(REPO, "tests")):
@@ -35,7 +34,7 @@ def train_config(command):
 def test_method_names_are_the_labels_the_registry_gives_their_runs():
     """The table's rows, the plot's lines and logs/plot_loss.py's groups name a run the same way."""
     import train
-    from optimizers import REGISTRY
+    from opengpt.optimizers import REGISTRY
 
     for method, spec in compare.METHODS.items():
         cfg = compare.parse_args(train.DEFAULTS, spec["args"])
@@ -200,7 +199,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_which_is_then_deleted(tm
 def test_the_wall_clock_guard_stops_a_run_with_sigterm_and_says_how_to_resume(tmp_path, monkeypatch):
     import signal
 
-    from cli import UserError
+    from opengpt.cli import UserError
 
     cfg = config("--preset=gpu") | {"out": str(tmp_path)}
     fake = FakeTrain(timeout=True)
@@ -230,7 +229,7 @@ def test_the_batch_size_sentence_follows_the_gaps(small, large, words):
                                           (["--sophiag_lrs={0.3: 1e-3}"], "a tuple per rho"),
                                           (["--muon_lrs=(1e-3,-1e-3)"], "--muon_lrs must hold positive")])
 def test_mistakes_are_user_errors(argv, words, tiny_bpe_data):
-    from cli import UserError
+    from opengpt.cli import UserError
 
     with pytest.raises(UserError, match=words.replace("(", r"\(")):
         compare.config_from([*argv, f"--data_dir={tiny_bpe_data}"])

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-import optimizers
+from opengpt import optimizers
 import train
 from configurator import parse_args
 from conftest import REPO

@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-import corpus
-from cli import UserError
+from opengpt import corpus
+from opengpt.cli import UserError
 from conftest import tiny_documents
 
 

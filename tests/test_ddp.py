@@ -19,7 +19,7 @@ import time
 import pytest
 import torch
 
-import checkpoint as ckpt
+from opengpt import checkpoint as ckpt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240  # a tiny run takes ~10-30 s; this is only the guard against a deadlock

@@ -10,16 +10,14 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import checkpoint as ckpt  # noqa: E402
-import cli  # noqa: E402
-import export  # noqa: E402
-from conftest import assert_one_line_error  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-from conftest import tiny_documents  # noqa: E402
-from tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, GPT2Tokenizer, gpt2_encoding, train_bpe  # noqa: E402
+from opengpt import checkpoint as ckpt
+from opengpt import cli
+import export
+from conftest import REPO, assert_one_line_error
+from model import GPT, GPTConfig
+from conftest import tiny_documents
+from opengpt.tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, GPT2Tokenizer, gpt2_encoding, train_bpe
 
 transformers = pytest.importorskip("transformers")
 
@@ -208,7 +206,7 @@ def test_trained_tokenizer_exports_with_our_ids_and_generates_offline(tmp_path, 
 
     bpe = train_bpe(tiny_documents(300), 300)
     write_checkpoint(tmp_path / "run", bias=False, tokenizer=bpe, vocab_size=320)  # padded like train.py's
-    status = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), f"--out_dir={tmp_path / 'run'}",
+    status = subprocess.run([sys.executable, os.path.join(REPO, "export.py"), f"--out_dir={tmp_path / 'run'}",
                              f"--export_dir={tmp_path / 'hf'}"], capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert status.returncode == 0, status.stderr
@@ -243,7 +241,7 @@ def test_generation_never_picks_padding_tokens(exports, offline):
 
 def test_missing_checkpoint_is_one_line_from_the_real_cli(tmp_path):
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "export.py"), f"--out_dir={tmp_path / 'nothing'}",
+        [sys.executable, os.path.join(REPO, "export.py"), f"--out_dir={tmp_path / 'nothing'}",
          f"--export_dir={tmp_path / 'hf'}"], capture_output=True, text=True, cwd=tmp_path, timeout=120,
     )
     assert_one_line_error(result.returncode, result.stderr, "not found")

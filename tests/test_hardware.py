@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-import hardware
-from cli import UserError
+from opengpt import hardware
+from opengpt.cli import UserError
 
 
 def fake_cpuinfo(tmp_path, flags, mhz=2000.0):

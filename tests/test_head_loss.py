@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from head_loss import linear_cross_entropy
+from opengpt.head_loss import linear_cross_entropy
 
 GPT2_VOCAB, GPT2_WIDTH = 50304, 768
 # unit roundoff: half the distance from 1 to the next number (11 and 8 significand bits)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from head_loss import linear_cross_entropy
+from opengpt.head_loss import linear_cross_entropy
 from model import GPT, GPTConfig
 
 
@@ -211,7 +211,7 @@ def test_config_validation(args, message):
 
 @pytest.mark.parametrize("vocab_rows", [128, 70])  # a multiple of the sampler's block of 64, and not
 def test_sampled_label_loss_is_the_cross_entropy_of_its_own_labels(vocab_rows):
-    from head_loss import sampled_label_cross_entropy
+    from opengpt.head_loss import sampled_label_cross_entropy
 
     torch.manual_seed(4)
     hidden = torch.randn(40, 8, dtype=torch.float64, requires_grad=True)

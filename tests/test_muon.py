@@ -1,13 +1,13 @@
-"""muon_adamw.BlockwiseMuon against torch.optim.Muon (the reference: PyTorch's own implementation),
+"""opengpt.muon.BlockwiseMuon against torch.optim.Muon (the reference: PyTorch's own implementation),
 and its orthogonalisation against the SVD."""
 import copy
 
 import torch
 
-import optimizers
+from opengpt import optimizers
 import train
 from model import GPT, GPTConfig
-from muon_adamw import BlockwiseMuon, orthogonalise
+from opengpt.muon import BlockwiseMuon, orthogonalise
 
 SETTINGS = dict(lr=0.02, weight_decay=0.1, momentum=0.9)
 

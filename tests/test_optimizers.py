@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-import optimizers
+from opengpt import optimizers
 import train
 from conftest import REPO
 from model import GPT, GPTConfig
@@ -94,7 +94,7 @@ def test_the_choices_sentence_names_every_optimizer():
 
 
 def test_the_model_imports_no_optimizer_code():
-    code = "import sys, model; print(sorted(m for m in ('optimizers', 'sophia', 'muon_adamw') if m in sys.modules))"
+    code = "import sys, model; print(sorted(m for m in ('opengpt.optimizers', 'sophia', 'opengpt.muon') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import os
 
@@ -6,11 +5,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, assert_user_error, run_script
+from logs import plot_loss
 
-# logs/ is not a package: load the script as a module.
-_spec = importlib.util.spec_from_file_location("plot_loss", os.path.join(REPO, "logs", "plot_loss.py"))
-plot_loss = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(plot_loss)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

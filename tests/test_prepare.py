@@ -12,7 +12,7 @@ import pytest
 
 import prepare
 from conftest import REPO, assert_one_line_error, assert_user_error, run_script, tiny_documents
-from data import TokenData
+from opengpt.data import TokenData
 
 
 def decoded_documents(bin_path):
@@ -136,7 +136,7 @@ def test_same_corpus_with_two_tokenizers_gets_two_folders():
 def test_a_missing_data_folder_is_met_with_the_prepare_command_that_writes_it(flags):
     """train.py's error for a missing folder of the embedded corpus gives the flags that name it."""
     from configurator import parse_args
-    from data import prepare_command
+    from opengpt.data import prepare_command
 
     folder = prepare.default_out("zh_default", prepare.DEFAULTS | flags)
     command = prepare_command(folder).split()
@@ -264,7 +264,8 @@ def test_hugging_face_streamed_and_not_write_the_same_bytes(tmp_path):
 
 PAUSED_PREPARE = """
 import os, sys, time
-import cli, prepare
+import prepare
+from opengpt import cli
 append_chunk = prepare.append_chunk
 def append_then_pause(*args):
     append_chunk(*args)
@@ -468,7 +469,7 @@ def test_a_line_that_is_not_utf8_is_named_or_with_skip_bad_docs_skipped(tmp_path
 
 
 def test_what_a_kill_9_left_beside_the_folder_is_cleaned_up_or_put_back(tmp_path):
-    from staged_folder import remove_stale_folders
+    from opengpt.staged_folder import remove_stale_folders
     out = tmp_path / "data"
     old = tmp_path / ".data.old-123"  # killed between the two renames: the old folder is only here
     old.mkdir()

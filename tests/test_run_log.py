@@ -4,9 +4,9 @@ import types
 
 import pytest
 
-from cli import UserError
+from opengpt.cli import UserError
 from conftest import read_events
-from run_log import RunLog
+from opengpt.run_log import RunLog
 
 
 def config(tmp_path, **overrides):

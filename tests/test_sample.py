@@ -3,11 +3,11 @@ import sys
 import pytest
 import torch
 
-import hardware
+from opengpt import hardware
 import sample
-from cli import UserError
+from opengpt.cli import UserError
 from conftest import TINY_MODEL_ARGS, assert_user_error, run_script
-from tokenizer import GPT2Tokenizer
+from opengpt.tokenizer import GPT2Tokenizer
 
 
 @pytest.fixture(scope="module")

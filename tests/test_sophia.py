@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import hardware
-import head_loss
+from opengpt import hardware
+from opengpt import head_loss
 import train
 from conftest import TINY_MODEL_ARGS, read_events
-from head_loss import sample_labels
+from opengpt.head_loss import sample_labels
 from sophia import SophiaG
 
 # Two groups that differ in every hyperparameter, and shapes from a scalar to 3-D.

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-import hardware
-from cli import UserError
+from opengpt import hardware
+from opengpt.cli import UserError
 from conftest import REPO
 from model import GPT, GPTConfig
 
@@ -18,7 +18,8 @@ from model import GPT, GPTConfig
 TRAINING_STEPS = f"""
 import json, sys
 sys.path.insert(0, {REPO!r})
-import torch, hardware, optimizers, train
+import torch, train
+from opengpt import hardware, optimizers
 from model import GPT, GPTConfig
 if sys.argv[1] == "keep":
     assert hardware.keep_freed_memory()

@@ -8,8 +8,7 @@ import pytest
 
 from conftest import REPO
 
-sys.path.insert(0, os.path.join(REPO, "logs"))
-import speedrun  # noqa: E402
+from logs import speedrun
 
 
 def fake_run(val_bpc, steps=100, lr=1e-3, vocab=8192, kind="bpe"):

@@ -19,11 +19,7 @@ def test_an_unknown_base_commit_is_one_line_and_leaves_no_worktree():
 
 
 def test_both_checkouts_train_the_first_recipe_whatever_the_config_says_today(monkeypatch, tmp_path):
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.join(REPO, "logs"))
-    import step_side_by_side
+    from logs import step_side_by_side
     commands = []
 
     def fake_run(command, cwd, capture_output, text):
@@ -41,12 +37,10 @@ def test_both_checkouts_train_the_first_recipe_whatever_the_config_says_today(mo
 
 def test_this_checkout_trains_the_first_recipes_model_whatever_the_config_says_today():
     import os
-    import sys
 
-    sys.path.insert(0, os.path.join(REPO, "logs"))
-    import step_side_by_side
     import train
     from configurator import parse_args
+    from logs import step_side_by_side
 
     flags = step_side_by_side.FIRST_RECIPE + step_side_by_side.this_checkouts_flags(dict(step_side_by_side.DEFAULTS))
     cfg = parse_args(train.DEFAULTS, [os.path.join(REPO, "config", "train_zh_speedrun.py"), *flags])

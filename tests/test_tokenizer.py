@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-import tokenizer
+from opengpt import tokenizer
 from conftest import REPO, assert_user_error, run_script, tiny_documents
 
 AWKWARD_TEXTS = [
@@ -61,7 +61,7 @@ def test_trained_bpe_has_eot_bytes_then_merges():
 
 def test_training_is_deterministic_across_processes(tmp_path):
     """Same corpus and size: the same tokenizer.json, byte for byte, whatever the hash seed."""
-    code = ("import sys, tokenizer, conftest; "
+    code = ("import sys, conftest; from opengpt import tokenizer; "
             "sys.stdout.write(tokenizer.train_bpe(conftest.tiny_documents(300, seed=0), 400).json_text)")
     digests = set()
     for hash_seed in ("1", "2"):

@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-import checkpoint as ckpt
-import cli
+from opengpt import checkpoint as ckpt
+from opengpt import cli
 import train
 from conftest import REPO, TINY_MODEL_ARGS, assert_user_error, read_events, run_script
 

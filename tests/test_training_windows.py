@@ -3,7 +3,7 @@ step's draw is split among ranks and micro-batches, and the same sequence after 
 import numpy as np
 import torch
 
-from data import ShuffledEpochs, TokenData
+from opengpt.data import ShuffledEpochs, TokenData
 
 
 def draw(epochs, generator, sizes):

@@ -2,10 +2,10 @@
 it evaluates and saves, and an exact resume."""
 import torch
 
-import checkpoint as ckpt
+from opengpt import checkpoint as ckpt
 from conftest import read_events, run_script
 from test_train import train_args, train_ok
-from weight_average import WeightAverage
+from opengpt.weight_average import WeightAverage
 
 
 def test_the_average_follows_the_formula_with_its_short_memory_at_first():
@@ -53,7 +53,7 @@ def test_train_evaluates_and_saves_the_average_and_resumes_exactly(tiny_data, tm
 
     # the val loss logged at the end is the saved "model"'s, the average's
     import train
-    from data import TokenData
+    from opengpt.data import TokenData
     model = ckpt.model_from(a)
     data = TokenData(str(tiny_data), 16)
     cfg = train.DEFAULTS | {"eval_iters": 2, "batch_size": 4}

@@ -23,7 +23,7 @@ import json
 import os
 import zlib
 
-from cli import UserError
+from opengpt.cli import UserError
 
 FILE_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz", ".parquet")
 HF_BATCH = 1000  # rows read at a time from a Hugging Face dataset or a Parquet file

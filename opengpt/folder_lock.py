@@ -20,7 +20,7 @@ import contextlib
 import errno
 import os
 
-from cli import UserError
+from opengpt.cli import UserError
 
 try:
     import fcntl

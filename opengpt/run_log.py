@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from cli import UserError, space_left
+from opengpt.cli import UserError, space_left
 
 
 class RunLog:

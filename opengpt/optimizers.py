@@ -25,7 +25,7 @@ from contextlib import contextmanager
 
 import torch
 
-from muon_adamw import MuonWithAdamW
+from opengpt.muon import MuonWithAdamW
 from sophia import SophiaG
 
 

@@ -8,7 +8,7 @@ from functools import lru_cache
 
 import torch
 
-from cli import UserError
+from opengpt.cli import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -14,8 +14,8 @@ import re
 import numpy as np
 import torch
 
-import tokenizer as tok
-from cli import UserError
+from opengpt import tokenizer as tok
+from opengpt.cli import UserError
 
 SPLITS = ("train", "val")
 SAMPLINGS = ("random", "epochs")  # how training windows are drawn: see TokenData.train_micro_batches

@@ -14,9 +14,9 @@ import sys
 import numpy as np
 import torch
 
-import tokenizer as tok
-from cli import UserError, space_left, write_atomically
-from data import data_folder
+from opengpt import tokenizer as tok
+from opengpt.cli import UserError, space_left, write_atomically
+from opengpt.data import data_folder
 from model import GPT, GPTConfig
 
 FILENAME = "ckpt.pt"
