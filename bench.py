@@ -3,22 +3,26 @@
     python bench.py                                   # the tiny config on this machine's device
     python bench.py config/train_gpt2_small_adam.py --device=cuda --dtype=bfloat16 --compile=True --repeats=1
     python bench.py --section=train --iters=30
+    python bench.py --out=logs/bench.md               # print the report and write it to a file too
 
 Sections (--section=all|train|sophia|sample):
-- train: ms per iteration of train.train_step, the step train.py runs (median after warm-up),
+- train: ms per iteration of train_step (opengpt/training.py), the step train.py runs (median after warm-up),
   tokens/s, MFU and peak RSS (peak GPU memory on CUDA) for the nanoGPT path (fp32 eager, full
   logits materialised, F.cross_entropy) and for each lever added on top of it. Each case runs in
   fresh processes, `repeats` of them round-robin, so allocator settings and peak memory are its own.
-- sophia: AdamW vs SophiaG per iteration of train.train_step, a SophiaG step plus 1/k of its
+- sophia: AdamW vs SophiaG per iteration of train_step, a SophiaG step plus 1/k of its
   Hessian pass, in the configured dtype (and compiled with --compile=True); optimizer.step()
   alone; the cost of drawing the Hessian pass's labels.
 - sample: new tokens with and without the KV cache (the same tokens either way: tests check it).
 
 The batches are random tokens: speed does not depend on the text. What is compared is timed in
 alternation (see timed_in_alternation), `warmup` untimed rounds first, then `iters` timed ones.
+The report is printed; --out=FILE also writes it, whole or not at all, headed by its command and the
+machine it ran on (logs/bench.md holds the one on our 2-core CPU).
 """
 import functools
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -30,9 +34,12 @@ import torch
 from opengpt import hardware
 from opengpt import optimizers
 import train
-from opengpt.cli import UserError, replace_marked_section, run
+from opengpt.cli import UserError, run
+from opengpt.files import write_text
 from configurator import parse_args
 from opengpt.data import padded_vocab_size
+from opengpt.run_setup import model_args_from
+from opengpt.training import Training, train_step
 from model import GPT, GPTConfig
 
 DEFAULTS = train.DEFAULTS | dict(
@@ -46,9 +53,9 @@ DEFAULTS = train.DEFAULTS | dict(
     sample_tokens=256,
     vocab_size=50257,  # tokens of the tokenizer; 8192 for the default trained BPE (padded to a multiple of 64 in the model)
     case="",  # internal: the train case a worker process measures
-    readme="",  # also write the report between the <!-- bench:begin/end --> markers of this file
+    out="",  # also write the report to this file (e.g. logs/bench.md); "" = print it only
 )
-REPORT = []  # the lines of the report, for --readme
+REPORT = []  # the lines of the report, for --out
 
 
 def say(line=""):
@@ -85,14 +92,14 @@ def timed_in_alternation(functions, device, warmup, iters):
 def build(cfg, device, optimizer_name="adamw"):
     """A GPT with vocab_size tokens (padded as train.py pads them) and the optimizer optimizers.py builds for it."""
     torch.manual_seed(0)
-    config = GPTConfig(**train.model_args_from(cfg, padded_vocab_size(cfg["vocab_size"])))
+    config = GPTConfig(**model_args_from(cfg, padded_vocab_size(cfg["vocab_size"])))
     model = GPT(config).to(device)
     optimizer = optimizers.REGISTRY[optimizer_name].build(model, cfg | dict(optimizer=optimizer_name), device.split(":")[0])
     return model, optimizer
 
 
 class RandomTokens:
-    """Stands in for data.TokenData in train.train_step: random windows of token ids (the speed of a
+    """Stands in for data.TokenData in train_step: random windows of token ids (the speed of a
     step does not depend on the text)."""
 
     def __init__(self, block_size, vocab_size):
@@ -104,23 +111,23 @@ class RandomTokens:
 
 
 def build_training(cfg, device, optimizer_name, dtype, compile_model=False, fused_loss=True):
-    """The train.Training that train.py would build for this model and optimizer, on random tokens."""
+    """The Training that train.py would build for this model and optimizer, on random tokens."""
     model, optimizer = build(cfg, device, optimizer_name)
     model.chunked_head_loss = fused_loss  # False: nanoGPT's full logits and F.cross_entropy, as --chunked_head_loss=False
-    return train.Training(cfg=cfg | dict(optimizer=optimizer_name), model=torch.compile(model) if compile_model else model,
-                          raw_model=model, optimizer=optimizer,
-                          scaler=torch.amp.GradScaler(device.split(":")[0], enabled=(dtype == "float16")),
-                          autocast=hardware.autocast_context(device, dtype), data=RandomTokens(cfg["block_size"], cfg["vocab_size"]),
-                          device=device, rank=0, world_size=1, batch_generator=torch.Generator().manual_seed(0),
-                          hessian_generator=torch.Generator().manual_seed(1))
+    return Training(cfg=cfg | dict(optimizer=optimizer_name), model=torch.compile(model) if compile_model else model,
+                    raw_model=model, optimizer=optimizer,
+                    scaler=torch.amp.GradScaler(device.split(":")[0], enabled=(dtype == "float16")),
+                    autocast=hardware.autocast_context(device, dtype), data=RandomTokens(cfg["block_size"], cfg["vocab_size"]),
+                    device=device, rank=0, world_size=1, batch_generator=torch.Generator().manual_seed(0),
+                    hessian_generator=torch.Generator().manual_seed(1))
 
 
 def measure_train_case(cfg, device, settings):
-    """A worker process: time train.train_step in one training case; returns a dict."""
+    """A worker process: time train_step in one training case; returns a dict."""
     if settings["keep_memory"] and device == "cpu":
         hardware.keep_freed_memory()
     t = build_training(cfg, device, "adamw", settings["dtype"], settings["compile"], settings["fused_loss"])
-    seconds = timed_in_alternation({"step": functools.partial(train.train_step, t, 0)}, device, cfg["warmup"], cfg["iters"])["step"]
+    seconds = timed_in_alternation({"step": functools.partial(train_step, t, 0)}, device, cfg["warmup"], cfg["iters"])["step"]
     peak, _ = hardware.peak_flops(device, settings["dtype"])
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.startswith("cuda"):
@@ -175,12 +182,12 @@ def sophia_section(cfg, device):
     say(f"\n## SophiaG vs AdamW: per iteration amortised over a Hessian interval of {k}, {tokens} tokens per step, "
         f"{cfg['dtype']}{', compiled' if cfg['compile'] else ''}")
     adamw, sophiag = (build_training(cfg, device, name, cfg["dtype"], cfg["compile"]) for name in ("adamw", "sophiag"))
-    # train.train_step itself: at iteration 0 SophiaG only steps, at iteration k-1 it also runs the
+    # train_step itself: at iteration 0 SophiaG only steps, at iteration k-1 it also runs the
     # Hessian pass. Both are timed every round: a step's cost does not depend on how often the
     # Hessian EMA was updated.
-    seconds = timed_in_alternation(dict(adamw=functools.partial(train.train_step, adamw, 0),
-                                        sophiag=functools.partial(train.train_step, sophiag, 0),
-                                        with_hessian=functools.partial(train.train_step, sophiag, k - 1)),
+    seconds = timed_in_alternation(dict(adamw=functools.partial(train_step, adamw, 0),
+                                        sophiag=functools.partial(train_step, sophiag, 0),
+                                        with_hessian=functools.partial(train_step, sophiag, k - 1)),
                                    device, cfg["warmup"], cfg["iters"])
     hessian = seconds["with_hessian"] - seconds["sophiag"]
     amortised = seconds["sophiag"] + hessian / k
@@ -239,19 +246,20 @@ def main():
         return
     if cfg["section"] not in ("all", "train", "sophia", "sample"):
         raise UserError(f"unknown --section={cfg['section']}; use all, train, sophia or sample")
+    if cfg["out"] and not os.path.isdir(os.path.dirname(os.path.abspath(cfg["out"]))):
+        raise UserError(f"--out={cfg['out']}: its folder does not exist; create it or name a file in an existing folder")
     say(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
-    worker_argv = [a for a in argv if not a.startswith(("--case=", "--device=", "--readme="))]
+    worker_argv = [a for a in argv if not a.startswith(("--case=", "--device=", "--out="))]
     if cfg["section"] in ("all", "train"):
         train_section(cfg, device, worker_argv)
     if cfg["section"] in ("all", "sophia"):
         sophia_section(cfg, device)
     if cfg["section"] in ("all", "sample"):
         sample_section(cfg, device)
-    if cfg["readme"]:
-        command = " ".join(["python bench.py", *(a for a in argv if not a.startswith("--readme="))])
-        text = f"`{command}` on {hardware.device_name(device)}:\n\n```\n" + "\n".join(REPORT) + "\n```\n"
-        if not replace_marked_section(cfg["readme"], "bench", text):
-            raise UserError(f"{cfg['readme']} has no <!-- bench:begin --> / <!-- bench:end --> markers")
+    if cfg["out"]:
+        command = " ".join(["python bench.py", *(a for a in argv if not a.startswith("--out="))])
+        write_text(cfg["out"], f"`{command}` on {hardware.device_name(device)}:\n\n```\n" + "\n".join(REPORT) + "\n```\n")
+        print(f"wrote {cfg['out']}", file=sys.stderr)
 
 
 if __name__ == "__main__":

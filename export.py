@@ -19,7 +19,7 @@ tiktoken's GPT-2 ranks, which tokenizer.py finds offline. No model hub is needed
 """
 import json
 import os
-import shutil
+import signal
 import sys
 from functools import lru_cache
 
@@ -27,7 +27,10 @@ import torch
 
 from opengpt import checkpoint as ckpt
 from opengpt import gpt_neox_format
-from opengpt.cli import UserError, run, space_left
+from opengpt.cli import UserError, run
+from opengpt.folder_lock import lock_folder
+from opengpt.staged_folder import remove_stale_folders, staged_folder
+from opengpt.files import fsync_file, space_left
 from configurator import parse_args
 from opengpt.tokenizer import EOT_TOKEN, bytes_to_unicode, find_gpt2_ranks, load_ranks
 
@@ -112,7 +115,7 @@ def save_gpt2_tokenizer(model_max_length, folder):
         json.dump(vocab, f, ensure_ascii=False)
     with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    hf_tokenizer = GPT2TokenizerFast.from_pretrained(folder, model_max_length=model_max_length)
+    hf_tokenizer = GPT2TokenizerFast.from_pretrained(folder, model_max_length=model_max_length, trust_remote_code=False)
     hf_tokenizer.save_pretrained(folder)
 
 
@@ -195,9 +198,9 @@ def verify_export(model, tokenizer, folder):
 
     assert os.path.isfile(os.path.join(folder, "model.safetensors")), "save_pretrained wrote no model.safetensors"
     ids = tokenizer.encode(CHECK_TEXT)
-    hf_ids = AutoTokenizer.from_pretrained(folder)(CHECK_TEXT)["input_ids"]
+    hf_ids = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)(CHECK_TEXT)["input_ids"]
     assert hf_ids == ids, f"exported tokenizer gives {hf_ids}, ours gives {ids}"
-    hf_model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False).eval()
     idx = torch.tensor([ids[:model.config.block_size]])
     with torch.no_grad():
         ours, theirs = model.full_logits(idx), hf_model(idx).logits
@@ -218,15 +221,29 @@ def files_of_earlier_export(folder):
 
 
 def check_export_dir(export_dir, checkpoint_path, overwrite):
-    """Refuse, before any slow work, to write where the user would lose something."""
+    """Refuse, before any slow work, to write where the user would lose something. A symlinked
+    export_dir is judged (and replaced) where it points."""
     target = os.path.realpath(export_dir)
     if os.path.realpath(checkpoint_path).startswith(target + os.sep):
         raise UserError(f"--export_dir={export_dir} holds the checkpoint {checkpoint_path}; choose another folder")
+    for what, folder in (("the current folder", os.getcwd()), ("your home folder", os.path.expanduser("~"))):
+        folder = os.path.realpath(folder)
+        if folder == target or folder.startswith(target.rstrip(os.sep) + os.sep):  # "/" holds everything
+            raise UserError(f"--export_dir={export_dir} {'is' if folder == target else 'holds'} {what}; export.py "
+                            f"replaces the whole folder, even with --overwrite=True: give a new one, e.g. --export_dir=hf-mine")
+    if os.path.islink(export_dir) and not os.path.exists(export_dir):
+        raise UserError(f"--export_dir={export_dir} is a link to {os.readlink(export_dir)}, which does not exist; "
+                        f"create that folder or choose another")
     if not os.path.lexists(export_dir):
         return
     if not os.path.isdir(export_dir):
         raise UserError(f"--export_dir={export_dir} exists and is not a folder")
     entries = os.listdir(export_dir)
+    folders = sorted(name for name in entries if os.path.isdir(os.path.join(export_dir, name)))
+    if folders:  # an export is flat: a folder inside is someone's data (a data/ holding data/mine), not ours to replace
+        raise UserError(f"--export_dir={export_dir} holds folders ({', '.join(folders[:3])}{', ...' if len(folders) > 3 else ''}), "
+                        f"which an export never writes; export.py replaces the whole folder, even with --overwrite=True: "
+                        f"give a new one, e.g. --export_dir=hf-mine")
     if not entries or overwrite:
         return
     written = files_of_earlier_export(export_dir)
@@ -241,30 +258,17 @@ def check_export_dir(export_dir, checkpoint_path, overwrite):
 
 
 def write_folder_atomically(path, write):
-    """Call write(temp_folder) next to path, then put the finished folder in place of path, so a
-    failure or a kill never leaves a half-written export there. The temp folder is removed on failure."""
-    path = os.path.normpath(os.path.abspath(path))
-    parent, name = os.path.split(path)
-    os.makedirs(parent, exist_ok=True)
-    temp, old = (os.path.join(parent, f".{name}.{kind}{os.getpid()}") for kind in ("tmp", "old"))
-    shutil.rmtree(temp, ignore_errors=True)
-    os.mkdir(temp)
-    try:
-        write(temp)
-        for entry in os.scandir(temp):  # on disk before the rename makes them visible
-            with open(entry.path, "rb") as f:
-                os.fsync(f.fileno())
-        if os.path.lexists(path):
-            os.rename(path, old)  # a folder cannot be renamed over a non-empty one
-        try:
-            os.rename(temp, path)
-        except OSError:
-            if os.path.lexists(old):
-                os.rename(old, path)
-            raise
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
+    """Call write(folder) on a new folder beside path, then swap it in whole, as prepare.py does
+    (staged_folder.py): an error, Ctrl-C or SIGTERM leaves path whole (the earlier folder, or once
+    swapped the new one), and what a kill -9 left (path missing, its old folder hidden) the next
+    export puts right. Under the folder's lock, so two exports never take each other's folders for a
+    dead run's."""
+    with lock_folder(path, "export.py"):
+        remove_stale_folders(path)
+        with staged_folder(path) as stage:
+            write(stage)
+            for entry in os.scandir(stage):  # on disk before the rename makes them visible
+                fsync_file(entry.path)
 
 
 def is_write_failure(error):
@@ -272,14 +276,20 @@ def is_write_failure(error):
     return isinstance(error, OSError) or "os error" in str(error) or "I/O error" in str(error)
 
 
+def stop(signum, frame):
+    raise KeyboardInterrupt  # a kill (SIGTERM) stops the export as Ctrl-C does: the unfinished folder is removed
+
+
 def main():
     cfg = parse_args(DEFAULTS, sys.argv[1:])
+    signal.signal(signal.SIGTERM, stop)
     if not cfg["out_dir"]:
         raise UserError("--out_dir is empty; name the training run's folder, e.g. --out_dir=out")
     export_dir = cfg["export_dir"] or os.path.abspath(cfg["out_dir"]) + "-hf"
     checkpoint_path = os.path.join(cfg["out_dir"], cfg["checkpoint_file"])
     check_export_dir(export_dir, checkpoint_path, cfg["overwrite"])
     checkpoint = ckpt.load(checkpoint_path)
+    ckpt.check_finite_weights(checkpoint, checkpoint_path)
     model = ckpt.model_from(checkpoint)
     model.eval()
     tokenizer = ckpt.tokenizer_of(checkpoint)
@@ -295,6 +305,8 @@ def main():
     transformers.logging.disable_progress_bar()
 
     def write(folder):
+        # again, under the lock: the folder may have changed since (a killed export's put back in place)
+        check_export_dir(export_dir, checkpoint_path, cfg["overwrite"])
         to_transformers = gpt_neox_model if model.config.rotary else gpt2_lm_head_model
         to_transformers(model, tokenizer).save_pretrained(folder)
         save_tokenizer(tokenizer, model.config.block_size, folder)
@@ -302,7 +314,8 @@ def main():
         verify_export(model, tokenizer, folder)
 
     try:
-        write_folder_atomically(export_dir, write)
+        # a symlinked export_dir keeps its link: the folder it points at is the one replaced
+        write_folder_atomically(os.path.realpath(export_dir), write)
     except Exception as e:
         if not is_write_failure(e):
             raise  # a bug here (verify_export's checks included) stays loud

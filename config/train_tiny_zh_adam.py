@@ -1,6 +1,6 @@
 # The reference tiny Chinese experiment's budget (see train_tiny_zh.py: 30,720 tokens per step,
 # 2000 steps) with AdamW, warming up for 100 steps and decaying fully by step 2000. The
-# learning rate, 1e-3, is not tuned per optimizer: logs/compare_optimizers.py runs the tuned comparison.
+# learning rate, 1e-3, is not tuned per optimizer: the tuned comparison is logs/compare/results.md.
 out_dir = "out-tiny-zh-adam"
 dataset = "zh_default"
 n_layer = 2

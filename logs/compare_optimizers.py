@@ -1,6 +1,6 @@
 """AdamW vs SophiaG vs sign momentum vs Muon on a small Chinese GPT, at two batch sizes: a sweep
-for every optimizer, three seeds at each winner, then the table, the plots and the README section
-(logs/compare_report.py writes those). One command, resumable:
+for every optimizer, three seeds at each winner, then the report `out`/results.md with its table and
+plots (logs/compare_report.py writes those). One command, resumable:
 
     python -m logs.compare_optimizers                    # the CPU protocol (~1 hour on 2 cores)
     python -m logs.compare_optimizers --preset=gpu       # the same protocol sized for one large GPU
@@ -10,7 +10,7 @@ The protocol (every number is a flag below):
 - Model: the first recipe's shape (2 layers, 2 heads, 128 wide, no bias, dropout 0; the recipe
   in config/train_zh_speedrun.py has since grown) at block 64, on data/zh_default (the 8,192-token
   BPE). No weight decay on the embeddings for any method (--decay_embeddings=False, the Sophia
-  authors' choice; README: why).
+  authors' choice; why: logs/README.md#sophiags-choices-measured).
 - Batch sizes (sequences per step): 8 x 64 = 512 and 128 x 64 = 8,192 tokens per step, each run
   the same number of tokens (tokens_per_run), so the large batch takes 16x fewer steps. Warmup is
   a fixed fraction of the steps, cosine decay to lr/10 at the last step; the whole val split is
@@ -48,7 +48,6 @@ DEFAULTS = dict(
     dry_run=False,  # True: DRY_RUN over the preset, a toy size into a temp dir (a check of the pipeline)
     out="logs/compare",
     data_dir="data/zh_default",
-    readme="README.md",  # "" = leave the README alone
     workers=2,  # runs at a time
     threads_per_run=1,  # OMP_NUM_THREADS of each run
     run_timeout_minutes=0.0,  # per-run wall-clock guard (0 = none): see run_one
@@ -97,7 +96,7 @@ PRESETS = {
 DRY_RUN = dict(device="cpu", dtype="float32", workers=2, n_layer=1, n_head=2, n_embd=16, block_size=16,
                batch_sizes=(2, 8), tokens_per_run=768, evals_per_run=3, logs_per_run=3, eval_iters=1,
                seeds=(1,), max_extensions=0, adamw_lrs=(1e-2,), sophiag_lrs={0.3: (1e-2,)},
-               sign_momentum_lrs=(1e-2,), muon_lrs=(1e-2,), readme="", run_timeout_minutes=0.0)
+               sign_momentum_lrs=(1e-2,), muon_lrs=(1e-2,), run_timeout_minutes=0.0)
 
 # Each method's name is the label its runs get in plots (optimizers.REGISTRY[...].run_label; tested).
 METHODS = {
@@ -203,7 +202,7 @@ def train_command(cfg, batch, method, rho, lr, seed, out_dir, resume):
         f"--eval_interval={eval_interval}", f"--eval_iters={cfg['eval_iters']}", "--val_full_split=True",
         f"--log_interval={log_interval}", f"--device={cfg['device']}", f"--dtype={cfg['dtype']}",
         f"--compile={cfg['compile']}",
-        "--decay_embeddings=False",  # the Sophia authors' weight decay, for every method (README: why)
+        "--decay_embeddings=False",  # the Sophia authors' weight decay, for every method (logs/README.md: why)
         f"--init_from={'resume' if resume else 'scratch'}",
     ]
 

@@ -1,17 +1,16 @@
 """The results of logs/compare_optimizers.py: the table per batch size, the words around it (chosen
-by the numbers: nothing typed in), the plots, and the README section between <!-- compare:begin -->
-and <!-- compare:end -->. Called by compare_optimizers.main once every run has finished."""
+by the numbers: nothing typed in) and the plots, into `out`/results.md beside them, which names its
+command. Called by compare_optimizers.main once every run has finished."""
 import json
 import math
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 
-from opengpt.cli import replace_marked_section, write_atomically
+from opengpt.files import write_atomically, write_text
 from logs.compare_grids import on_edge, rhos_of
-from logs.compare_optimizers import BASELINE, METHODS, REPO, RHO_SEARCHED, run_dir, schedule, tokens_per_step
+from logs.compare_optimizers import BASELINE, METHODS, RHO_SEARCHED, run_dir, schedule, tokens_per_step
 from logs.plot_loss import load_run
 from opengpt.run_log import read_events
 
@@ -287,7 +286,7 @@ def plot_gap(cfg, tables, path):
 
 
 def write_all(cfg, results, argv):
-    """results.md, the plots, and the README section."""
+    """results.md and its plots."""
     tables = {batch: final_seeds(cfg, batch, result["winners"]) for batch, result in results.items()}
     command = " ".join(["python -m logs.compare_optimizers", *argv])
     images = {batch: f"val_bpc_{tokens_per_step(cfg, batch)}_tokens.png" for batch in results}
@@ -308,12 +307,10 @@ def write_all(cfg, results, argv):
     lines += [f"Machine: {machine}, torch {first.get('torch')}; {cfg['workers']} runs at a time, {cfg['threads_per_run']} "
               f"thread(s) each. The {len(sweeps)} sweep runs and {len(finals)} final runs took {span / 60:.0f} minutes from the "
               f"first run's start to the last one's end (a run's seconds count from its training loop's start).", ""]
-    relative = os.path.relpath(os.path.abspath(cfg["out"]), REPO)
-    lines += [f"![val bits/char, {b} x {cfg['block_size']}]({relative}/{images[b]})" for b in results]
-    lines += [f"![gap to AdamW against batch size]({relative}/gap_vs_batch.png)", ""]
+    # links relative to results.md, which sits beside its plots
+    lines += [f"![val bits/char, {b} x {cfg['block_size']}]({images[b]})" for b in results]
+    lines += ["![gap to AdamW against batch size](gap_vs_batch.png)", ""]
     text = "\n".join(lines)
-    write_atomically(os.path.join(cfg["out"], "results.md"), lambda temp: Path(temp).write_text(text, encoding="utf-8"))
+    write_text(os.path.join(cfg["out"], "results.md"), text)
     print(text)
-    readme = cfg["readme"] and os.path.join(REPO, cfg["readme"])
-    updated = bool(readme) and replace_marked_section(readme, "compare", text)
-    print(f"wrote {cfg['out']}/results.md and its plots" + (f"; updated {readme}" if updated else ""), file=sys.stderr)
+    print(f"wrote {cfg['out']}/results.md and its plots", file=sys.stderr)

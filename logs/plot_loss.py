@@ -31,7 +31,8 @@ from functools import reduce
 
 import numpy as np
 
-from opengpt.cli import UserError, run, write_atomically
+from opengpt.cli import UserError, run
+from opengpt.files import write_atomically
 from opengpt.optimizers import REGISTRY
 
 # Config keys that do not change what a run computes: runs differing only in these are seeds of

@@ -20,8 +20,8 @@ the budget, evaluations included), one after the other on this machine, and are 
 per character over the whole val split.
 
 Every run is an ordinary train.py run under `out`/runs; a finished run (its metrics.jsonl holds the
-budget's end) is reused, an unfinished one started again. The tables go to `out`/results.md and
-between the README's <!-- tokenizers:begin/end --> and <!-- speedrun:begin/end --> markers.
+budget's end) is reused, an unfinished one started again. Each table is printed and written, whole or
+not at all, to its own report: `out`/tokenizers.md and `out`/speedrun.md, each ending with its command.
 """
 import json
 import os
@@ -31,15 +31,16 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from opengpt import hardware
-from opengpt.cli import UserError, replace_marked_section, run, write_atomically
+from opengpt.cli import UserError, run
+from opengpt.files import write_text
 from configurator import parse_args
 from opengpt.data import data_folder, padded_vocab_size
 from model import GPT, GPTConfig
 from opengpt.run_log import read_events
+from opengpt.run_setup import model_args_from
 import train
 
 DEFAULTS = dict(
@@ -48,7 +49,6 @@ DEFAULTS = dict(
     minutes=10.0,  # the speedrun's budget per run
     sweep_minutes=2.0,  # per run of the learning-rate sweeps and of the tokenizer table
     nanogpt_lrs=(1e-3, 2e-3, 4e-3),  # (a)'s sweep; (b)'s is its config's rate x (1/2, 1, 2); each extended past a winning edge
-    readme="README.md",
 )
 RECIPE = os.path.join(REPO, "config", "train_zh_speedrun.py")
 TINY = os.path.join(REPO, "config", "train_tiny_zh_cpu.py")  # the older project's tiny model, on a CPU
@@ -126,10 +126,10 @@ def summary(out_dir):
     with open(os.path.join(config["data_dir"], "meta.json"), encoding="utf-8") as f:
         meta = json.load(f)
     train_split = meta["splits"]["train"]
-    # as the run counted them (train.Training.tokens_per_step: all processes' micro-batches)
+    # as the run counted them (opengpt.training.Training.tokens_per_step: all processes' micro-batches)
     tokens_per_step = round(steps[-1]["tokens_per_sec"] * steps[-1]["time_ms"] / 1000)
     # a run recorded before a model flag existed trained with that flag's default
-    model = GPT(GPTConfig(**train.model_args_from(train.DEFAULTS | config, padded_vocab_size(meta["vocab_size"]))))
+    model = GPT(GPTConfig(**model_args_from(train.DEFAULTS | config, padded_vocab_size(meta["vocab_size"]))))
     return dict(
         config=config, meta=meta, steps=final["iter"], dtype=hardware.pick_dtype(config["dtype"], config["device"]), tokens=final["iter"] * tokens_per_step,
         characters=final["iter"] * tokens_per_step * (train_split["characters"] + train_split["documents"]) / train_split["tokens"],
@@ -224,7 +224,7 @@ def speedrun_table(cfg):
     # A short sweep is a rough guide to the rate for the whole budget (from one run of this table to the
     # next it has picked either of two neighbouring rates), so each side trains the whole budget at two
     # rates and is scored by the better run: (a) at the two best of its sweep; (b) at the best of its
-    # sweep and at its config's, which longer runs side by side picked (see the config's comments).
+    # sweep and at its config's, which longer runs side by side picked (logs/README.md#tuning-the-cpu-recipe).
     second_lr = sorted(sweep, key=lambda lr: sweep[lr]["val_bpc"])[1]
     nanogpt_rows = [("(a) the nanoGPT way", nanogpt_run(best_lr, cfg["minutes"])),
                     ("(a) at its second-best sweep lr", nanogpt_run(second_lr, cfg["minutes"]))]
@@ -262,7 +262,7 @@ def speedrun_table(cfg):
         f"{cfg['minutes']:g}-minute run of each side ({ours['val_bpc']:.3f} / {nanogpt['val_bpc']:.3f}). "
         f"Sweeps of {cfg['sweep_minutes']:g}-minute runs (lr: val bits/char): (a) {sweep_text(sweep)}; "
         f"(b) {sweep_text(our_sweep)}. (a) trains the whole budget at the two best rates of its sweep; (b) at the best of "
-        f"its sweep and at its config's ({recipe_lr:g}, picked by longer runs side by side, see the config's comments). "
+        f"its sweep and at its config's ({recipe_lr:g}, picked by longer runs side by side: logs/README.md#tuning-the-cpu-recipe). "
         f"{check_text}(a) is nanoGPT's model and loss "
         f"(full logits, `--chunked_head_loss=False`) run by our train.py, so both share the data pipeline and evaluation.",
     ]
@@ -302,17 +302,15 @@ def main():
     if cfg["section"] not in (*sections, "all"):
         raise UserError(f"unknown --section={cfg['section']}; choose all, tokenizers or speedrun")
     os.makedirs(os.path.join(REPO, cfg["out"]), exist_ok=True)
-    readme = os.path.join(REPO, cfg["readme"])
     for name, make_table in sections.items():
         if cfg["section"] not in (name, "all"):
             continue
         started = time.time()
         table = make_table(cfg)
         path = os.path.join(REPO, cfg["out"], f"{name}.md")
-        write_atomically(path, lambda temp: Path(temp).write_text(table, encoding="utf-8"))
+        write_text(path, table)
         print(table)
-        print(f"{name}: {(time.time() - started) / 60:.1f} min; wrote {path}"
-              + (f" and the README's {name} section" if replace_marked_section(readme, name, table) else ""))
+        print(f"{name}: {(time.time() - started) / 60:.1f} min; wrote {path}")
 
 
 if __name__ == "__main__":

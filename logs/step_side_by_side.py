@@ -47,7 +47,8 @@ def this_checkouts_flags(cfg):
 def train(checkout, out_dir, cfg, extra):
     command = [sys.executable, "train.py", "config/train_zh_speedrun.py", f"--max_iters={cfg['iters']}",
                f"--lr_decay_iters={cfg['iters']}", f"--warmup_iters={cfg['iters'] // 10}", f"--seed={cfg['seed']}",
-               f"--out_dir={out_dir}", "--log_interval=10", "--eval_interval=100000", *FIRST_RECIPE, *extra]
+               f"--out_dir={out_dir}", "--log_interval=10", "--eval_interval=100000",
+               "--device=cpu", *FIRST_RECIPE, *extra]  # a CPU comparison: the config no longer pins the device
     result = subprocess.run(command, cwd=checkout, capture_output=True, text=True)
     if result.returncode != 0:
         raise UserError(f"train.py failed in {checkout}: {(result.stderr.strip().splitlines() or ['?'])[-1]}")

@@ -3,33 +3,39 @@
 A checkpoint is plain data (tensors, numbers, strings, lists, dicts), so it loads with
 torch.load(weights_only=True): opening someone else's checkpoint cannot run their code. It carries
 a SHA-256 of its contents, checked on load: torch's own reader checks nothing, so bytes flipped on a
-disk or in a copy would otherwise load as silently wrong weights and optimizer state.
+disk or in a copy would otherwise load as silently wrong weights and optimizer state. The checksum
+is no signature, so the structure and sizes a checkpoint declares are checked against the tensors it
+holds before anything is built (check_contents); transformers folders pass model_folder.py's checks.
 """
+import contextlib
+import dataclasses
 import errno
 import hashlib
 import os
 import random
-import sys
+import re
 
 import numpy as np
 import torch
 
 from opengpt import tokenizer as tok
-from opengpt.cli import UserError, space_left, write_atomically
+from opengpt.cli import UserError
+from opengpt.files import space_left, write_atomically
 from opengpt.data import data_folder
+from opengpt.model_folder import MAX_ROTARY_POSITIONS, check_model_folder
+from opengpt.staged_folder import is_alive
 from model import GPT, GPTConfig
 
 FILENAME = "ckpt.pt"
 BEST_FILENAME = "ckpt_best.pt"
-FORMAT = "open-gpt-training/2"  # /2 added the checksum
-UNCHECKED_FORMAT = "open-gpt-training/1"  # still loads, unverified: it predates the checksum
+FORMAT = "open-gpt-training/2"
 # How an optimizer runs on this machine, not what it has learnt: load_state_dict would copy the saving
 # machine's choice (a CPU run's foreach=True over a fused CUDA AdamW, which a GradScaler then trips on).
 OPTIMIZER_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")
 
 
 def training_state(model, optimizer, scaler, model_args, iter_num, best_val_loss, config, batch_generator, tokenizer,
-                   hessian_generator=None, train_windows=None, weight_average=None):
+                   hessian_generator, train_windows=None, weight_average=None):
     """Everything `init_from=resume` needs to continue the run exactly, and the tokenizer that
     sample.py and export.py need to turn its tokens into text without the data folder. With a
     weight_average (weight_average.py), "model" is the average and "trained_model" the weights trained."""
@@ -39,9 +45,8 @@ def training_state(model, optimizer, scaler, model_args, iter_num, best_val_loss
         numpy=[np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         torch=torch.get_rng_state(),
         batches=batch_generator.get_state(),
+        hessian=hessian_generator.get_state(),
     )
-    if hessian_generator is not None:
-        rng["hessian"] = hessian_generator.get_state()
     if train_windows is not None:
         rng["train_windows"] = train_windows.state_dict()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -67,6 +72,7 @@ def save(state, path):
     """Write state and its checksum to path atomically; a full or read-only disk is a UserError,
     and the file that would have been replaced is left as it was."""
     state = state | {"checksum": payload_checksum(state)}
+    remove_dead_temp_files(path)
     try:
         write_atomically(path, lambda temp_path: torch.save(state, temp_path))
     except OSError as e:
@@ -78,6 +84,18 @@ def save(state, path):
             raise
         raise UserError(f"could not write checkpoint {path} (the write failed, {space_left(path)}); "
                         f"any earlier {os.path.basename(path)} there is intact") from None
+
+
+def remove_dead_temp_files(path):
+    """The temp files (write_atomically's .<name>.tmp<pid>) of saves killed mid-write, each a
+    checkpoint's size: only those whose process is gone, never one of a live save or a user's file."""
+    folder, name = os.path.split(os.path.abspath(path))
+    prefix = f".{name}.tmp"
+    for entry in os.scandir(folder) if os.path.isdir(folder) else ():
+        pid = entry.name[len(prefix):]
+        if entry.name.startswith(prefix) and pid.isdigit() and entry.is_file(follow_symlinks=False) and not is_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(entry.path)
 
 
 def payload_checksum(state):
@@ -120,15 +138,71 @@ def load(path):
         reason = (str(e).strip().splitlines() or ["no message"])[0][:160]
         raise UserError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}: {reason})") from None
     found = checkpoint.get("format", "no format field") if isinstance(checkpoint, dict) else type(checkpoint).__name__
-    if found == UNCHECKED_FORMAT:
-        print(f"note: {path} is an {UNCHECKED_FORMAT} checkpoint, saved before checkpoints carried a checksum: "
-              f"it loads unverified", file=sys.stderr)
-    elif found != FORMAT:
+    if found != FORMAT:
         raise UserError(f"checkpoint {path} is not an {FORMAT} checkpoint ({found}); it was made by another program or version")
     elif checkpoint.get("checksum") != payload_checksum(checkpoint):
         raise UserError(f"checkpoint {path} is corrupt: its contents do not match the checksum saved with it "
                         f"(bytes changed on disk or in a copy); use another copy or an earlier checkpoint")
+    check_contents(checkpoint, path)
     return checkpoint
+
+
+def check_contents(checkpoint, path):
+    """The structure and sizes a checkpoint declares, checked before anything is built from it: its
+    checksum is no signature (anyone can recompute it), so a crafted model_args.n_embd=2**20 would
+    otherwise make GPT() allocate terabytes before a weight is read."""
+    def malformed(what):
+        return UserError(f"checkpoint {path} is malformed: {what}; it was not written by train.py, or was edited")
+
+    model_args = checkpoint.get("model_args")
+    if not isinstance(model_args, dict):
+        raise malformed(f"model_args is a {type(model_args).__name__}, not a dict")
+    field_types = {field.name: field.type for field in dataclasses.fields(GPTConfig)}
+    for key, value in model_args.items():
+        if key not in field_types:
+            raise malformed(f"model_args has an unknown key {key!r} (known: {', '.join(field_types)})")
+        wanted = field_types[key]
+        numeric = wanted is float and type(value) is int  # dropout=0 is a float's value
+        if type(value) is not wanted and not numeric:  # type(), not isinstance: True is no block_size
+            raise malformed(f"model_args {key}={value!r} should be {'an' if wanted is int else 'a'} {wanted.__name__}, "
+                            f"not a {type(value).__name__}")
+    try:
+        config = GPTConfig(**model_args)
+    except ValueError as e:  # GPTConfig's own checks: sizes positive, n_head divides n_embd, a known activation
+        raise malformed(f"model_args: {e}") from None
+    if config.rotary and config.block_size > MAX_ROTARY_POSITIONS:
+        raise malformed(f"model_args block_size={config.block_size:,}, more than the {MAX_ROTARY_POSITIONS:,} positions that load")
+    for key, types, wanted in (("iter_num", (int,), "an int"), ("best_val_loss", (int, float), "a number"),
+                               ("config", (dict,), "a dict")):
+        if checkpoint.get(key) is not None and type(checkpoint[key]) not in types:
+            raise malformed(f"{key} is a {type(checkpoint[key]).__name__}, not {wanted}")
+    check_weights_fit(checkpoint.get("model"), config, "model", malformed)
+    if "trained_model" in checkpoint:  # the weights trained, where "model" is their average (weight_average.py)
+        check_weights_fit(checkpoint["trained_model"], config, "trained_model", malformed)
+
+
+def check_weights_fit(state, config, key, malformed):
+    """Every tensor the model config describes is in state with its shape, and nothing else: compared
+    against the model built on the meta device (shapes only, no memory), once the layer count is
+    known to be the one the tensors hold."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise malformed(f"{key} is not a dict of named tensors")
+    shapes = {k.removeprefix("_orig_mod.").removeprefix("module."): tuple(v.shape) for k, v in state.items()}
+    layers = {int(m.group(1)) for name in shapes for m in [re.match(r"transformer\.h\.(\d+)\.", name)] if m}
+    if layers != set(range(config.n_layer)):
+        raise malformed(f"model_args declare n_layer={config.n_layer} but {key} holds {len(layers)} layers")
+    embedding = shapes.get("transformer.wte.weight")
+    if embedding != (config.vocab_size, config.n_embd):  # first, as it bounds the width of the meta model
+        raise malformed(f"model_args declare vocab_size={config.vocab_size}, n_embd={config.n_embd} "
+                        f"but {key}'s transformer.wte.weight is {embedding}")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
+    for name, shape in expected.items():
+        if shapes.get(name, shape) != shape:
+            raise malformed(f"model_args declare sizes {key} does not hold: {name} would be {shape}, the checkpoint has {shapes[name]}")
+    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    if missing or unexpected:
+        raise malformed(f"{key} does not fit model_args: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
 def load_model_state(model, checkpoint, key="model"):
@@ -164,8 +238,7 @@ def restore_training_state(checkpoint, optimizer, scaler, batch_generator, hessi
     # else: a run saved without float16 goes on in float16: its GradScaler starts afresh, as a new run's does
     rng = checkpoint["rng"]
     batch_generator.set_state(rng["batches"])
-    if "hessian" in rng:  # checkpoints from before the Hessian pass had a stream of its own lack it
-        hessian_generator.set_state(rng["hessian"])
+    hessian_generator.set_state(rng["hessian"])
     if train_windows is not None and "train_windows" in rng:  # else (a run saved with sampling=random) a new epoch
         train_windows.load_state_dict(rng["train_windows"])
     if rank != 0:
@@ -199,11 +272,25 @@ def _as_tuples(value):
 
 
 def tokenizer_of(checkpoint):
-    """The tokenizer a checkpoint was trained with (checkpoints from before trained tokenizers: GPT-2's)."""
+    """The tokenizer a checkpoint was trained with; a trained BPE's regexes are probed as a file's are."""
     try:
-        return tok.from_spec(checkpoint.get("tokenizer") or {"kind": "gpt2"})
+        with tok.regex_panics_refused("it"):
+            tokenizer = tok.from_spec(checkpoint.get("tokenizer"))
+            if tokenizer.kind == "bpe":
+                tok.probe_regexes(tokenizer)
+        return tokenizer
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f"the checkpoint's tokenizer cannot be loaded: {e}") from None
+
+
+def check_finite_weights(checkpoint, path):
+    """A run that diverged saved NaN or infinite weights: what is built from them is noise."""
+    for name, tensor in checkpoint["model"].items():
+        finite = torch.isfinite(tensor)
+        if not finite.all():
+            raise UserError(f"checkpoint {path} holds weights that are not finite ({(~finite).sum().item():,} of "
+                            f"{tensor.numel():,} values of {name} are NaN or infinite): the run diverged; use a "
+                            f"checkpoint saved before it did, or train again with a lower --learning_rate")
 
 
 def check_same_tokenizer(checkpoint, data_tokenizer, data_dir):
@@ -219,9 +306,11 @@ def check_same_tokenizer(checkpoint, data_tokenizer, data_dir):
 
 def pretrained_tokenizer(name_or_dir):
     """The tokenizer of transformers weights: a folder's own tokenizer.json, else GPT-2's."""
-    path = os.path.join(name_or_dir, "tokenizer.json")
+    check_not_a_file(name_or_dir)
+    path = os.path.join(name_or_dir, tok.TOKENIZER_FILE)
     try:
-        return tok.read_tokenizer_file(path) if os.path.isfile(path) else tok.GPT2Tokenizer()
+        # lexists: a tokenizer.json that is a pipe or a dangling link is refused, not replaced by GPT-2's
+        return tok.read_tokenizer_file(path) if os.path.lexists(path) else tok.GPT2Tokenizer()
     except (FileNotFoundError, ValueError) as e:  # GPT-2's ranks not installed; a foreign tokenizer.json
         raise UserError(str(e)) from None
 
@@ -237,8 +326,12 @@ def check_gpt2_tokenizer(name_or_dir, data_tokenizer, data_dir):
 
 
 def gpt2_model(name_or_dir, dropout):
-    """GPT with GPT-2 weights from transformers: a hub name (downloaded when online) or a folder."""
+    """GPT with GPT-2 weights from transformers: a hub name (downloaded when online) or a folder,
+    which must pass model_folder.check_model_folder first (no code runs, no size is taken on trust)."""
+    check_not_a_file(name_or_dir)
     try:
+        if os.path.isdir(name_or_dir):
+            check_model_folder(name_or_dir)
         return GPT.from_pretrained(name_or_dir, dropout=dropout)
     except ImportError:
         raise UserError("init_from a GPT-2 model needs transformers: pip install transformers") from None
@@ -249,3 +342,9 @@ def gpt2_model(name_or_dir, dropout):
             raise
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"could not load GPT-2 weights {name_or_dir!r}: {reason}") from None
+
+
+def check_not_a_file(name_or_dir):
+    if os.path.isfile(name_or_dir):  # config.json or the weights themselves: transformers wants the folder
+        raise UserError(f"--init_from={name_or_dir} is a file; give the folder that holds config.json and the "
+                        f"weights (--init_from={os.path.dirname(name_or_dir) or '.'}), or a GPT-2 name")

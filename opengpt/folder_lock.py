@@ -12,6 +12,9 @@ prepare.py replaces the folder whole, and a lock inside would go with it; that f
 place when released. train.py never replaces its out_dir, so its lock is inside, `out_dir/.lock`,
 and removed on release, leaving the run's folder as it was. Removing a lock file is safe because a
 process that locked a file checks that it is still the one at the path (else it tries again).
+A lock file is ours to write and remove only if this process created it or it holds at most a pid
+(what a holder killed mid-run leaves); a file of that name with anything else in it may be someone
+else's: it is locked as it is, never truncated, never removed.
 Windows has no flock: there msvcrt locks one byte of the same file (also freed when a process
 ends), and the file is never removed.
 """
@@ -19,6 +22,7 @@ import atexit
 import contextlib
 import errno
 import os
+import re
 
 from opengpt.cli import UserError
 
@@ -45,26 +49,29 @@ class FolderLock:
 
     def __init__(self, folder, holder, inside=False):
         self.path = os.path.join(folder, INSIDE_NAME) if inside else lock_path(folder)
-        self.remove_on_release = inside and fcntl is not None
         self.fd = None
         while self.fd is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by child processes
+            fd, created = _open_or_create(self.path)
             try:
                 _try_lock(fd)
             except OSError as e:
                 other = _read_pid(fd) if e.errno in _HELD_ELSEWHERE else None
-                os.close(fd)
+                os.close(fd)  # if we created it, another process locked it first: it is theirs now
                 if other is None:
                     raise
-                raise UserError(f"{folder} is being written by another {holder} (pid {other}); "
-                                f"wait for it to finish, stop it, or choose another folder") from None
+                raise _busy(folder, holder, other) from None
             if _is_the_file_at(fd, self.path):
                 self.fd = fd
             else:  # its holder removed it (releasing) between our open and our lock: lock the new one
                 os.close(fd)
+        self.ours = created or _holds_at_most_a_pid(self.fd)
+        self.remove_on_release = inside and fcntl is not None and self.ours
         atexit.register(self.release)  # a UserError's exit too; a kill leaves a file nobody holds
+        if not self.ours:
+            return
         try:
             os.ftruncate(self.fd, 0)
+            os.lseek(self.fd, 0, os.SEEK_SET)  # reading it moved the offset
             os.write(self.fd, f"{os.getpid()}\n".encode("ascii"))
         except OSError:  # a full disk: the caller says so
             self.release()
@@ -78,6 +85,28 @@ class FolderLock:
                 os.remove(self.path)  # while still locked, so no one else holds the file we remove
         os.close(self.fd)  # closing the file releases the lock
         self.fd = None
+
+
+def check_not_busy(folder, holder, inside=False):
+    """The UserError FolderLock would raise if a process holds folder's lock now; creates and changes
+    nothing (for a caller that refuses a folder before locking it: a busy one is told so instead)."""
+    path = os.path.join(folder, INSIDE_NAME) if inside else lock_path(folder)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        _try_lock(fd)  # released by the close below
+    except OSError as e:
+        if e.errno in _HELD_ELSEWHERE:
+            raise _busy(folder, holder, _read_pid(fd)) from None
+    finally:
+        os.close(fd)
+
+
+def _busy(folder, holder, pid):
+    return UserError(f"{folder} is being written by another {holder} (pid {pid}); "
+                     f"wait for it to finish, stop it, or choose another folder")
 
 
 @contextlib.contextmanager
@@ -101,6 +130,25 @@ def _try_lock(fd):
         msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
 
 
+def _open_or_create(path):
+    """(fd, whether this call created the file): O_EXCL tells a file we made from one that was there."""
+    while True:
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True  # not inherited by child processes
+        except FileExistsError:
+            pass
+        try:  # never through a link: whatever it points at is not ours
+            return os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0)), False
+        except FileNotFoundError:  # removed by its holder in between: try again
+            pass
+
+
+def _holds_at_most_a_pid(fd):
+    """Whether the file is empty or holds a pid line and nothing else: a lock file a killed holder left."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    return re.fullmatch(rb"([0-9]+\n)?", os.read(fd, 64)) is not None
+
+
 def _is_the_file_at(fd, path):
     if fcntl is None:
         return True  # Windows cannot remove an open file: it is still the one at path
@@ -112,7 +160,12 @@ def _is_the_file_at(fd, path):
 
 
 def _read_pid(fd):
+    """The holder's pid as it wrote it; it writes none in a file that is not ours (see the module's docstring)."""
     with contextlib.suppress(OSError):
         os.lseek(fd, 0, os.SEEK_SET)
-        return os.read(fd, 64).decode("ascii", "replace").strip() or "unknown: it has just started"
+        content = os.read(fd, 64)
+        if not content:
+            return "unknown: it has just started"
+        if re.fullmatch(rb"[0-9]+\n", content):
+            return content.decode("ascii").strip()
     return "unknown"

@@ -200,8 +200,8 @@ def synchronize(device):
 
 def keep_freed_memory():
     """Ask glibc to keep freed big buffers instead of returning them to the OS. Without this, every
-    training step page-faults ~300 MB of fresh memory for the head's logits and gradients (about
-    40% of a tiny-model step on CPU). No-op where glibc's mallopt is absent."""
+    training step page-faults fresh memory for the head's logits and gradients, a large share of a
+    tiny-model step on CPU (logs/README.md#keeping-freed-memory). No-op where glibc's mallopt is absent."""
     if os.name != "posix":
         return False
     try:

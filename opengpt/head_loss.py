@@ -1,7 +1,7 @@
 """Cross-entropy of the output head without materialising the full logits.
 
-The tiny model spends ~94% of its FLOPs and most of its memory traffic in the 50257-wide head: a
-768-token batch has 768 x 50257 fp32 logits (154 MB), plus their gradient. Here the head is
+A small model spends most of its FLOPs and memory traffic in a wide head (GPT-2's 50257 logits per
+token, plus their gradient; logs/README.md#the-chunked-head-loss has the numbers). Here the head is
 computed chunk by chunk of rows, and because training always backpropagates through the loss, the
 gradients of the hidden states and of the head weight are computed in the same pass (as Liger's
 fused linear cross-entropy does). Peak extra memory is one chunk of logits instead of all of them.
@@ -13,8 +13,7 @@ pass, not a forward to sample labels and another for their loss.
 import torch
 
 # Logits elements per chunk: 64M, 256 MB in float32 (half in 16 bits) for the logits and as much for
-# their softmax. Bigger chunks run the matmuls faster (measured on
-# the tiny config on CPU: 332 ms for one 768-row chunk, 389 ms for three of 256), smaller ones save memory.
+# their softmax. Bigger chunks run the matmuls faster, smaller ones save memory (logs/README.md#the-chunked-head-loss).
 CHUNK_ELEMENTS = 2**26
 SAMPLING_BLOCK = 64  # vocabulary entries per block in the two-level sampler
 
@@ -57,14 +56,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             rows = slice(start, min(start + chunk_rows, n_rows))
             logits = hidden_c[rows] @ weight_c.t()
             # One fused row-by-row pass gives the softmax in the matmul dtype, ready for the gradient's
-            # matmuls (PyTorch's softmax kernels compute in float32 even for 16-bit tensors). Taking
-            # log-sum-exp, max, cast and exp as separate passes over rows x vocab took 26 ms of a 99 ms
-            # step of our CPU recipe (bfloat16, 2,048 x 8,192); this and the two row maxima below ~12.
+            # matmuls (PyTorch's softmax kernels compute in float32 even for 16-bit tensors): separate
+            # log-sum-exp, max, cast and exp passes over rows x vocab cost about twice as much
+            # (logs/README.md#the-chunked-head-loss).
             probs = torch.softmax(logits, dim=1)
             # log-sum-exp from the largest probability: p_max = exp(max - lse) is in [1/V, 1], so it is
             # well conditioned in any dtype, and a target whose own probability underflows still gets
             # its exact loss, lse - logit. In 16 bits p_max's rounding moves a row's loss by < 0.002 nats,
-            # less than rounding the logits to 16 bits already does. (amax twice: max with indices is 4x
+            # less than rounding the logits to 16 bits already does. (amax twice: max with indices is
             # slower on a CPU.)
             lse = logits.amax(dim=1, keepdim=True).to(acc_dtype) - probs.amax(dim=1, keepdim=True).to(acc_dtype).log()
             if sample_vocab:
@@ -80,7 +79,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # x n_valid) ~1e-8 scale went on it); the 1/n_valid waits for backward, and the valid mask
             # goes on the small (rows, C) operands.
             target_prob = probs.gather(1, chunk_targets).to(acc_dtype)
-            # written through a flat view: scatter_ on a bfloat16 CPU tensor copies all of it (25 ms here)
+            # written through a flat view: scatter_ on a bfloat16 CPU tensor copies all of it
             target_offsets = torch.arange(probs.shape[0], device=probs.device) * probs.shape[1] + chunk_targets.squeeze(1)
             probs.view(-1).index_copy_(0, target_offsets, (target_prob - 1).squeeze(1).to(compute_dtype))
             row_scale = chunk_valid.to(compute_dtype).unsqueeze(1)

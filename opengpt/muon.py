@@ -8,12 +8,14 @@ AdamW, as in the modded-nanogpt speed records. Both run at the same learning rat
 One departure from torch.optim.Muon: a weight that stacks several linear maps, as the attention's
 fused query, key and value projection (3C, C) does, is orthogonalised one map at a time, as Muon's
 authors do with separate projections. Orthogonalising the stack as one matrix couples the three
-updates' scales; on our CPU recipe the split reached 5.328 val bits/char against 5.333 (a fixed
-2,830 steps, logs/speedrun/tuning/r_splitqkv).
+updates' scales; on our CPU recipe the split trained a little better (see
+logs/README.md#muon-on-query-key-and-value-apart).
 """
 import math
 
 import torch
+
+from sophia import loss_of
 
 # The quintic Newton-Schulz coefficients of Jordan et al. (also torch.optim.Muon's defaults)
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -34,21 +36,25 @@ def orthogonalise(update, steps=NS_STEPS, coefficients=NS_COEFFICIENTS, eps=1e-7
     return x if wide else x.T
 
 
-def loss_of(closure):
-    """What an optimizer's step(closure) returns: the closure's loss, computed with gradients on."""
-    if closure is None:
-        return None
-    with torch.enable_grad():
-        return closure()
+def adjusted_lr(lr, adjust_lr_fn, rows, cols):
+    """The learning rate torch.optim.Muon applies to a (rows, cols) update: "match_rms_adamw" gives
+    the update the RMS of AdamW's (0.2), so both share one learning rate; "original" (or None) is
+    Keller Jordan's sqrt(max(1, rows / cols))."""
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    if adjust_lr_fn in (None, "original"):
+        return lr * math.sqrt(max(1, rows / cols))
+    raise ValueError(f"unknown adjust_lr_fn {adjust_lr_fn!r}")
 
 
 class BlockwiseMuon(torch.optim.Muon):
-    """torch.optim.Muon's update (Nesterov momentum, decoupled weight decay, "match_rms_adamw"
-    learning rate), with each weight in `stacked` orthogonalised as stacked[p] equal row blocks.
-    Same state and parameter groups as torch.optim.Muon, so its checkpoints load either way."""
+    """torch.optim.Muon's update (Nesterov momentum, decoupled weight decay, its learning-rate
+    scaling, "match_rms_adamw" here), with each weight in `stacked` orthogonalised as stacked[p]
+    equal row blocks. Same state and parameter groups as torch.optim.Muon, so its checkpoints load
+    either way and step alike."""
 
-    def __init__(self, params, stacked=None, **kwargs):
-        super().__init__(params, adjust_lr_fn="match_rms_adamw", **kwargs)
+    def __init__(self, params, stacked=None, adjust_lr_fn="match_rms_adamw", **kwargs):
+        super().__init__(params, adjust_lr_fn=adjust_lr_fn, **kwargs)
         self.stacked = {id(p): blocks for p, blocks in (stacked or {}).items()}
 
     @torch.no_grad()
@@ -69,7 +75,7 @@ class BlockwiseMuon(torch.optim.Muon):
                 blocks = self.stacked.get(id(p), 1)
                 for weight, block in zip(p.chunk(blocks, dim=0), update.chunk(blocks, dim=0)):  # views of p
                     orthogonal = orthogonalise(block, group["ns_steps"], group["ns_coefficients"], group["eps"])
-                    weight.add_(orthogonal, alpha=-lr * 0.2 * math.sqrt(max(block.shape)))  # RMS 0.2, as AdamW's
+                    weight.add_(orthogonal, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], *block.shape))
         return loss
 
 

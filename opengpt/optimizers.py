@@ -2,9 +2,9 @@
 (parameter groups and weight decay included), the pass it needs after a step (SophiaG's Hessian
 estimate) and the statistics it logs. train.py, bench.py, logs/plot_loss.py and
 logs/compare_optimizers.py ask REGISTRY; model.py knows nothing of optimizers. The update rules
-stay in their own files: torch.optim.AdamW, sophia.py (SophiaG), muon_adamw.py (Muon + AdamW).
+stay in their own files: torch.optim.AdamW, sophia.py (SophiaG), opengpt/muon.py (Muon + AdamW).
 
-Adding a fifth optimizer, say Lion, touches this file and one config:
+Adding another optimizer, say Lion, touches this file and one config:
 1. here, a subclass of OptimizerSpec beside the others: `label` (its name in logs, plots and
    tables) and `build(model, cfg, device_type)` returning the torch.optim.Optimizer, its parameter
    groups from `param_groups(model, cfg)` so that it decays what the others decay. Override
@@ -17,8 +17,8 @@ Adding a fifth optimizer, say Lion, touches this file and one config:
 (To put it in the comparison too, give it a row in logs/compare_optimizers.py's METHODS and a grid
 in its DEFAULTS: which methods an experiment compares, and on which grid, is the experiment's choice.)
 
-The pass after a step receives train.py's Training (see there): the model as forward runs it,
-the optimizer, GradScaler and autocast, the micro-batch source and the generators.
+The pass after a step receives opengpt/training.py's Training (see there): the model as forward
+runs it, the optimizer, GradScaler and autocast, the micro-batch source and the generators.
 """
 import inspect
 from contextlib import contextmanager
@@ -84,7 +84,7 @@ class AdamWSpec(OptimizerSpec):
 
     def build(self, model, cfg, device_type):
         # One fused kernel per parameter instead of ~10 foreach passes: on CUDA, and on CPUs too, where
-        # it made the 4.7M-parameter recipe's step() 3.7x faster (measured in alternation).
+        # it made the recipe's step() several times faster (logs/README.md#fused-adamw-on-a-cpu).
         fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
         extra = {"fused": True} if fused else {"foreach": True}
         return torch.optim.AdamW(param_groups(model, cfg), lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]), **extra)
@@ -164,12 +164,9 @@ def hessian_pass(t):
     then optimizer.update_hessian(). Returns the gradient's norm before clipping, to log.
 
     Dropout stays on, as in the training steps: the curvature to estimate is that of the loss the
-    steps minimise, whose gradients make m. Measured on the tiny CPU config (dropout 0.1, SophiaG,
-    step 300, the mean of 40 estimates each way): with dropout the estimate is 1.1-1.5x larger on
-    the blocks' matrices and 1.07x in all (the embedding dominates); one estimate is no noisier
-    (median coefficient of variation 0.275 vs 0.278 without); the win_rate this h gives at rho =
-    0.05 / 0.5 / 5 is 0.0026 / 0.011 / 0.037 (0.0022 / 0.0098 / 0.033 without). The authors' configs
-    use dropout 0, where the choice does not arise. Its masks come from a stream of the Hessian
+    steps minimise, whose gradients make m; with it the estimate is somewhat larger and no noisier
+    (logs/README.md#dropout-in-the-hessian-pass). The authors' configs use dropout 0, where the
+    choice does not arise. Its masks come from a stream of the Hessian
     generator's, so the training steps' masks are those of a same-seed run of any optimizer."""
     n = hessian_micro_batches(t.cfg)
     batches = t.micro_batches(t.hessian_generator, n)

@@ -1,5 +1,6 @@
 """What a training run reports: text lines on stdout and the same numbers as JSON lines in
 out_dir/metrics.jsonl, plus TensorBoard and wandb when asked. Only rank 0 writes."""
+import contextlib
 import json
 import os
 import platform
@@ -8,25 +9,36 @@ import time
 
 import torch
 
-from opengpt.cli import UserError, space_left
+from opengpt.cli import UserError
+from opengpt.files import space_left
+
+
+FILENAME = "metrics.jsonl"
 
 
 class RunLog:
     def __init__(self, config, enabled, machine=None):
         self.enabled = enabled
         self.file = self.tensorboard = self.wandb = None
+        self.kept = self.finished = False
         if not enabled:
             return
         os.makedirs(config["out_dir"], exist_ok=True)
-        # a resumed run appends to its own log; a new run starts a new one
-        mode = "a" if config["init_from"] == "resume" else "w"
-        self.path = os.path.join(config["out_dir"], "metrics.jsonl")
+        # a resumed run appends to its own log, and so does an evaluation, which must never destroy
+        # one; a new run starts a new one (train.py refuses a folder that holds another run's log)
+        appending = config["init_from"] == "resume" or config.get("eval_only", False)
+        self.path = os.path.join(config["out_dir"], FILENAME)
         try:
-            self.file = open(self.path, mode, encoding="utf-8", buffering=1)
+            self.size_before = os.path.getsize(self.path) if appending and os.path.exists(self.path) else None
+            self.file = open(self.path, "a" if appending else "w", encoding="utf-8", buffering=1)
         except OSError as e:
             raise UserError(f"cannot write {self.path}: {e.strerror or e}") from None
-        self.event("config", config=config, machine=machine, argv=sys.argv, python=platform.python_version(),
-                   torch=torch.__version__, platform=platform.platform())
+        try:
+            self.event("config", config=config, machine=machine, argv=sys.argv, python=platform.python_version(),
+                       torch=torch.__version__, platform=platform.platform())
+        except UserError:  # a full disk: leave no empty log that would turn the rerun away
+            self.discard_unless_kept()
+            raise
         if config["tensorboard_log"]:
             self.tensorboard = _open_tensorboard(config["out_dir"])
         if config["wandb_log"]:
@@ -63,18 +75,37 @@ class RunLog:
             raise UserError(f"could not write {self.path} ({e.strerror or e}, {space_left(self.path)}); "
                             f"free space, then rerun (with --init_from=resume if a checkpoint was saved)") from None
 
+    def keep(self):
+        """The run saved a checkpoint: its log stays, however the run ends."""
+        self.kept = True
+
+    def discard_unless_kept(self):
+        """For a run that ends unfinished (before close()) and saved no checkpoint: take back its lines,
+        removing the log it started or cutting the one it appended to back to where it began."""
+        if not self.enabled or self.kept or self.finished:
+            return
+        self.close()
+        with contextlib.suppress(OSError):  # gone already, or a file we cannot change: nothing to take back
+            if self.size_before is None:
+                os.remove(self.path)
+            else:
+                os.truncate(self.path, self.size_before)
+
     def close(self):
+        self.finished = True
         if self.file is not None:
             self.file.close()
+            self.file = None
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+        self.tensorboard = self.wandb = None
 
 
 def read_events(out_dir):
     """The events of a run's metrics.jsonl, in order; [] before the run has started."""
-    path = os.path.join(out_dir, "metrics.jsonl")
+    path = os.path.join(out_dir, FILENAME)
     if not os.path.isfile(path):
         return []
     with open(path, encoding="utf-8") as f:

@@ -6,10 +6,12 @@ writer (Ctrl-C, kill, a full disk, a crash) leaves the previous folder as it was
         with staged_folder(out) as stage:
             ...  # write files into stage; if this raises, stage is removed and out is untouched
 
-The stage is a hidden sibling, .<name>.new-<pid>, on the same filesystem, so the swap is two
-renames. Only a kill -9 can leave anything behind (the stage, or between the two renames the old
-folder as .<name>.old-<pid>); remove_stale_folders cleans it up, putting the old folder back if
-there is no other. Call it under the folder's lock, so that no live writer's stage is removed.
+All a writer makes sits in one hidden sibling on the same filesystem, .<name>.staging-<pid>: a
+marker file naming its pid, the new folder (`new`, the stage) and, during the swap, the old one
+(`old`). The swap is two renames (out -> old, new -> out) with Ctrl-C and SIGTERM held off between
+them; then the sibling goes. Only a kill -9 can leave it behind, and remove_stale_folders, called
+under the folder's lock, removes it, putting the old folder back first if out is missing. Nothing
+else is ever removed or renamed: a sibling without the marker, or whose process is alive, is not ours.
 """
 import contextlib
 import glob
@@ -17,31 +19,47 @@ import os
 import shutil
 import signal
 
+MARKER = "staged_folder.pid"  # inside every staging folder: what makes it recognisably ours
+
+
+def marker_text(pid):
+    return f"opengpt staged folder of process {pid}\n"
+
 
 @contextlib.contextmanager
 def staged_folder(out):
-    """A new hidden folder beside `out` to write into; when the with-block completes, it replaces
-    `out` whole. On any error or interruption it is removed, and `out` is left as it was."""
-    parent, name = os.path.split(out)
-    stage = os.path.join(parent, f".{name}.new-{os.getpid()}")
-    os.mkdir(stage)
+    """A new folder to write into, in a staging sibling of `out`; when the with-block completes, it
+    replaces `out` whole. On any error or interruption it is removed, and `out` is left as it was."""
+    staging = make_staging(out)
     try:
-        yield stage
-        replace_folder(stage, out)
+        new = os.path.join(staging, "new")
+        os.mkdir(new)
+        yield new
+        replace_folder(staging, out)
+    finally:
+        remove_staging(staging, out)
+
+
+def make_staging(out):
+    parent, name = os.path.split(out)
+    staging = os.path.join(parent, f".{name}.staging-{os.getpid()}")
+    os.mkdir(staging)
+    try:
+        with open(os.path.join(staging, MARKER), "x", encoding="utf-8") as f:
+            f.write(marker_text(os.getpid()))
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        os.rmdir(staging)
         raise
+    return staging
 
 
-def replace_folder(new, out):
-    """Put the complete folder `new` in the place of `out`: two renames, with Ctrl-C and SIGTERM held
-    off between them. A kill -9 between them leaves the old folder as .<name>.old-<pid>, which the
-    next run puts back (remove_stale_folders)."""
-    parent, name = os.path.split(out)
-    old = os.path.join(parent, f".{name}.old-{os.getpid()}")
+def replace_folder(staging, out):
+    """Put the complete folder staging/new in the place of `out`, the old one going to staging/old:
+    two renames, with Ctrl-C and SIGTERM held off between them. A kill -9 between them leaves out
+    missing and the old folder in staging, which the next writer puts back (remove_stale_folders)."""
+    new, old = os.path.join(staging, "new"), os.path.join(staging, "old")
     fsync_folder(new)
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
+    with signals_held():
         if os.path.exists(out):
             os.rename(out, old)
             try:
@@ -51,10 +69,36 @@ def replace_folder(new, out):
                 raise
         else:
             os.rename(new, out)
+    fsync_folder(os.path.dirname(out) or ".")
+
+
+@contextlib.contextmanager
+def signals_held(signums=(signal.SIGINT, signal.SIGTERM)):
+    """Defer Ctrl-C and SIGTERM to the end of the with-block, then deliver them. A signal mask would
+    not do: it covers one thread, and the kernel hands the signal to another (torch starts several),
+    after which Python still runs the handler in the main thread."""
+    received = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum)) for signum in signums}
+    try:
+        yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
-    fsync_folder(parent)
-    shutil.rmtree(old, ignore_errors=True)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(received):
+            signal.raise_signal(signum)
+
+
+def remove_staging(staging, out):
+    """Remove a staging folder, first putting its old folder back where out is missing. The marker
+    goes last, so a removal cut short leaves a folder the next writer still knows as its own."""
+    old = os.path.join(staging, "old")
+    if os.path.isdir(old) and not os.path.lexists(out):
+        os.rename(old, out)
+    for part in ("new", "old"):
+        shutil.rmtree(os.path.join(staging, part), ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.remove(os.path.join(staging, MARKER))
+        os.rmdir(staging)
 
 
 def fsync_folder(path):
@@ -66,13 +110,37 @@ def fsync_folder(path):
 
 
 def remove_stale_folders(out):
-    """What a run killed with kill -9 left beside `out` (we hold the lock: its owner is gone)."""
+    """Remove what writers killed with kill -9 left beside `out` (the caller holds the lock, so no
+    live writer of `out` has a staging folder): only staging folders with our marker, of processes
+    that are gone."""
     parent, name = os.path.split(out)
-    prefix = glob.escape(os.path.join(parent, f".{name}"))
-    for old in glob.glob(prefix + ".old-*"):
-        if os.path.exists(out):
-            shutil.rmtree(old)
-        else:  # killed between the two renames of replace_folder: the old folder comes back
-            os.rename(old, out)
-    for stage in glob.glob(prefix + ".new-*"):
-        shutil.rmtree(stage)
+    prefix = os.path.join(parent, f".{name}.staging-")
+    for staging in glob.glob(glob.escape(prefix) + "*"):
+        pid = staging[len(prefix):]
+        # one of this process's pid is an earlier process's: this one makes its own after this call
+        if pid.isdigit() and is_ours(staging, int(pid)) and (int(pid) == os.getpid() or not is_alive(int(pid))):
+            remove_staging(staging, out)
+
+
+def is_ours(staging, pid):
+    marker = os.path.join(staging, MARKER)
+    if os.path.islink(staging) or os.path.islink(marker) or not os.path.isfile(marker):
+        return False
+    try:
+        with open(marker, encoding="utf-8") as f:
+            return f.read(200) == marker_text(pid)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def is_alive(pid):
+    """Whether process pid runs."""
+    if os.name == "nt":  # os.kill(pid, 0) would end the process there; the folder's lock has to do
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -14,13 +14,16 @@ A tokenizer's `spec` (plain data: kind, and the json text for "bpe") is what met
 checkpoints record; `from_spec` rebuilds it. `sha256` identifies it across folders and checkpoints.
 """
 import base64
+import contextlib
 import hashlib
-import importlib.util
 import json
 import os
+import stat
 from functools import cached_property, lru_cache
 
 import numpy as np
+
+from opengpt.files import package_data_file
 
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 GPT2_VOCAB_SIZE = 50257
@@ -28,8 +31,12 @@ EOT_TOKEN = 50256  # GPT-2's <|endoftext|>
 EOT_TEXT = "<|endoftext|>"
 # tiktoken's r50k_base pre-tokenisation pattern (the regex GPT-2 splits text with before BPE).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+# Hugging Face's name for a tokenizer's file: in data folders, exports and transformers folders alike.
+TOKENIZER_FILE = "tokenizer.json"
 RANK_PACKAGES = ("mlx_whisper", "whisper")
 INSTALL_HINT = "pip install --no-deps mlx-whisper==0.4.3"
+# The largest --vocab_size train_bpe accepts: 2**20, four times the largest vocabularies in use.
+MAX_BPE_VOCAB_SIZE = 1 << 20
 # End-of-document tokens a foreign tokenizer.json may use, in order of preference.
 EOT_CANDIDATES = (EOT_TEXT, "</s>", "<eos>", "<|im_end|>", "[SEP]")
 # Checked on every tokenizer loaded from a file: a tokenizer that cannot give this back is refused.
@@ -129,7 +136,7 @@ class GPT2Tokenizer(Tokenizer):
 class BPETokenizer(Tokenizer):
     kind = "bpe"
 
-    def __init__(self, json_text, source="tokenizer.json"):
+    def __init__(self, json_text, source=TOKENIZER_FILE):
         from tokenizers import Tokenizer as HFTokenizer
 
         self.json_text = json_text
@@ -191,10 +198,7 @@ def train_bpe(texts, vocab_size):
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    minimum = 256 + 1
-    if vocab_size < minimum + 1:
-        raise TokenizerError(f"--vocab_size={vocab_size} is too small: 256 byte tokens + <|endoftext|> leave no room "
-                             f"for merges; use at least {minimum + 1} (e.g. 8192)")
+    check_bpe_vocab_size(vocab_size)
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     hf.decoder = decoders.ByteLevel()
@@ -208,14 +212,40 @@ def train_bpe(texts, vocab_size):
     return BPETokenizer(hf.to_str(pretty=True), source="the trained tokenizer")
 
 
+def check_bpe_vocab_size(vocab_size):
+    """A TokenizerError unless train_bpe can make a tokenizer of vocab_size tokens on some corpus."""
+    minimum = 256 + 1
+    if vocab_size < minimum + 1:
+        raise TokenizerError(f"--vocab_size={vocab_size} is too small: 256 byte tokens + <|endoftext|> leave no room "
+                             f"for merges; use at least {minimum + 1} (e.g. 8192)")
+    if vocab_size > MAX_BPE_VOCAB_SIZE:
+        raise TokenizerError(f"--vocab_size={vocab_size} is more than a trained BPE can have: at most {MAX_BPE_VOCAB_SIZE:,} "
+                             f"(the trainer reserves memory for every token up front, and aborts when it is not there)")
+
+
+# A tokenizer.json of the largest vocabularies is tens of MB; past this the file is not one.
+MAX_TOKENIZER_FILE_BYTES = 256 * 1024 * 1024
+# Runs of one character this long make a backtracking regex (nested or stacked quantifiers) pass the
+# regex library's retry limit, in a fraction of a second; a sound regex reads them in microseconds.
+REGEX_PROBE_LENGTH = 1000
+
+
 def read_tokenizer_file(path):
     """A BPETokenizer from a tokenizer.json, or from a folder holding one (a prepared data folder,
-    an export, any Hugging Face fast tokenizer)."""
+    an export, any Hugging Face fast tokenizer). The file is a regular one of a bounded size (not
+    /dev/zero or a pipe), and its regexes do not backtrack without end (probe_regexes)."""
     if os.path.isdir(path):
-        path = os.path.join(path, "tokenizer.json")
+        path = os.path.join(path, TOKENIZER_FILE)
     try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise TokenizerError(f"tokenizer file {path} is not a regular file (a device, a pipe or a socket); "
+                                 f"give a tokenizer.json")
+        if info.st_size > MAX_TOKENIZER_FILE_BYTES:
+            raise TokenizerError(f"tokenizer file {path} is {info.st_size / 1e6:,.0f} MB, more than any tokenizer.json "
+                                 f"(at most {MAX_TOKENIZER_FILE_BYTES / 1e6:,.0f} MB); give a tokenizer.json")
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            text = f.read(MAX_TOKENIZER_FILE_BYTES)  # bounded, should it grow after the stat
     except FileNotFoundError:
         raise TokenizerError(f"tokenizer file {path} not found; give a tokenizer.json or a folder holding one") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -224,11 +254,59 @@ def read_tokenizer_file(path):
         json.loads(text)
     except ValueError:
         raise TokenizerError(f"{path} is not JSON; give a Hugging Face tokenizer.json") from None
-    return BPETokenizer(text, source=path)
+    with regex_panics_refused(path):
+        tokenizer = BPETokenizer(text, source=path)
+        probe_regexes(tokenizer)
+    return tokenizer
+
+
+@contextlib.contextmanager
+def regex_panics_refused(source):
+    """A regex that backtracks without end makes the Rust regex library give up at its retry limit,
+    which `tokenizers` reports as a panic: a BaseException, after a Rust backtrace on stderr. Within
+    the block stderr is silenced, and such a panic is a TokenizerError naming source."""
+    saved_stderr = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    except BaseException as e:
+        if type(e).__name__ != "PanicException":
+            raise
+        raise TokenizerError(f"{source} fails on ordinary text ({str(e).strip()[:100]}): a regex that backtracks "
+                             f"without end?; use another tokenizer") from None
+    finally:
+        os.dup2(saved_stderr, 2)
+        os.close(saved_stderr)
+
+
+def probe_regexes(tokenizer):
+    """Encode long runs of each character the tokenizer's regexes name (and of a letter, a digit, a
+    space, a Chinese character), each alone and followed by a character that ends a match: the text
+    that makes a pattern like (a+)+$ backtrack exponentially. Call within regex_panics_refused."""
+    patterns = []
+
+    def collect(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("Regex"), str):
+                patterns.append(node["Regex"])
+            for value in node.values():
+                collect(value)
+        elif isinstance(node, list):
+            for value in node:
+                collect(value)
+
+    collect(json.loads(tokenizer.json_text))
+    characters = sorted({c for pattern in patterns for c in pattern if c.isalnum()} | set("a0 \n中"))[:64]
+    for character in characters if patterns else ():
+        for end in ("", "!", "\x00"):
+            tokenizer.hf.encode(character * REGEX_PROBE_LENGTH + end, add_special_tokens=False)
 
 
 def from_spec(spec):
     """The tokenizer a meta.json or checkpoint recorded."""
+    if not isinstance(spec, dict):
+        raise TokenizerError(f"the tokenizer record is a {type(spec).__name__}, not a dict: it was made by another program or version")
     if spec.get("kind") == "gpt2":
         return GPT2Tokenizer()
     if spec.get("kind") == "bpe" and isinstance(spec.get("json"), str):
@@ -241,15 +319,8 @@ def find_gpt2_ranks():
     override = os.environ.get("GPT2_TIKTOKEN_FILE")
     if override:
         return override
-    for package in RANK_PACKAGES:
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            continue
-        for folder in spec.submodule_search_locations:
-            path = os.path.join(folder, "assets", "gpt2.tiktoken")
-            if os.path.isfile(path):
-                return path
-    return None
+    paths = (package_data_file(package, os.path.join("assets", "gpt2.tiktoken")) for package in RANK_PACKAGES)
+    return next((path for path in paths if path is not None), None)
 
 
 def load_ranks(path):

@@ -39,6 +39,15 @@ def run_script(script, *args, timeout=300, cwd=REPO, env=None):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def is_running(pid):
+    """Whether process pid runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def assert_user_error(result, *words):
     """The contract for a user's mistake, for a finished script (a CompletedProcess)."""
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)

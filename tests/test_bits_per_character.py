@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import train
 from conftest import TINY_MODEL_ARGS, assert_user_error, read_events, run_script
 from opengpt.data import TokenData
 from model import GPT, GPTConfig
 from opengpt.tokenizer import EOT_TOKEN, gpt2_encoding
+from opengpt.training import evaluate
 
 
 def test_bits_per_character_of_a_uniform_model_by_hand(tiny_data):
@@ -27,7 +27,7 @@ def test_bits_per_character_of_a_uniform_model_by_hand(tiny_data):
         model.lm_head.weight.zero_()
     cfg = dict(val_full_split=True, eval_iters=2, batch_size=4)
     byte_lengths = torch.from_numpy(data.load_tokenizer().token_byte_lengths)
-    val = train.evaluate(model, data, cfg, "cpu", nullcontext(), byte_lengths)["val"]
+    val = evaluate(model, data, cfg, "cpu", nullcontext(), byte_lengths)["val"]
 
     tokens = np.fromfile(tiny_data / "val.bin", dtype=np.uint16)
     targets = np.concatenate([tokens[s + 1:s + 1 + block] for s in range(0, len(tokens) - block, block)])

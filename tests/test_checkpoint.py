@@ -43,7 +43,7 @@ def saved_run(optimizer_kwargs, scaler_enabled=False, optimizer_name="adamw"):
     optimizer.zero_grad(set_to_none=True)
     scaler = torch.amp.GradScaler("cpu", enabled=scaler_enabled)
     tokenizer = types.SimpleNamespace(spec={})  # what the checkpoint records of it does not matter here
-    state = ckpt.training_state(model, optimizer, scaler, {}, 1, 0.0, {}, torch.Generator(), tokenizer)
+    state = ckpt.training_state(model, optimizer, scaler, {}, 1, 0.0, {}, torch.Generator(), tokenizer, torch.Generator())
     buffer = io.BytesIO()  # through bytes, as on disk: the loaded tensors are the checkpoint's own
     torch.save(state, buffer)
     buffer.seek(0)
@@ -129,3 +129,23 @@ def test_cuda_random_states_of_more_gpus_than_this_machine_has(monkeypatch):
             random.setstate(python_state)
             np.random.set_state(numpy_state)
     assert restored == [(0, 0)]
+
+
+def test_the_hessian_stream_is_saved_and_restored_with_the_batches():
+    """Every checkpoint holds the Hessian pass's generator: a resumed SophiaG run draws the same windows and labels."""
+    hessian = torch.Generator().manual_seed(7)
+    torch.randint(10, (3,), generator=hessian)  # somewhere in its stream
+    model = tiny_model()
+    state = ckpt.training_state(model, torch.optim.AdamW(model.parameters()), torch.amp.GradScaler("cpu", enabled=False),
+                                {}, 1, 0.0, {}, torch.Generator(), types.SimpleNamespace(spec={}), hessian)
+    restored = torch.Generator()
+    ckpt.restore_training_state(state, torch.optim.AdamW(tiny_model().parameters()), torch.amp.GradScaler("cpu", enabled=False),
+                                torch.Generator(), restored, rank=1)
+    assert torch.equal(torch.randint(2**30, (4,), generator=restored), torch.randint(2**30, (4,), generator=hessian))
+
+
+@pytest.mark.parametrize("record", [None, "gpt2", {"kind": "sentencepiece"}])
+def test_a_checkpoint_without_a_tokenizer_record_of_this_format_is_refused(record):
+    """No default tokenizer for a checkpoint that records none (no released version saved one without)."""
+    with pytest.raises(ckpt.UserError, match="the checkpoint's tokenizer cannot be loaded"):
+        ckpt.tokenizer_of({} if record is None else {"tokenizer": record})

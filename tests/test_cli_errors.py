@@ -1,5 +1,5 @@
-"""Every row of the README's bad-input table: one line naming the problem, exit status 2, no
-traceback, nothing half-written."""
+"""Every row of the bad-input table (tests/BAD_INPUT.md): one line naming the problem, exit status
+2, no traceback, nothing half-written."""
 import argparse
 import json
 import shutil
@@ -154,15 +154,15 @@ def test_flipped_bytes_in_a_checkpoint_are_caught_by_its_checksum(tiny_data, tra
     assert_user_error(run_script("sample.py", f"--out_dir={out}"), "ckpt.pt is corrupt", "checksum")
 
 
-def test_a_checkpoint_from_before_checksums_still_loads_with_a_note(trained_out, tmp_path):
+def test_a_checkpoint_of_the_unreleased_format_1_is_refused_in_one_line(tiny_data, trained_out, tmp_path):
+    """open-gpt-training/1 (no checksum) never left this repository: one format is read, the rest refused."""
     out = tmp_path / "out"
     out.mkdir()
     checkpoint = torch.load(trained_out / "ckpt.pt", weights_only=True)
     del checkpoint["checksum"]
     torch.save(checkpoint | {"format": "open-gpt-training/1"}, out / "ckpt.pt")
-    result = run_script("sample.py", f"--out_dir={out}", "--start=滚滚", "--max_new_tokens=2", "--device=cpu")
-    assert result.returncode == 0, result.stderr
-    assert "open-gpt-training/1 checkpoint" in result.stderr and "unverified" in result.stderr
+    assert_user_error(run_script("sample.py", f"--out_dir={out}"), "not an open-gpt-training/2 checkpoint (open-gpt-training/1)")
+    assert_user_error(train_on(tiny_data, out, "--init_from=resume"), "not an open-gpt-training/2 checkpoint")
 
 
 @pytest.mark.parametrize("name, words", [

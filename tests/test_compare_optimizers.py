@@ -24,10 +24,11 @@ def config(*argv, data_dir=os.path.join(REPO, "tests")):
 def train_config(command):
     """What train.py would run with: its config parsed from the command line the protocol built."""
     import train
+    from opengpt.run_setup import check_config
 
     assert command[1] == os.path.join(REPO, "train.py")
     cfg = compare.parse_args(train.DEFAULTS, command[2:])
-    train.check_config(cfg)
+    check_config(cfg)
     return cfg
 
 
@@ -236,12 +237,10 @@ def test_mistakes_are_user_errors(argv, words, tiny_bpe_data):
 
 
 def test_dry_run_runs_the_whole_pipeline_and_a_rerun_trains_nothing(tiny_bpe_data, tmp_path, monkeypatch):
-    """Sweep, finals (real train.py runs), table, plots and README section at a toy size, end to
-    end; then the same command again finds every run finished."""
-    readme = tmp_path / "README.md"
-    readme.write_text("before\n<!-- compare:begin -->\nold table\n<!-- compare:end -->\nafter\n", encoding="utf-8")
+    """Sweep, finals (real train.py runs), the report (table and plots) at a toy size, end to end;
+    then the same command again finds every run finished."""
     out = tmp_path / "compare"
-    argv = ["compare_optimizers.py", "--dry_run=True", f"--out={out}", f"--data_dir={tiny_bpe_data}", f"--readme={readme}"]
+    argv = ["compare_optimizers.py", "--dry_run=True", f"--out={out}", f"--data_dir={tiny_bpe_data}"]
     monkeypatch.setattr(sys, "argv", argv)
     compare.main()
     text = (out / "results.md").read_text(encoding="utf-8")
@@ -249,8 +248,8 @@ def test_dry_run_runs_the_whole_pipeline_and_a_rerun_trains_nothing(tiny_bpe_dat
         assert f"| {method} |" in text
     assert "### 2 x 16 = 32 tokens per step" in text and "### 8 x 16 = 128 tokens per step" in text
     assert "inconclusive" in text  # one-value grids and no extensions: every winner is on an edge
-    section = readme.read_text(encoding="utf-8")
-    assert "old table" not in section and text in section and section.endswith("after\n")
+    assert f"Command: `python -m logs.compare_optimizers {' '.join(argv[1:])}`." in text  # the report names its command
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # written whole: no temp file left
     for image in ("val_bpc_32_tokens.png", "val_bpc_128_tokens.png", "gap_vs_batch.png"):
         assert (out / image).read_bytes()[:4] == b"\x89PNG"
     runs = sorted((out / "runs" / "2x16").iterdir())

@@ -8,6 +8,7 @@ import pytest
 from opengpt import optimizers
 import train
 from configurator import parse_args
+from opengpt.run_setup import check_config
 from conftest import REPO
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "config", "*.py")))
@@ -17,7 +18,7 @@ ARITHMETIC = re.compile(r"#.*?(\d+) batch(?: size)? \* (\d+) block(?: size)? \* 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_config_loads_and_is_valid(path):
     cfg = parse_args(train.DEFAULTS, [path])
-    train.check_config(cfg)
+    check_config(cfg)
     assert cfg["optimizer"] in optimizers.REGISTRY
 
 
@@ -30,3 +31,11 @@ def test_tokens_per_step_comment_matches_the_settings(path):
     batch, block, accumulation, gpus, total = match.groups()
     assert (int(batch), int(block), int(accumulation)) == (cfg["batch_size"], cfg["block_size"], cfg["gradient_accumulation_steps"])
     assert int(batch) * int(block) * int(accumulation) * int(gpus or 1) == int(total.replace(",", ""))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_a_config_is_short_and_pins_the_cpu_only_where_its_name_says_so(path):
+    with open(path, encoding="utf-8") as f:
+        assert len(f.read().splitlines()) <= 50, "tuning histories and measurements belong in logs/README.md"
+    # a pinned CPU would, under torchrun on a GPU machine, quietly train on CPU processes
+    assert parse_args(train.DEFAULTS, [path])["device"] != "cpu" or "cpu" in os.path.basename(path)

@@ -95,3 +95,44 @@ def test_normalise_changes_only_line_endings_bom_and_blank_end_lines():
     assert corpus.normalise("\ufeff \n\u3000\n 第一行\r\n\t第二行  \r第三行\n\n \n") == " 第一行\n\t第二行  \n第三行"
     assert corpus.normalise("a\u3000\u3000b  c") == "a\u3000\u3000b  c"
     assert corpus.normalise(" \n\t\u3000 \n") == ""
+
+
+def test_a_folder_with_symlinks_is_read_once_per_real_file(tmp_path):
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("第一篇\n", encoding="utf-8")
+    (folder / "sub" / "b.txt").write_text("第二篇\n", encoding="utf-8")
+    (folder / "sub" / "up").symlink_to("..")  # a loop: corpus/sub/up/sub/up/... names the same files again
+    (folder / "z.txt").symlink_to(folder / "a.txt")  # a second name for a file
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "c.txt").write_text("第三篇\n", encoding="utf-8")
+    (folder / "linked").symlink_to(tmp_path / "elsewhere")  # a linked folder is read
+    assert list(corpus.file_corpus(str(folder), "text")) == ["第一篇", "第三篇", "第二篇"]
+
+
+@pytest.mark.parametrize("line, words", [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('{"text": "甲", "n": ' + "9" * 4301 + "}", "an integer of more than 4300 digits"),
+], ids=["nested 100k deep", "a 4301-digit integer"])
+def test_json_that_python_will_not_parse_is_a_bad_line(tmp_path, line, words):
+    path = tmp_path / "odd.jsonl"
+    path.write_text('{"text": "乙"}\n' + line + '\n{"text": "丙"}\n', encoding="utf-8")
+    with pytest.raises(UserError, match=re.escape(f"{path}:2 is not valid JSON ({words})")):
+        list(corpus.file_corpus(str(path), "text"))
+    lenient = corpus.file_corpus(str(path), "text", skip_bad_docs=True)
+    assert list(lenient) == ["乙", "丙"] and lenient.skipped == 1
+
+
+def test_a_lone_surrogate_in_a_jsonl_string_is_a_bad_line(tmp_path):
+    """Valid JSON, but not text: "\\ud800" alone would end in a traceback in the tokenizer."""
+    path = tmp_path / "surrogate.jsonl"
+    path.write_text('{"text": "甲"}\n{"text": "乙\\ud800"}\n{"text": "\\ud83d\\ude00"}\n', encoding="utf-8")
+    with pytest.raises(UserError, match=re.escape(f"{path}:2 holds a lone surrogate ('\\ud800'), which is not text")):
+        list(corpus.file_corpus(str(path), "text"))
+    lenient = corpus.file_corpus(str(path), "text", skip_bad_docs=True)
+    assert list(lenient) == ["甲", "😀"] and lenient.skipped == 1  # a surrogate pair is one character
+
+
+def test_an_input_that_is_neither_a_file_nor_a_folder_is_named_as_such():
+    with pytest.raises(UserError, match="input /dev/null is not a regular file or a folder"):
+        corpus.file_corpus("/dev/null", "text")

@@ -19,14 +19,14 @@ import time
 import pytest
 import torch
 
+from conftest import REPO, TINY_MODEL_ARGS
 from opengpt import checkpoint as ckpt
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240  # a tiny run takes ~10-30 s; this is only the guard against a deadlock
 
-TINY = ["--device=cpu", "--dtype=float32", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16",
-        "--batch_size=4", "--max_iters=6", "--eval_interval=6", "--eval_iters=1", "--warmup_iters=1",
-        "--lr_decay_iters=6", "--log_interval=1", "--dropout=0.0"]
+# the accumulation given per run (train_args) overrides TINY_MODEL_ARGS's, the later flag winning
+TINY = [*TINY_MODEL_ARGS, "--max_iters=6", "--eval_interval=6", "--eval_iters=1", "--warmup_iters=1",
+        "--lr_decay_iters=6", "--log_interval=1"]
 OPTIMIZERS = {"adamw": ["--optimizer=adamw"], "sophiag": ["--optimizer=sophiag", "--hess_interval=2"]}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 

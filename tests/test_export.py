@@ -1,11 +1,15 @@
 """export.py: the transformers folder computes our logits, tokenizes as tiktoken does, generates
-offline, loads back into GPT, and bad input never leaves a half-written folder."""
+offline, loads back into GPT, and bad input never leaves a half-written folder; a kill at any moment
+never loses the earlier export, and no folder a user works in is ever replaced."""
+import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -14,7 +18,7 @@ import torch
 from opengpt import checkpoint as ckpt
 from opengpt import cli
 import export
-from conftest import REPO, assert_one_line_error
+from conftest import REPO, assert_one_line_error, assert_user_error, run_script
 from model import GPT, GPTConfig
 from conftest import tiny_documents
 from opengpt.tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, GPT2Tokenizer, gpt2_encoding, train_bpe
@@ -45,7 +49,7 @@ def write_checkpoint(out_dir, bias, seed=0, tokenizer=None, vocab_size=TINY["voc
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     model_args = dict(TINY, bias=bias, vocab_size=vocab_size, rotary=rotary, activation=activation)
     state = ckpt.training_state(model, optimizer, scaler, model_args, 2, 9.9, {"bias": bias},
-                                torch.Generator().manual_seed(0), tokenizer or GPT2Tokenizer())
+                                torch.Generator().manual_seed(0), tokenizer or GPT2Tokenizer(), torch.Generator())
     os.makedirs(out_dir, exist_ok=True)
     ckpt.save(state, os.path.join(out_dir, ckpt.FILENAME))
     return model.eval()
@@ -62,9 +66,18 @@ def run_export(monkeypatch, capsys, *args):
     return status, capsys.readouterr().err
 
 
+@pytest.fixture(autouse=True, scope="module")
+def restore_sigterm():
+    """export.main installs a SIGTERM handler, as the script's process should have; pytest's comes back after."""
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)
+
+
 def leftovers(parent):
-    """Temporary folders a failed export left next to its target."""
-    return [name for name in os.listdir(parent) if name.startswith(".") and (".tmp" in name or ".old" in name)]
+    """What an export left next to its target: any hidden entry but its lock file (left in place, as
+    prepare.py leaves its own: folder_lock.py)."""
+    return [name for name in os.listdir(parent) if name.startswith(".") and not name.endswith(".lock")]
 
 
 @pytest.fixture(scope="module")
@@ -335,4 +348,172 @@ def test_a_full_disk_during_the_export_is_one_line_and_leaves_nothing(tmp_path, 
     disk = mount_tmpfs("2m")  # the tiny model's weights alone take 3.2 MB
     status, stderr = run_export(monkeypatch, capsys, f"--out_dir={tmp_path / 'run'}", f"--export_dir={disk / 'hf'}")
     assert_one_line_error(status, stderr, "could not write the export to", "No space left on device", "MB free there")
-    assert os.listdir(disk) == []
+    assert os.listdir(disk) == [".hf.lock"]  # only the lock, which stays beside the folder (folder_lock.py)
+
+
+# ---- never lose a folder: the one you work in, your home, a kill at any moment, a symlink ----
+
+def tree_checksums(root):
+    """{path relative to root: sha256} of every file under root, hidden ones included, without the
+    lock files an export leaves beside its folder (folder_lock.py)."""
+    sums = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            if not name.endswith(".lock"):
+                with open(path, "rb") as f:
+                    sums[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return sums
+
+
+def test_the_current_folder_its_parents_and_home_are_never_replaced(tmp_path):
+    """--export_dir=. --overwrite=True once replaced the folder the user stood in (their thesis with it)."""
+    write_checkpoint(tmp_path / "runs" / "run", bias=False)
+    work = tmp_path / "work" / "thesis"
+    (work / "sub").mkdir(parents=True)
+    (work / "thesis.txt").write_text("three years of it")
+    (work / "sub" / "code.py").write_text("print('mine')\n")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text("export PATH\n")
+    before = tree_checksums(tmp_path)
+    for export_dir, words in ((".", "--export_dir=. is the current folder"), ("..", "--export_dir=.. holds the current folder"),
+                              (home, "is your home folder"), ("/", "--export_dir=/ holds")):
+        result = run_script("export.py", f"--out_dir={tmp_path / 'runs' / 'run'}", f"--export_dir={export_dir}",
+                            "--overwrite=True", cwd=work, env={"HOME": str(home)})
+        assert_user_error(result, words)
+    assert tree_checksums(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["home", "runs", "work"]
+
+
+
+def test_a_folder_holding_folders_is_never_replaced_even_with_overwrite(tmp_path):
+    """--export_dir=data --overwrite=True once replaced the data folder, the prepared data/mine in it."""
+    write_checkpoint(tmp_path / "run", bias=False)
+    data = tmp_path / "data"
+    (data / "mine").mkdir(parents=True)
+    (data / "mine" / "train.bin").write_bytes(b"tokens")
+    before = tree_checksums(tmp_path / "data")
+    result = run_script("export.py", f"--out_dir={tmp_path / 'run'}", f"--export_dir={data}", "--overwrite=True")
+    assert_user_error(result, "holds folders (mine)", "--export_dir=hf-mine")
+    assert tree_checksums(tmp_path / "data") == before
+
+PAUSED_EXPORT = """
+import os, sys, time
+import export
+from opengpt import cli
+
+def pause():
+    open(os.environ["PAUSED_FLAG"], "w").close()
+    while not os.path.exists(os.environ["GO_FLAG"]):
+        time.sleep(0.02)
+
+if os.environ["PAUSE_AT"] == "writing":  # the new folder half written
+    save_provenance = export.save_provenance
+    def paused_provenance(*args):
+        save_provenance(*args)
+        pause()
+    export.save_provenance = paused_provenance
+else:  # "swap": right after the first of the two renames, which moves the earlier export away
+    rename, export_dir = os.rename, os.path.realpath(os.environ["EXPORT_DIR"])
+    def paused_rename(source, destination):
+        rename(source, destination)
+        if os.path.realpath(source) == export_dir:
+            pause()
+    os.rename = paused_rename
+sys.argv[0] = "export.py"
+cli.run(export.main)
+"""
+
+
+def start_paused_export(tmp_path, pause_at, run, export_dir):
+    """A real export.py run that stops at pause_at until the returned go-file exists, so that a test
+    signals it at that moment without racing it."""
+    flags = tmp_path / "flags"
+    flags.mkdir(exist_ok=True)
+    paused, go = flags / "paused", flags / "go"
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PAUSED_FLAG=str(paused), GO_FLAG=str(go),
+               PAUSE_AT=pause_at, EXPORT_DIR=str(export_dir))
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED_EXPORT, f"--out_dir={run}", f"--export_dir={export_dir}"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(6000):
+        if paused.exists() or proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert paused.exists(), proc.communicate(timeout=60)
+    return proc, go
+
+
+def exported_from(folder):
+    """The checkpoint an export was made from; and every file its record lists is there."""
+    record = json.loads((folder / export.PROVENANCE_FILE).read_text(encoding="utf-8"))
+    assert sorted(os.listdir(folder)) == record["files"]
+    return record["checkpoint"]
+
+
+@pytest.fixture
+def earlier_export(exports, tmp_path):
+    """(an earlier export in its own folder, the checksums of that folder, a new run to export)."""
+    earlier = tmp_path / "exports" / "hf"
+    shutil.copytree(exports[False][1], earlier)
+    write_checkpoint(tmp_path / "run", bias=True, seed=7)
+    return earlier, tree_checksums(earlier.parent), tmp_path / "run"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_an_export_stopped_while_writing_leaves_the_earlier_one_and_nothing_else(earlier_export, tmp_path, sig):
+    earlier, before, run = earlier_export
+    proc, _ = start_paused_export(tmp_path, "writing", run, earlier)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr  # a SIGTERM once ended it at once (143), its half-written folder left
+    assert stderr.strip().splitlines()[-1] == "export.py: interrupted" and "Traceback" not in stderr
+    assert tree_checksums(earlier.parent) == before and leftovers(earlier.parent) == []
+
+
+def test_a_sigterm_between_the_two_renames_never_leaves_the_export_dir_missing(earlier_export, tmp_path):
+    """A SIGTERM once ended the export right there, export_dir missing. Now the earlier export or the
+    new one is in place, whole, and nothing is left beside it."""
+    earlier, before, run = earlier_export
+    proc, go = start_paused_export(tmp_path, "swap", run, earlier)
+    assert not earlier.exists()  # between the two renames
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(1)
+    go.touch()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "export.py: interrupted", stderr
+    assert exported_from(earlier) == str(run / ckpt.FILENAME) or tree_checksums(earlier.parent) == before
+    assert leftovers(earlier.parent) == []
+
+
+def test_a_kill_9_between_the_two_renames_is_put_right_by_the_next_export(earlier_export, tmp_path, monkeypatch, capsys):
+    """kill -9 right after the earlier export was moved away left export_dir missing, and the next
+    export neither put it back nor removed what was hidden beside it."""
+    earlier, before, run = earlier_export
+    proc, _ = start_paused_export(tmp_path, "swap", run, earlier)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert not earlier.exists() and leftovers(earlier.parent)  # the earlier export is hidden beside it
+    # the next export puts it back before anything else, so even one that fails leaves it as it was
+    monkeypatch.setattr(export, "save_tokenizer", lambda *args: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    status, stderr = run_export(monkeypatch, capsys, f"--out_dir={run}", f"--export_dir={earlier}")
+    assert_one_line_error(status, stderr, "could not write the export", "nothing there was replaced")
+    assert tree_checksums(earlier.parent) == before and leftovers(earlier.parent) == []
+    monkeypatch.undo()
+    result = run_script("export.py", f"--out_dir={run}", f"--export_dir={earlier}")
+    assert result.returncode == 0, result.stderr
+    assert exported_from(earlier) == str(run / ckpt.FILENAME) and leftovers(earlier.parent) == []
+
+
+def test_a_symlinked_export_dir_keeps_its_link_and_the_folder_it_points_at_is_replaced(earlier_export, tmp_path):
+    earlier, _, run = earlier_export
+    link = tmp_path / "latest"
+    link.symlink_to(earlier)
+    result = run_script("export.py", f"--out_dir={run}", f"--export_dir={link}")
+    assert result.returncode == 0, result.stderr
+    assert link.is_symlink() and os.readlink(link) == str(earlier)
+    assert exported_from(earlier) == str(run / ckpt.FILENAME)
+    assert leftovers(tmp_path) == [] and leftovers(earlier.parent) == []
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    assert_user_error(run_script("export.py", f"--out_dir={run}", f"--export_dir={dangling}"), "which does not exist")
+    assert not (tmp_path / "nowhere").exists()

@@ -46,6 +46,27 @@ def test_an_unstacked_matrix_steps_as_torch_muon():
         assert torch.allclose(a, b, atol=2e-4), (a - b).abs().max()
 
 
+def test_its_learning_rate_scaling_is_the_one_its_groups_record_as_torch_muon_reads_it():
+    """adjust_lr_fn is in the parameter groups (and so in checkpoints): step() applies what it says,
+    "original" as torch.optim.Muon does, whether set here or loaded with a torch.optim.Muon state."""
+    shapes = [(64, 32), (32, 96)]
+    start = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
+    ours, loaded, theirs = (copy.deepcopy(start) for _ in range(3))
+    grads = random_grads(shapes)
+    reference = torch.optim.Muon(theirs, adjust_lr_fn="original", **SETTINGS)
+    steps(BlockwiseMuon(ours, adjust_lr_fn="original", **SETTINGS), ours, grads)
+    resumed = BlockwiseMuon(loaded, **SETTINGS)
+    resumed.load_state_dict(copy.deepcopy(reference.state_dict()))
+    assert resumed.param_groups[0]["adjust_lr_fn"] == "original"
+    steps(resumed, loaded, grads)
+    steps(reference, theirs, grads)
+    for a, b, c in zip(ours, loaded, theirs):
+        assert torch.allclose(a, c, atol=2e-4) and torch.allclose(b, c, atol=2e-4), (a - c).abs().max()
+    default = [p.clone() for p in start]
+    steps(BlockwiseMuon(default, **SETTINGS), default, grads)
+    assert not torch.allclose(default[1], theirs[1], atol=1e-3)  # match_rms_adamw is another step
+
+
 def test_a_stacked_matrix_steps_as_torch_muon_on_its_blocks_apart():
     weight = torch.randn(3 * 32, 32, generator=torch.Generator().manual_seed(0))
     blocks = [b.clone() for b in weight.chunk(3)]

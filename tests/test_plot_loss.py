@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import REPO, assert_user_error, run_script
+from conftest import assert_user_error, run_script
 from logs import plot_loss
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import prepare
-from conftest import REPO, assert_one_line_error, assert_user_error, run_script, tiny_documents
+from conftest import REPO, assert_one_line_error, assert_user_error, is_running, run_script, tiny_documents
 from opengpt.data import TokenData
 
 
@@ -297,14 +297,6 @@ def child_pids(pid):
         return [int(p) for p in f.read().split()]
 
 
-def is_running(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def corpus_file(path, n_docs, seed):
     path.write_text("\n".join(tiny_documents(n_docs, seed=seed)), encoding="utf-8")
     return path
@@ -317,8 +309,8 @@ def test_a_run_stopped_mid_way_leaves_the_previous_folder_as_it_was(tmp_path, si
     before = folder_bytes(out)
     new = corpus_file(tmp_path / "new.txt", 3 * prepare.CHUNK_DOCS, seed=2)
     proc = start_paused_prepare(tmp_path / "flag", f"--input={new}", f"--out={out}", "--tokenizer=gpt2", "--num_proc=2")
-    stage = tmp_path / f".data.new-{proc.pid}"
-    assert (stage / "train.bin").stat().st_size > 0  # stopped mid-way: tokens were being written
+    stage = tmp_path / f".data.staging-{proc.pid}"
+    assert (stage / "new" / "train.bin").stat().st_size > 0  # stopped mid-way: tokens were being written
     workers = child_pids(proc.pid) if os.path.exists(f"/proc/{proc.pid}/task") else []
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
@@ -469,15 +461,23 @@ def test_a_line_that_is_not_utf8_is_named_or_with_skip_bad_docs_skipped(tmp_path
 
 
 def test_what_a_kill_9_left_beside_the_folder_is_cleaned_up_or_put_back(tmp_path):
-    from opengpt.staged_folder import remove_stale_folders
+    from opengpt.staged_folder import MARKER, marker_text, remove_stale_folders
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()  # a pid whose process is gone
     out = tmp_path / "data"
-    old = tmp_path / ".data.old-123"  # killed between the two renames: the old folder is only here
-    old.mkdir()
-    (old / "meta.json").write_text("{}", encoding="utf-8")
-    (tmp_path / ".data.new-123").mkdir()  # killed while writing
+    staging = tmp_path / f".data.staging-{dead.pid}"
+
+    def killed_run(*parts):
+        staging.mkdir()
+        (staging / MARKER).write_text(marker_text(dead.pid), encoding="utf-8")
+        for part in parts:
+            (staging / part).mkdir()
+            (staging / part / "meta.json").write_text(part, encoding="utf-8")
+
+    killed_run("new", "old")  # killed between the two renames: the old folder is only in the staging folder
     remove_stale_folders(str(out))
-    assert (out / "meta.json").read_text(encoding="utf-8") == "{}"
+    assert (out / "meta.json").read_text(encoding="utf-8") == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
-    old.mkdir()  # with the folder in place, a leftover old one is only removed
+    killed_run("old")  # with the folder in place, a leftover old one is only removed
     remove_stale_folders(str(out))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"] and (out / "meta.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"] and (out / "meta.json").read_text(encoding="utf-8") == "old"

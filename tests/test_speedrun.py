@@ -63,6 +63,16 @@ def test_the_sweep_grows_past_a_winning_edge_then_trains_the_winner(fake_trainin
     assert "| (a) the nanoGPT way | GPT-2 BPE |" in table and "| (b) our default recipe | BPE 8,192 |" in table
 
 
+def test_each_table_is_written_whole_to_its_own_report_ending_with_its_command(fake_training, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["speedrun.py", f"--out={tmp_path}"])
+    speedrun.main()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["speedrun.md", "tokenizers.md"]  # no temp file left
+    for name in ("tokenizers", "speedrun"):
+        report = (tmp_path / f"{name}.md").read_text(encoding="utf-8")
+        assert report.startswith(("Our recipe's model", "10 minutes of training each"))
+        assert report.endswith(f"Command: `python -m logs.speedrun --section={name}`.\n")
+
+
 def test_the_tokenizer_table_marks_the_lowest_bits_per_character(monkeypatch):
     results = iter([None, 5.9, 5.6, 5.8, 5.7])
 

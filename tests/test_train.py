@@ -9,6 +9,9 @@ import torch
 
 from opengpt import checkpoint as ckpt
 from opengpt import cli
+from opengpt.run_setup import setup_distributed
+from opengpt.schedule import Schedule
+from opengpt.training import diverged_message
 import train
 from conftest import REPO, TINY_MODEL_ARGS, assert_user_error, read_events, run_script
 
@@ -179,6 +182,18 @@ def test_a_run_from_pretrained_weights_logs_the_shape_it_used(tiny_data, tmp_pat
         assert (config["n_layer"], config["n_head"], config["n_embd"], config["block_size"]) == (2, 2, 32, 16)
 
 
+@pytest.mark.parametrize("script, extra, optimizer", [("train_sophiag.py", [], "sophiag"), ("train_adam.py", [], "adamw"),
+                                                      ("train_sophiag.py", ["--optimizer=muon"], "muon")])
+def test_the_sophia_projects_scripts_are_train_py_with_their_optimizer_as_default(tiny_data, tmp_path, script, extra, optimizer):
+    """train_adam.py and train_sophiag.py pass their optimizer to train.main as the default; a config
+    file or --optimizer still wins."""
+    out = tmp_path / "run"
+    result = run_script(script, *train_args(tiny_data, out, "--max_iters=1", "--lr_decay_iters=3", "--eval_interval=1",
+                                            "--hess_interval=1", *extra))
+    assert result.returncode == 0, result.stderr
+    assert read_events(out, "config")[0]["config"]["optimizer"] == optimizer
+
+
 def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_data, tmp_path, monkeypatch, capsys):
     """After good steps and a saved checkpoint, the loss turns NaN: the steps are skipped and
     counted, and after max_bad_steps in a row the run stops with the checkpoint intact."""
@@ -214,13 +229,13 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_data, tmp_path, mo
 
 def test_stop_on_divergence_advises_float32_only_to_runs_in_lower_precision():
     cfg = dict(out_dir="out")
-    message = train.diverged_message(10, 7, None, cfg, "bfloat16")
+    message = diverged_message(10, 7, None, cfg, "bfloat16")
     assert "no checkpoint of this run was saved" in message and "--dtype=float32 instead of bfloat16" in message
 
 
 def test_learning_rate_schedule_warms_up_then_decays_fully():
-    cfg = dict(decay_lr=True, learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110)
-    rates = [train.learning_rate_at(it, cfg) for it in range(120)]
+    schedule = Schedule(decay_lr=True, learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110, max_iters=120)
+    rates = [schedule.learning_rate_at(it) for it in range(120)]
     assert rates[0] < rates[5] < rates[9] < 1.0
     assert max(rates) == pytest.approx(1.0) and rates[10] == pytest.approx(1.0)
     assert rates[60] == pytest.approx(0.55)  # half way through the cosine
@@ -246,4 +261,4 @@ def test_a_named_gpu_under_torchrun_is_a_user_error(monkeypatch, device):
     for name, value in dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2").items():
         monkeypatch.setenv(name, value)
     with pytest.raises(cli.UserError, match=f"--device={device} names one GPU.*pass --device=cuda"):
-        train.setup_distributed("auto", device)
+        setup_distributed("auto", device)

@@ -54,10 +54,11 @@ def test_train_evaluates_and_saves_the_average_and_resumes_exactly(tiny_data, tm
     # the val loss logged at the end is the saved "model"'s, the average's
     import train
     from opengpt.data import TokenData
+    from opengpt.training import evaluate
     model = ckpt.model_from(a)
     data = TokenData(str(tiny_data), 16)
     cfg = train.DEFAULTS | {"eval_iters": 2, "batch_size": 4}
-    evaluated = train.evaluate(model, data, cfg, "cpu", torch.autocast("cpu", enabled=False), torch.ones(50304, dtype=torch.long))
+    evaluated = evaluate(model, data, cfg, "cpu", torch.autocast("cpu", enabled=False), torch.ones(50304, dtype=torch.long))
     assert evaluated["val"]["loss"] == read_events(straight, "eval")[-1]["val_loss"]
     result = run_script("sample.py", f"--out_dir={straight}", "--device=cpu", "--num_samples=1", "--max_new_tokens=3",
                         "--start=a")

@@ -1,0 +1,51 @@
+"""What a prepared data folder is called and holds: the one rule that prepare.py names its folders
+by, and its inverse, the prepare.py command that writes a folder train.py cannot find.
+
+Without torch (data.py has it), so prepare.py and its worker processes start fast.
+"""
+import os
+
+from opengpt.corpus import DEFAULT_CORPUS_NAME
+
+SPLITS = ("train", "val")
+DEFAULT_VOCAB_SIZE = 8192  # prepare.py's --vocab_size, whose folder takes no suffix
+GPT2_SUFFIX, BPE_SUFFIX = "_gpt2", "_bpe"
+
+
+def default_out(name, flags):
+    """data/<name>, with a suffix for any tokenizer but the default (flags are prepare.py's
+    --tokenizer and --vocab_size), so that the same corpus prepared with several tokenizers keeps one
+    folder each: data/zh_default, data/zh_default_gpt2, data/zh_default_bpe4096."""
+    return os.path.join("data", name + tokenizer_suffix(flags["tokenizer"], flags["vocab_size"]))
+
+
+def tokenizer_suffix(tokenizer, vocab_size):
+    if tokenizer == "gpt2":
+        return GPT2_SUFFIX
+    if tokenizer == "bpe":
+        return "" if vocab_size == DEFAULT_VOCAB_SIZE else f"{BPE_SUFFIX}{vocab_size}"
+    return "_" + os.path.basename(os.path.normpath(tokenizer)).removesuffix(".json")  # a tokenizer file's name
+
+
+def tokenizer_flags(suffix):
+    """The --tokenizer / --vocab_size flags (a dict) whose tokenizer_suffix is suffix, or None when
+    only a tokenizer file's name gives it (the file's path is not in the name)."""
+    if suffix == GPT2_SUFFIX:
+        flags = {"tokenizer": "gpt2"}
+    elif suffix.startswith(BPE_SUFFIX) and suffix[len(BPE_SUFFIX):].isdecimal():
+        flags = {"vocab_size": int(suffix[len(BPE_SUFFIX):])}
+    else:
+        flags = {}
+    given = {"tokenizer": "bpe", "vocab_size": DEFAULT_VOCAB_SIZE} | flags
+    return flags if tokenizer_suffix(given["tokenizer"], given["vocab_size"]) == suffix else None
+
+
+def prepare_command(data_dir):
+    """The prepare.py command that writes data_dir when it is a folder prepare.py names itself for the
+    embedded corpus (default_out: data/zh_default, its _gpt2 and _bpe<N> siblings)."""
+    name = os.path.basename(os.path.normpath(data_dir))
+    flags = tokenizer_flags(name.removeprefix(DEFAULT_CORPUS_NAME)) if name.startswith(DEFAULT_CORPUS_NAME) else None
+    if flags is None:
+        return f"python prepare.py --out={data_dir} with the flags that made it"
+    command = "python prepare.py" + "".join(f" --{key}={value}" for key, value in flags.items())
+    return command + ("" if os.path.normpath(data_dir) == os.path.join("data", name) else f" --out={data_dir}")

@@ -1,0 +1,41 @@
+"""opengpt/data_layout.py: the names prepare.py gives its folders, and the command that writes a
+missing one (the inverse), both from one rule."""
+import os
+
+import pytest
+
+import prepare
+from configurator import parse_args
+from opengpt.data_layout import DEFAULT_VOCAB_SIZE, default_out, prepare_command, tokenizer_flags, tokenizer_suffix
+
+
+@pytest.mark.parametrize("tokenizer, vocab_size", [("bpe", DEFAULT_VOCAB_SIZE), ("bpe", 300), ("bpe", 12288), ("gpt2", DEFAULT_VOCAB_SIZE)])
+def test_tokenizer_flags_invert_tokenizer_suffix(tokenizer, vocab_size):
+    flags = tokenizer_flags(tokenizer_suffix(tokenizer, vocab_size))
+    assert {"tokenizer": "bpe", "vocab_size": DEFAULT_VOCAB_SIZE} | flags == {"tokenizer": tokenizer, "vocab_size": vocab_size}
+
+
+@pytest.mark.parametrize("suffix", ["_bpe8192", "_bpe", "_bpe12x", "_bpe٣", "_mine", "x"])
+def test_a_suffix_no_flags_give_has_no_flags(suffix):
+    """_bpe8192: the default size takes no suffix; _mine: a tokenizer file's name, its path lost."""
+    assert tokenizer_flags(suffix) is None
+
+
+def test_prepare_names_its_folders_by_this_rule():
+    assert prepare.default_out is default_out
+    assert prepare.DEFAULTS["vocab_size"] == DEFAULT_VOCAB_SIZE
+    assert default_out("mine", dict(tokenizer="data/zh_default/tokenizer.json", vocab_size=1)) == os.path.join("data", "mine_tokenizer")
+
+
+@pytest.mark.parametrize("flags", [[], ["--tokenizer=gpt2"], ["--vocab_size=300"]])
+def test_the_command_for_a_folder_elsewhere_names_it_with_out(flags):
+    folder = default_out("zh_default", parse_args(dict(prepare.DEFAULTS), flags))
+    elsewhere = os.path.join("elsewhere", os.path.basename(folder))
+    assert prepare_command(elsewhere) == " ".join(["python prepare.py", *flags, f"--out={elsewhere}"])
+    assert prepare_command(folder) == " ".join(["python prepare.py", *flags])
+    assert prepare_command(folder + os.sep) == " ".join(["python prepare.py", *flags])
+
+
+def test_a_folder_of_another_corpus_asks_for_the_flags_that_made_it():
+    assert prepare_command("data/zh_defaultish") == "python prepare.py --out=data/zh_defaultish with the flags that made it"
+    assert prepare_command("data/zh_default_mine") == "python prepare.py --out=data/zh_default_mine with the flags that made it"
