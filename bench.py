@@ -4,8 +4,9 @@
     python bench.py config/train_gpt2_small_adam.py --device=cuda --dtype=bfloat16 --compile=True --repeats=1
     python bench.py --section=train --iters=30
     python bench.py --out=logs/bench.md               # print the report and write it to a file too
+    python bench.py config/train_zh_speedrun.py --vocab_size=12288 --section=step   # the recipe's step against its GEMMs
 
-Sections (--section=all|train|sophia|sample):
+Sections (--section=all|train|sophia|sample|step):
 - train: ms per iteration of train_step (opengpt/training.py), the step train.py runs (median after warm-up),
   tokens/s, MFU and peak RSS (peak GPU memory on CUDA) for the nanoGPT path (fp32 eager, full
   logits materialised, F.cross_entropy) and for each lever added on top of it. Each case runs in
@@ -13,13 +14,19 @@ Sections (--section=all|train|sophia|sample):
 - sophia: AdamW vs SophiaG per iteration of train_step, a SophiaG step plus 1/k of its
   Hessian pass, in the configured dtype (and compiled with --compile=True); optimizer.step()
   alone; the cost of drawing the Hessian pass's labels.
-- sample: new tokens with and without the KV cache (the same tokens either way: tests check it).
+- sample: new tokens without the KV cache, with it through the modules' forward (the loop before
+  opengpt/decode.py) and with decode.py's one-token step (the same tokens each way: checked as it runs).
+- step: train_step in the configured dtype (compiled with --compile=True) against its own matrix
+  products replayed apart (those of an eager step, recorded with their shapes, strides and dtypes:
+  the body's, the head's, SDPA's attention kernels and the optimizer's), as step / GEMMs; and the
+  head loss alone, its time besides its GEMMs per logit element.
 
 The batches are random tokens: speed does not depend on the text. What is compared is timed in
 alternation (see timed_in_alternation), `warmup` untimed rounds first, then `iters` timed ones.
 The report is printed; --out=FILE also writes it, whole or not at all, headed by its command and the
 machine it ran on (logs/bench.md holds the one on our 2-core CPU).
 """
+import dataclasses
 import functools
 import json
 import os
@@ -30,6 +37,8 @@ import sys
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
 
 from opengpt import hardware
 from opengpt import optimizers
@@ -38,9 +47,10 @@ from opengpt.cli import UserError, run
 from opengpt.files import write_text
 from configurator import parse_args
 from opengpt.data import padded_vocab_size
+from opengpt.head_loss import linear_cross_entropy
 from opengpt.run_setup import model_args_from
 from opengpt.training import Training, train_step
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, sample_next_token
 
 DEFAULTS = train.DEFAULTS | dict(
     # the tiny Chinese config on a CPU (config/train_tiny_zh_cpu.py) unless a config file says otherwise
@@ -219,18 +229,155 @@ def sophia_section(cfg, device):
         f"head_loss.sample_labels (logits included) {seconds['ours'] * 1000:.1f} ms")
 
 
+# What the step section replays apart: the matrix products, and SDPA's attention kernels, whose work
+# is mostly products done inside the kernel (on a CPU the recipe's float32 attention runs there).
+GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
+            "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention_for_cpu_backward"}
+
+
+class GemmRecorder(TorchDispatchMode):
+    """Records each matrix product dispatched inside it (GEMM_OPS) as (part, op, arguments), every
+    tensor argument replaced by its TensorSpec; part is what the recorder is told the step is in."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.vocab_size, self.part, self.calls = vocab_size, "body", []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func._schema.name in GEMM_OPS:
+            tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+            part = self.part
+            if part == "body" and "flash_attention" in func._schema.name:
+                part = "attention"
+            elif part == "body" and any(self.vocab_size in t.shape for t in tensors):
+                part = "head"
+            spec = lambda a: TensorSpec(a.shape, a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else a
+            self.calls.append((part, func, tree_map(spec, args), tree_map(spec, kwargs)))
+        return func(*args, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple
+    stride: tuple
+    dtype: torch.dtype
+    device: torch.device
+
+
+def replayer(calls):
+    """A function that runs `calls` (GemmRecorder's) again in order, on random inputs of the same shapes,
+    strides and dtypes (one tensor per distinct spec, made once)."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = {}
+
+    def tensor_for(spec):
+        if spec not in inputs:
+            size = sum((n - 1) * s for n, s in zip(spec.shape, spec.stride)) + 1 if all(spec.shape) else 0
+            storage = torch.randn(size, generator=generator).to(spec.dtype) if spec.dtype.is_floating_point else torch.zeros(size, dtype=spec.dtype)
+            inputs[spec] = storage.to(spec.device).as_strided(spec.shape, spec.stride)
+        return inputs[spec]
+
+    realised = [(func, *tree_map(lambda a: tensor_for(a) if isinstance(a, TensorSpec) else a, (args, kwargs)))
+                for _, func, args, kwargs in calls]
+
+    def replay():
+        for func, args, kwargs in realised:
+            func(*args, **kwargs)
+    return replay
+
+
+def record_gemms(t):
+    """GemmRecorder's calls of one eager step of Training t: forward and backward, then the optimizer's step."""
+    recorder = GemmRecorder(t.raw_model.config.vocab_size)
+    with recorder:
+        t.accumulate_gradients(t.micro_batches(t.batch_generator, t.cfg["gradient_accumulation_steps"]))
+        recorder.part = "optimizer"
+        t.optimizer.step(**t.spec.step_kwargs(t.tokens_per_step))
+    t.optimizer.zero_grad(set_to_none=True)
+    return recorder.calls
+
+
+def step_section(cfg, device):
+    """The step train.py runs against its own matrix products: train_step, and apart the same GEMMs
+    (shapes, strides, dtype, threads, allocator) recorded from an eager step; then the head loss alone
+    against its GEMMs, per logit element."""
+    dtype = hardware.pick_dtype(cfg["dtype"], device)
+    if device == "cpu":
+        hardware.keep_freed_memory()  # as train.py: the step and the GEMMs both run with it
+    tokens = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
+    optimizer_name = cfg["optimizer"]
+    say(f"\n## the step against its own matrix products: {cfg['n_layer']} layers, {cfg['n_embd']} wide, {tokens} tokens, "
+        f"vocabulary {padded_vocab_size(cfg['vocab_size'])}, {optimizer_name}, {dtype}{', compiled' if cfg['compile'] else ''}, "
+        f"on {hardware.device_name(device)}")
+    t = build_training(cfg, device, optimizer_name, dtype, cfg["compile"])
+    calls = record_gemms(build_training(cfg, device, optimizer_name, dtype))
+    parts = {part: replayer([c for c in calls if c[0] == part]) for part in ("body", "attention", "head", "optimizer")}
+    seconds = timed_in_alternation({"step": functools.partial(train_step, t, 0), **parts}, device, cfg["warmup"], cfg["iters"])
+    gemms = sum(seconds[part] for part in parts)
+    say(f"step (train_step)              {seconds['step'] * 1000:9.1f} ms")
+    say(f"its matrix products, apart     {gemms * 1000:9.1f} ms: " + ", ".join(
+        f"{part} {seconds[part] * 1000:.1f} ({sum(c[0] == part for c in calls)} calls)" for part in parts))
+    say(f"step / matrix products         {seconds['step'] / gemms:9.2f}x   (the rest: {(seconds['step'] - gemms) * 1000:.1f} ms)")
+
+    n_rows, vocab = tokens, padded_vocab_size(cfg["vocab_size"])
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n_rows, cfg["n_embd"], generator=generator).to(device).requires_grad_()
+    weight = (torch.randn(vocab, cfg["n_embd"], generator=generator) * 0.02).to(device).requires_grad_()
+    targets = torch.randint(cfg["vocab_size"], (n_rows,), generator=generator).to(device)
+    autocast = hardware.autocast_context(device, dtype)
+
+    def head_loss():
+        with autocast:
+            loss = linear_cross_entropy(hidden, weight, targets)
+        loss.backward()
+        hidden.grad = weight.grad = None
+
+    head_calls = GemmRecorder(vocab)
+    with head_calls:
+        head_loss()
+    seconds = timed_in_alternation(dict(loss=head_loss, gemms=replayer(head_calls.calls)), device, cfg["warmup"], cfg["iters"])
+    rest = seconds["loss"] - seconds["gemms"]
+    say(f"head loss (forward and backward, {n_rows} x {vocab} logits) {seconds['loss'] * 1000:.1f} ms, its GEMMs "
+        f"{seconds['gemms'] * 1000:.1f} ms; besides them {rest / (n_rows * vocab) * 1e9:.2f} ns per logit element")
+
+
+def generate_through_the_modules(model, idx, max_new_tokens, temperature, top_k, generator, n_real_vocab):
+    """The KV-cached loop before opengpt/decode.py, the baseline of the sample section: every new token
+    through the modules' forward (model.hidden_states with the caches, SDPA) and torch.cat of the sequence."""
+    from opengpt.decode import head_columns
+
+    block = model.config.block_size
+    caches, head = model.new_kv_caches(idx.size(0), idx.device), head_columns(model)
+    for i in range(max_new_tokens):
+        if idx.size(1) <= block:
+            x = model.hidden_states(idx[:, -1:] if i else idx, caches)
+        else:  # past the block the window slides: nothing cached is reused
+            x = model.hidden_states(idx[:, -block:])
+        idx_next = sample_next_token((x[:, -1, :] @ head)[:, :n_real_vocab], temperature, top_k, generator)
+        idx = torch.cat((idx, idx_next), dim=1)
+    return idx
+
+
 def sample_section(cfg, device):
     model, _ = build(cfg, device)
     model.eval()
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
-    say(f"\n## sampling with and without the KV cache (block_size {cfg['block_size']}, batch 1, top-k 200)")
+    say(f"\n## sampling without the KV cache, with it through the modules (the loop before opengpt/decode.py), "
+        f"and with decode.py's one-token step (model.generate's), block_size {cfg['block_size']}, batch 1, top-k 200")
+    sampling = dict(temperature=1.0, top_k=200, n_real_vocab=cfg["vocab_size"])
     for n in sorted({cfg["block_size"] - 1, cfg["sample_tokens"]}):
-        results = timed_in_alternation(
-            {use_cache: functools.partial(model.generate, prompt, n, temperature=1.0, top_k=200, use_cache=use_cache,
-                                          generator=torch.Generator(device).manual_seed(0), n_real_vocab=cfg["vocab_size"])
-             for use_cache in (False, True)}, device, 1, 5)
-        say(f"{n:4d} new tokens: without KV cache {results[False] * 1000:8.1f} ms ({n / results[False]:6,.0f} tokens/s), "
-            f"with {results[True] * 1000:8.1f} ms ({n / results[True]:6,.0f} tokens/s): {results[False] / results[True]:.2f}x")
+        paths = {"without KV cache": functools.partial(model.generate, prompt, n, use_cache=False, **sampling),
+                 "modules + KV cache": functools.partial(generate_through_the_modules, model, prompt, n, **sampling),
+                 "decode.py step": functools.partial(model.generate, prompt, n, use_cache=True, **sampling)}
+        with torch.no_grad():
+            tokens = {name: path(generator=torch.Generator(device).manual_seed(0)) for name, path in paths.items()}
+            assert all(torch.equal(t, tokens["without KV cache"]) for t in tokens.values()), "the paths drew different tokens"
+            results = timed_in_alternation({name: functools.partial(path, generator=torch.Generator(device).manual_seed(0))
+                                            for name, path in paths.items()}, device, 0, 5)  # the run above warmed up
+        speeds = ", ".join(f"{name} {results[name] * 1000:.1f} ms ({n / results[name]:,.0f} tokens/s)" for name in paths)
+        say(f"{n:4d} new tokens: {speeds}; decode.py's step {results['without KV cache'] / results['decode.py step']:.2f}x "
+            f"without the cache, {results['modules + KV cache'] / results['decode.py step']:.2f}x the modules' cached loop")
     say(f"(past {cfg['block_size']} tokens the window slides and every step reruns the whole block, cache or not: "
         f"with absolute positions there is nothing to reuse)")
 
@@ -244,8 +391,8 @@ def main():
         settings = dict(TRAIN_CASES)[cfg["case"]]
         print(json.dumps(measure_train_case(cfg, device, settings)))
         return
-    if cfg["section"] not in ("all", "train", "sophia", "sample"):
-        raise UserError(f"unknown --section={cfg['section']}; use all, train, sophia or sample")
+    if cfg["section"] not in ("all", "train", "sophia", "sample", "step"):
+        raise UserError(f"unknown --section={cfg['section']}; use all, train, sophia, sample or step")
     if cfg["out"] and not os.path.isdir(os.path.dirname(os.path.abspath(cfg["out"]))):
         raise UserError(f"--out={cfg['out']}: its folder does not exist; create it or name a file in an existing folder")
     say(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
@@ -256,6 +403,8 @@ def main():
         sophia_section(cfg, device)
     if cfg["section"] in ("all", "sample"):
         sample_section(cfg, device)
+    if cfg["section"] in ("all", "step"):
+        step_section(cfg, device)
     if cfg["out"]:
         command = " ".join(["python bench.py", *(a for a in argv if not a.startswith("--out="))])
         write_text(cfg["out"], f"`{command}` on {hardware.device_name(device)}:\n\n```\n" + "\n".join(REPORT) + "\n```\n")

@@ -16,6 +16,10 @@ names, so the export is a copy with three differences handled here:
 The tokenizer is the checkpoint's own: a trained BPE's tokenizer.json goes out through
 PreTrainedTokenizerFast; GPT-2's files (vocab.json, merges.txt, tokenizer.json) are rebuilt from
 tiktoken's GPT-2 ranks, which tokenizer.py finds offline. No model hub is needed either way.
+A chat model (fine-tuned, its tokenizer has <|im_start|> and <|im_end|>) also gets chat_format's
+CHAT_TEMPLATE as tokenizer_config.json's chat_template, <|im_end|> as its eos_token and as a stop of
+generation_config.json, so AutoTokenizer.apply_chat_template gives chat_format.prompt_ids's ids and
+pipeline("text-generation") takes a list of messages and answers with the assistant's.
 """
 import json
 import os
@@ -27,6 +31,7 @@ import torch
 
 from opengpt import checkpoint as ckpt
 from opengpt import gpt_neox_format
+from opengpt.chat_format import CHAT_TEMPLATE, IM_END, im_end_id, is_chat_tokenizer, prompt_ids
 from opengpt.cli import UserError, run
 from opengpt.folder_lock import lock_folder
 from opengpt.staged_folder import remove_stale_folders, staged_folder
@@ -53,6 +58,11 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 SAMPLING = dict(do_sample=True, temperature=0.8, top_k=200)
 # Exercises the tokenizer's hard cases: contractions, digits, whitespace runs, Chinese, emoji.
 CHECK_TEXT = "Hello world, it's 2024!  滚滚长江东逝水，浪花淘尽英雄。 🙂\n\n\tend  "
+# A chat model's export must render this as chat_format does: a system prompt, turns, Chinese, emoji, spaces.
+CHECK_CONVERSATION = [
+    {"role": "system", "content": "你是一个乐于助人的助手。"}, {"role": "user", "content": "Hello 🙂, it's  me\n"},
+    {"role": "assistant", "content": " 滚滚长江东逝水。"}, {"role": "user", "content": "浪花淘尽英雄？"},
+]
 
 
 def merge_parts(ranks, token, rank):
@@ -100,9 +110,15 @@ def save_tokenizer(tokenizer, model_max_length, folder):
         save_gpt2_tokenizer(model_max_length, folder)
         return
     eot = tokenizer.hf.id_to_token(tokenizer.eot_token)
+    # a chat model's turn ends at <|im_end|>: transformers stops there and pads with <|endoftext|>
+    special = dict(eos_token=eot)
+    if is_chat_tokenizer(tokenizer):
+        special = dict(eos_token=IM_END, pad_token=eot, chat_template=CHAT_TEMPLATE)
     hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=HFTokenizer.from_str(tokenizer.json_text),
-                                           model_max_length=model_max_length, bos_token=eot, eos_token=eot)
-    hf_tokenizer.save_pretrained(folder)
+                                           model_max_length=model_max_length, bos_token=eot, **special)
+    # the template inside tokenizer_config.json, where every transformers version looks (newer ones
+    # would write it to a chat_template.jinja of its own, which older ones do not read)
+    hf_tokenizer.save_pretrained(folder, save_jinja_files=False)
 
 
 def save_gpt2_tokenizer(model_max_length, folder):
@@ -162,8 +178,10 @@ def gpt2_lm_head_model(model, tokenizer):
 def generation_config(model, tokenizer):
     from transformers import GenerationConfig
 
+    # a chat model ends its turn with <|im_end|> (and may end the document)
+    eos = [im_end_id(tokenizer), tokenizer.eot_token] if is_chat_tokenizer(tokenizer) else tokenizer.eot_token
     return GenerationConfig(
-        bos_token_id=tokenizer.eot_token, eos_token_id=tokenizer.eot_token, pad_token_id=tokenizer.eot_token,
+        bos_token_id=tokenizer.eot_token, eos_token_id=eos, pad_token_id=tokenizer.eot_token,
         suppress_tokens=list(range(tokenizer.n_vocab, model.config.vocab_size)) or None, **SAMPLING,
     )
 
@@ -198,8 +216,14 @@ def verify_export(model, tokenizer, folder):
 
     assert os.path.isfile(os.path.join(folder, "model.safetensors")), "save_pretrained wrote no model.safetensors"
     ids = tokenizer.encode(CHECK_TEXT)
-    hf_ids = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)(CHECK_TEXT)["input_ids"]
+    hf_tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    hf_ids = hf_tokenizer(CHECK_TEXT)["input_ids"]
     assert hf_ids == ids, f"exported tokenizer gives {hf_ids}, ours gives {ids}"
+    if is_chat_tokenizer(tokenizer):
+        ours = prompt_ids(tokenizer, CHECK_CONVERSATION)
+        theirs = hf_tokenizer.apply_chat_template(CHECK_CONVERSATION, add_generation_prompt=True, tokenize=True)
+        theirs = theirs if isinstance(theirs, list) else theirs["input_ids"]  # transformers 5 gives a BatchEncoding
+        assert theirs == ours, f"exported chat template gives {theirs}, chat_format gives {ours}"
     hf_model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False).eval()
     idx = torch.tensor([ids[:model.config.block_size]])
     with torch.no_grad():
@@ -326,8 +350,9 @@ def main():
         if "No space left" in reason:
             reason += f"; {space_left(export_dir)}"
         raise UserError(f"could not write the export to {export_dir} ({reason}); nothing there was replaced") from None
+    chat = " (a chat model: give the pipeline a list of messages)" if is_chat_tokenizer(tokenizer) else ""
     print(f"exported {checkpoint_path} (iter {checkpoint.get('iter_num')}) to {export_dir}; load it with "
-          f"transformers' from_pretrained, pipeline('text-generation', model={export_dir!r}), "
+          f"transformers' from_pretrained, pipeline('text-generation', model={export_dir!r}){chat}, "
           f"or python sample.py --init_from={export_dir}")
 
 

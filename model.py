@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from opengpt.head_loss import linear_cross_entropy, sampled_label_cross_entropy
+from opengpt.head_loss import chunk_rows_for, linear_cross_entropy, sampled_label_cross_entropy
 
 
 @dataclass
@@ -240,6 +240,16 @@ class GPT(nn.Module):
         """Logits at every position, (B, T, vocab); for tests and export checks."""
         return self.lm_head(self.hidden_states(idx))
 
+    def token_losses(self, idx, targets):
+        """The loss of each target, (B, T) float32, 0 where the target is -1 (ignored): evaluation
+        counts them by source and by byte. The head runs a chunk of rows at a time, as the loss does."""
+        x = self.hidden_states(idx).flatten(0, 1)
+        flat_targets = targets.flatten()
+        rows = chunk_rows_for(x.size(0), self.config.vocab_size)
+        losses = [F.cross_entropy(self.lm_head(x[i:i + rows]).float(), flat_targets[i:i + rows], ignore_index=-1, reduction="none")
+                  for i in range(0, x.size(0), rows)]
+        return torch.cat(losses).view_as(targets)
+
     def crop_block_size(self, block_size):
         """Shrink the context (e.g. GPT-2's 1024) for a smaller model."""
         if block_size > self.config.block_size:
@@ -319,28 +329,24 @@ class GPT(nn.Module):
         (positions are absolute, so a sliding window cannot reuse cached keys). In float32 both
         paths give the same tokens for the same generator; in 16 bits their kernels round
         differently and the tokens may part (sample.py samples in float32 on CPUs). n_real_vocab
-        keeps the padding rows of a padded vocabulary from ever being drawn.
+        keeps the padding rows of a padded vocabulary from ever being drawn. Each cached token takes
+        opengpt/decode.py's one-token step, the blocks' forward without the modules' per-call overhead.
         """
+        from opengpt.decode import CachedDecoding, head_columns  # decode.py imports this module
+
         block = self.config.block_size
-        caches = None
-        head = self.lm_head.weight.t()
-        if head.device.type == "cpu":
-            # A (C, V) contiguous copy: on a CPU one row times it beats times the (V, C) weight's transpose,
-            # and the head is most of a token's time (see logs/README.md#sampling-on-a-cpu).
-            head = head.contiguous()
-        for _ in range(max_new_tokens):
-            if use_cache and idx.size(1) <= block:
-                if caches is None:
-                    caches = self.new_kv_caches(idx.size(0), idx.device)
-                    x = self.hidden_states(idx, caches)
-                else:
-                    x = self.hidden_states(idx[:, -1:], caches)
-                logits = x[:, -1, :] @ head
+        B, T = idx.size()
+        out = torch.empty(B, T + max_new_tokens, dtype=idx.dtype, device=idx.device)
+        out[:, :T] = idx
+        decoding = CachedDecoding(self, B, idx.device) if use_cache else None
+        head = decoding.head if decoding else head_columns(self)
+        for length in range(T, T + max_new_tokens):
+            if use_cache and length <= block:
+                logits = decoding.prefill(idx) if length == T else decoding.step(out[:, length - 1])
             else:
-                logits = self.hidden_states(idx[:, -block:])[:, -1, :] @ head
-            idx_next = sample_next_token(logits[:, :n_real_vocab], temperature, top_k, generator)
-            idx = torch.cat((idx, idx_next), dim=1)
-        return idx
+                logits = self.hidden_states(out[:, max(0, length - block):length])[:, -1, :] @ head
+            out[:, length:length + 1] = sample_next_token(logits[:, :n_real_vocab], temperature, top_k, generator)
+        return out
 
     def new_kv_caches(self, batch, device):
         cfg = self.config

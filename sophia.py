@@ -21,8 +21,9 @@ Before the first update_hessian() h is zero and every coordinate is clipped, so 
 lr * sign(m): sign momentum. A loop that never calls update_hessian() (the project this one is
 modelled on) therefore runs sign momentum, not Sophia.
 
-All parameters of a group are updated with torch._foreach_* multi-tensor ops, and nothing in
-step() waits for the device: the statistics are kept as tensors and read only when asked.
+All parameters of a group are updated with torch._foreach_* multi-tensor ops, or with
+compiled=True by sophia_update_ compiled into one pass per parameter (as fast as AdamW's fused
+step); nothing in step() waits for the device: the statistics are kept as tensors and read only when asked.
 
 Which rho? A coordinate is not clipped (it "wins") when |m| / (bs * h) < rho (up to eps). So the
 quantiles of r = |m| / (bs * h) over all coordinates, which statistics() reports, say what win_rate
@@ -48,7 +49,7 @@ def loss_of(closure):
 
 
 class SophiaG(torch.optim.Optimizer):
-    def __init__(self, params, lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=1e-1, eps=1e-15):
+    def __init__(self, params, lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=1e-1, eps=1e-15, compiled=False):
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         for i, beta in enumerate(betas):
@@ -64,6 +65,7 @@ class SophiaG(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.track_stats = False
         self._stats = None
+        self.compiled = compiled  # the step as one torch.compile'd pass per parameter (needs a C++ compiler on a CPU)
 
     def _state_for(self, p):
         state = self.state[p]
@@ -105,20 +107,20 @@ class SophiaG(torch.optim.Optimizer):
             beta1 = group["betas"][0]
             lr, rho, wd, eps = group["lr"], group["rho"], group["weight_decay"], group["eps"]
 
-            if wd != 0:
-                torch._foreach_mul_(params, 1 - lr * wd)
-            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)  # m <- beta1*m + (1-beta1)*g
-
-            # ratio = min(|m| / (rho * bs * h + eps), 1)
-            denominators = torch._foreach_mul(hessians, rho * bs)
-            torch._foreach_add_(denominators, eps)
-            ratios = torch._foreach_abs(exp_avgs)
-            torch._foreach_div_(ratios, denominators)
-            torch._foreach_clamp_max_(ratios, 1.0)
-            if stats is not None:
-                stats.append(_step_statistics(ratios, exp_avgs, hessians, bs))
-            signs = torch._foreach_sign(exp_avgs)
-            torch._foreach_addcmul_(params, signs, ratios, value=-lr)
+            if self.compiled:
+                lr_tensor = torch.tensor(lr, device=params[0].device)  # a tensor: a new lr does not recompile
+                _compiled_update()(params, grads, exp_avgs, hessians, lr_tensor, beta1, rho * bs, wd, eps)
+            else:
+                if wd != 0:
+                    torch._foreach_mul_(params, 1 - lr * wd)
+                torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)  # m <- beta1*m + (1-beta1)*g
+                # sign(m) * min(|m| / d, 1) is clamp(m / d, -1, 1), as d = rho * bs * h + eps > 0: three passes fewer
+                updates = torch._foreach_div(exp_avgs, _denominators(hessians, rho * bs, eps))
+                torch._foreach_clamp_min_(updates, -1.0)
+                torch._foreach_clamp_max_(updates, 1.0)
+                torch._foreach_add_(params, updates, alpha=-lr)
+            if stats is not None:  # from m after the step and h, as the step used them
+                stats.append(_step_statistics(_clipped_ratios(exp_avgs, hessians, rho * bs, eps), exp_avgs, hessians, bs))
         if stats:
             self._stats = stats
         return loss
@@ -138,6 +140,40 @@ class SophiaG(torch.optim.Optimizer):
         quantiles = ratio_quantiles(sum(s[3] for s in self._stats))
         return {"win_rate": win_rate, "clip_rate": 1.0 - win_rate, "hessian_norm": hessian_norm,
                 **{f"ratio_q{round(q * 100):02d}": value for q, value in zip(RATIO_QUANTILES, quantiles)}}
+
+
+def sophia_update_(params, grads, exp_avgs, hessians, lr, beta1, rho_bs, weight_decay, eps):
+    """The step of the module's docstring on a group's tensors, in place, written tensor by tensor as
+    the maths: what SophiaG(compiled=True) compiles into one pass over each parameter, where the
+    foreach path makes eight (logs/README.md#sophiags-step-compiled)."""
+    for p, g, m, h in zip(params, grads, exp_avgs, hessians):
+        p.mul_(1 - lr * weight_decay)
+        m.lerp_(g, 1 - beta1)
+        p.sub_(lr * (m / (rho_bs * h + eps)).clamp(-1, 1))  # = lr * sign(m) * min(|m| / (rho * bs * h + eps), 1)
+
+
+_COMPILED_UPDATE = []
+
+
+def _compiled_update():
+    """sophia_update_ compiled, made on first use: importing sophia.py compiles nothing."""
+    if not _COMPILED_UPDATE:
+        _COMPILED_UPDATE.append(torch.compile(sophia_update_, dynamic=False))
+    return _COMPILED_UPDATE[0]
+
+
+def _denominators(hessians, rho_bs, eps):
+    denominators = torch._foreach_mul(hessians, rho_bs)
+    torch._foreach_add_(denominators, eps)
+    return denominators
+
+
+def _clipped_ratios(exp_avgs, hessians, rho_bs, eps):
+    """min(|m| / (rho * bs * h + eps), 1) per coordinate, what the statistics count."""
+    ratios = torch._foreach_abs(exp_avgs)
+    torch._foreach_div_(ratios, _denominators(hessians, rho_bs, eps))
+    torch._foreach_clamp_max_(ratios, 1.0)
+    return ratios
 
 
 def _step_statistics(ratios, exp_avgs, hessians, bs):

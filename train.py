@@ -30,12 +30,12 @@ from opengpt import hardware
 from opengpt.cli import UserError, run
 from opengpt.data import TokenData, data_folder
 from opengpt.run_log import RunLog
-from opengpt.run_setup import (build_model, build_optimizer, check_config, claim_out_dir, pretrained_shape,
+from opengpt.run_setup import (build_model, build_optimizer, chat_record, check_config, claim_out_dir, pretrained_shape,
                                setup_distributed, start_weight_average, stream_seed)
 from opengpt.schedule import Schedule, TimeBudget
 from opengpt.training import (StepClock, StopRequest, Training, batches_fit, broken_weights_message, diverged_message,
                               evaluate, log_training_step, losses_are_sane, model_fits, rank0_verdict,
-                              save_training_state, train_step, weights_are_finite)
+                              save_training_state, sources_text, train_step, weights_are_finite)
 
 DEFAULTS = dict(
     # output and evaluation
@@ -48,7 +48,7 @@ DEFAULTS = dict(
     always_save_checkpoint=True,  # save at every evaluation, not only when val loss improves
     ckpt_interval=0,  # also save every N iterations whatever the val loss (0 = off)
     keep_best_checkpoint=False,  # also keep ckpt_best.pt, the checkpoint with the best val loss
-    init_from="scratch",  # scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a transformers folder
+    init_from="scratch",  # scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a transformers folder | a run's out_dir (fine-tune its weights)
     overwrite_out_dir=False,  # let a new run replace the checkpoints and log of an earlier run in out_dir
     # logging
     wandb_log=False,
@@ -90,8 +90,8 @@ DEFAULTS = dict(
     warmup_iters=2000,
     lr_decay_iters=600000,
     min_lr=6e-5,
-    # train for a wall-clock budget: after a few warm-up steps the step time is measured and
-    # max_iters = lr_decay_iters are set so that warm-up, decay and evaluations end inside it (0 = off)
+    # train for a wall-clock budget: max_iters = lr_decay_iters are fitted to it from the measured step
+    # time, and re-fitted when the machine's speed changes, so the decay ends at the budget (0 = off)
     max_minutes=0.0,
     # faults
     max_bad_steps=10,  # stop after this many consecutive steps with a non-finite loss or gradient
@@ -142,10 +142,11 @@ def main(optimizer=None):
 
     # the model (scratch, resume or GPT-2), its optimizer, and the checkpoint's state when resuming
     with model_fits(device):
-        model, model_args, checkpoint = build_model(cfg, data, data_dir, tokenizer)
+        model, model_args, checkpoint, vocab_growth = build_model(cfg, data, data_dir, tokenizer)
     cfg = cfg | pretrained_shape(cfg, model_args)  # from GPT-2: the log and checkpoints record GPT-2's shape
     iter_num, best_val_loss = (checkpoint["iter_num"], checkpoint["best_val_loss"]) if checkpoint else (0, float("inf"))
     resumed_config = checkpoint["config"] if checkpoint else None
+    chat = chat_record(data, vocab_growth, checkpoint)  # a chat fine-tuning's template and vocabulary growth
     out_dir_claim = claim_out_dir(cfg) if is_master else None
     with model_fits(device):
         model.to(device)
@@ -164,7 +165,7 @@ def main(optimizer=None):
     t = Training(cfg=cfg, model=model, raw_model=raw_model, optimizer=optimizer, scaler=scaler,
                  autocast=hardware.autocast_context(device, dtype), data=data, device=device, rank=rank,
                  world_size=world_size, batch_generator=batch_generator, hessian_generator=hessian_generator,
-                 weight_average=weight_average)
+                 weight_average=weight_average, chat=chat)
     log = RunLog(cfg, is_master, machine=hardware.device_name(device))
     # a run that ends unfinished before its first checkpoint (an error, a crash; not kill -9) takes back
     # its log, so the folder is as it was and the rerun its error suggests is not refused
@@ -178,6 +179,11 @@ def main(optimizer=None):
                  f"device {device} ({hardware.device_name(device)}), dtype {dtype}")
         if t.spec.describe(cfg):
             log.text(t.spec.describe(cfg))
+        if vocab_growth:
+            log.text(f"vocabulary grown from {vocab_growth['from']:,} to {vocab_growth['to']:,} tokens for "
+                     f"{' '.join(vocab_growth['tokens'])}: their rows start at the mean of the others")
+        if data.chat:
+            log.text("chat data: the loss counts the assistant's replies only")
         if data.epochs:
             log.text(f"training windows: the train split's {data.epochs.windows_per_epoch:,} windows in a new "
                      f"random order every epoch (sampling=epochs)")
@@ -187,15 +193,16 @@ def main(optimizer=None):
     log.event("peak_flops", flops=peak, source=peak_source)
 
     # the loop: the learning rate, an evaluation (and checkpoint) every eval_interval, one step, its log line
-    budget = TimeBudget(cfg["eval_interval"], world_size, device)
+    budget = TimeBudget(cfg["eval_interval"], world_size, device, rank)
     schedule = budget.start(Schedule.from_config(cfg), resumed_config)  # with --max_minutes, the horizon comes later
     start_iter = iter_num
     last_saved_iter = iter_num if cfg["init_from"] == "resume" else None
 
     def save_checkpoint(file_name):
         nonlocal last_saved_iter
-        # the flags as they stand: with --max_minutes, the horizon decided so far, so a resume keeps it
-        save_training_state(t, cfg | asdict(schedule), model_args, iter_num, best_val_loss, tokenizer, file_name, log)
+        # the flags as they stand: with --max_minutes, what was decided so far and the seconds used, so a resume goes on
+        save_training_state(t, cfg | asdict(schedule) | budget.saved_state(), model_args, iter_num, best_val_loss,
+                            tokenizer, file_name, log)
         log.keep()
         if file_name == ckpt.FILENAME:
             last_saved_iter = iter_num
@@ -238,9 +245,9 @@ def main(optimizer=None):
             if is_master:
                 train, val = metrics["train"], metrics["val"]
                 log.event("eval", iter=iter_num, train_loss=train["loss"], val_loss=val["loss"], train_bpc=train["bpc"],
-                          val_bpc=val["bpc"], val_bpb=val["bpb"], lr=lr)
+                          val_bpc=val["bpc"], val_bpb=val["bpb"], lr=lr, **({"val_sources": val["sources"]} if "sources" in val else {}))
                 log.text(f"step {iter_num}: train loss {train['loss']:.4f}, val loss {val['loss']:.4f}, "
-                         f"val {val['bpc']:.3f} bits/char ({val['bpb']:.3f} bits/byte)")
+                         f"val {val['bpc']:.3f} bits/char ({val['bpb']:.3f} bits/byte){sources_text(val)}")
             stop_unless_sane(metrics)
             if is_master:
                 if val["loss"] < best_val_loss:
@@ -275,7 +282,7 @@ def main(optimizer=None):
         if budget_note:
             event, line = budget_note
             log.text(line)
-            log.event(event, iter=iter_num, max_iters=schedule.max_iters, lr_decay_iters=schedule.lr_decay_iters)
+            log.event(event, iter=iter_num, **schedule.decisions())
         if log_due:
             log_training_step(t, log, iter_num - 1, lr, step, clock.lap(), total_bad_steps, peak)
 
@@ -295,7 +302,8 @@ def main(optimizer=None):
                 save_checkpoint(ckpt.FILENAME)
 
     if budget.enabled:
-        log.event("time_budget_end", iter=iter_num, elapsed_seconds=budget.elapsed(), budget_seconds=budget.seconds)
+        log.event("time_budget_end", iter=iter_num, elapsed_seconds=budget.elapsed(), budget_seconds=budget.seconds,
+                  decay_finished=iter_num == schedule.lr_decay_iters)
         log.text(f"trained for {budget.elapsed():.1f} s of the {budget.seconds:.0f} s budget")
     log.close()
     if is_master and peak:

@@ -137,6 +137,7 @@ def summary(out_dir):
         ms_per_step=statistics.median(e["time_ms"] for e in steps), parameters=model.get_num_params(),
         machine=next(e for e in events if e["event"] == "config")["machine"],
         planned=any(e["event"] == "time_budget" for e in events) and not any(e["event"] == "time_budget_stop" for e in events),
+        replans=sum(e["event"] == "time_budget_replan" for e in events),  # the machine's speed changed: the horizon followed
     )
 
 
@@ -267,8 +268,14 @@ def speedrun_table(cfg):
         f"(full logits, `--chunked_head_loss=False`) run by our train.py, so both share the data pipeline and evaluation.",
     ]
     if unplanned:
-        lines.append(f"{' and '.join(unplanned)} stopped at the time guard, before the planned horizon: the machine slowed down "
-                     f"after the steps that were timed.")
+        lines.append(f"{' and '.join(unplanned)} stopped at the time guard, before the planned horizon, its decay unfinished: "
+                     f"the machine stalled near the end of the budget.")
+    else:
+        lines.append("Every run's cosine decay finished: its last evaluation was at min_lr.")
+    replanned = [f"{label} {row['replans']}" for label, row in rows if row.get("replans")]
+    if replanned:
+        lines.append(f"Re-plans of the horizon as the machine's speed changed (`--max_minutes` follows the clock): "
+                     f"{', '.join(replanned)}.")
     lines += ["", f"{machine_line(ours)} Command: `python -m logs.speedrun --section=speedrun`."]
     return "\n".join(lines) + "\n"
 

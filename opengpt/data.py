@@ -5,6 +5,11 @@ draws the windows of *all* ranks and micro-steps, and rank r keeps micro-batches
 r*count .. r*count+count-1. So ranks read different data, a run on 2 processes sees exactly the
 batches of a run on 1 process with twice the accumulation, and saving the generator's state in a
 checkpoint makes resume continue the same sequence of batches.
+
+A chat folder (prepare_chat.py: meta.json has "chat") also holds train_mask.bin / val_mask.bin, one
+byte per token, 1 on the assistant's tokens: every target whose mask is 0 is -1, the index the loss
+ignores, so training and evaluation count the assistant's replies only. Where meta.json records
+each split's sources (spans of tokens, prepare.py), evaluation also reports each source's numbers.
 """
 import json
 import math
@@ -19,6 +24,7 @@ from opengpt.data_layout import SPLITS, prepare_command
 
 SPLIT_COUNTS = ("documents", "characters", "bytes", "tokens")  # what meta.json counts of each split
 SAMPLINGS = ("random", "epochs")  # how training windows are drawn: see TokenData.train_micro_batches
+IGNORED_TARGET = -1  # a target the loss leaves out (model.py and head_loss.py ignore index -1)
 
 
 def padded_vocab_size(vocab_size):
@@ -34,6 +40,24 @@ def checked_tokenizer_record(record):
     if record["kind"] == "bpe" and not isinstance(record["file"], str):
         raise TypeError(f"tokenizer file {record['file']!r}")
     return record
+
+
+def checked_sources(split_record, split):
+    """A split's source spans in meta.json (prepare.py: [{source, start, end, documents, characters,
+    bytes}] in token order), once they are known to cover its tokens back to back; [] when it records
+    none. ValueError, KeyError or TypeError if not."""
+    spans = split_record.get("sources", [])
+    if not isinstance(spans, list):
+        raise TypeError(f"sources of {split} is a {type(spans).__name__}")
+    checked, end = [], 0
+    for span in spans:
+        checked.append({"source": str(span["source"]), **{key: int(span[key]) for key in ("start", "end", "documents", "characters", "bytes")}})
+        if checked[-1]["start"] != end or checked[-1]["end"] < end:
+            raise ValueError(f"the sources of {split} do not cover its tokens back to back (at token {end:,})")
+        end = checked[-1]["end"]
+    if checked and end != int(split_record["tokens"]):
+        raise ValueError(f"the sources of {split} end at token {end:,}, not at its {int(split_record['tokens']):,} tokens")
+    return checked
 
 
 def data_folder(cfg):
@@ -55,12 +79,17 @@ class TokenData:
             self.dtype = np.dtype(meta["dtype"])
             self.tokenizer_record = checked_tokenizer_record(meta["tokenizer"])
             self.split_counts = {split: {key: int(meta["splits"][split][key]) for key in SPLIT_COUNTS} for split in SPLITS}
+            self.sources = {split: checked_sources(meta["splits"][split], split) for split in SPLITS}
+            self.chat = meta.get("chat")
+            if self.chat is not None and not isinstance(self.chat, dict):
+                raise TypeError(f"chat entry {str(self.chat)[:80]}")
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{meta_path} is damaged or from another version of prepare.py ({type(e).__name__}: {e}); "
                             f"rerun python prepare.py --out={data_dir}") from None
         self.data_dir = data_dir
         self.block_size = block_size
         self.tokens = {split: self._open(data_dir, split) for split in SPLITS}
+        self.masks = {split: self._open_mask(data_dir, split) if self.chat else None for split in SPLITS}
         self.epochs = ShuffledEpochs(len(self.tokens["train"]), block_size) if sampling == "epochs" else None
 
     @property
@@ -88,6 +117,16 @@ class TokenData:
         s = self.split_counts[split]
         return (s["bytes"] + s["documents"]) / (s["characters"] + s["documents"])
 
+    def source_bytes_per_character(self, split, name):
+        """bytes_per_character of the documents of one source in a split (all its spans)."""
+        spans = [span for span in self.sources[split] if span["source"] == name]
+        documents = sum(span["documents"] for span in spans)
+        return (sum(span["bytes"] for span in spans) + documents) / (sum(span["characters"] for span in spans) + documents)
+
+    def source_names(self, split):
+        """The split's sources in the order they first appear; empty when meta.json records none."""
+        return list(dict.fromkeys(span["source"] for span in self.sources[split]))
+
     def _open(self, data_dir, split):
         path = os.path.join(data_dir, f"{split}.bin")
         if not os.path.isfile(path):
@@ -111,11 +150,41 @@ class TokenData:
                             f"the file is corrupt or from another tokenizer; rerun prepare.py")
         return tokens
 
+    def _open_mask(self, data_dir, split):
+        """A chat folder's mask of the split: one uint8 per token, 1 where the token is the assistant's."""
+        path = os.path.join(data_dir, f"{split}_mask.bin")
+        if not os.path.isfile(path):
+            raise UserError(f"{path} not found, though meta.json says {data_dir} is a chat folder; rerun prepare_chat.py")
+        mask = np.memmap(path, dtype=np.uint8, mode="r")
+        if len(mask) != len(self.tokens[split]):
+            raise UserError(f"{path} holds {len(mask)} mask bytes but {split}.bin {len(self.tokens[split])} tokens: "
+                            f"the files are from different prepare_chat.py runs or cut short; rerun prepare_chat.py")
+        largest = max(int(mask[i:i + 2**24].max()) for i in range(0, len(mask), 2**24))
+        if largest > 1:
+            raise UserError(f"{path} holds the value {largest}, but a mask holds only 0 and 1: the file is corrupt; "
+                            f"rerun prepare_chat.py")
+        return mask
+
     def _windows(self, split, starts):
-        """(x, y) int64 tensors of shape (len(starts), block_size), y shifted by one token."""
+        """(x, y) int64 tensors of shape (len(starts), block_size), y shifted by one token; in a chat
+        folder, targets outside the assistant's replies are IGNORED_TARGET."""
         offsets = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(self.block_size + 1)
         windows = torch.from_numpy(self.tokens[split][offsets].astype(np.int64))
-        return windows[:, :-1], windows[:, 1:]
+        x, y = windows[:, :-1], windows[:, 1:]
+        if self.masks[split] is not None:
+            learnt = torch.from_numpy(self.masks[split][offsets[:, 1:]].astype(bool))
+            y = y.masked_fill(~learnt, IGNORED_TARGET)
+        return x, y
+
+    def _target_sources(self, split, starts):
+        """(len(starts), block_size) int64: the index in source_names(split) of each window's target
+        tokens (a window may cross from one source's span into the next)."""
+        spans = self.sources[split]
+        names = self.source_names(split)
+        span_source = np.array([names.index(span["source"]) for span in spans], dtype=np.int64)
+        ends = np.array([span["end"] for span in spans], dtype=np.int64)
+        positions = np.asarray(starts, dtype=np.int64)[:, None] + 1 + np.arange(self.block_size)
+        return torch.from_numpy(span_source[np.searchsorted(ends, positions, side="right")])
 
     def train_micro_batches(self, generator, batch_size, count, rank, world_size):
         """This rank's `count` micro-batches of one step: ([x], [y]). With sampling="random" (nanoGPT's)
@@ -130,10 +199,11 @@ class TokenData:
         return list(xs), list(ys)
 
     def eval_batches(self, split, batch_size, max_batches):
-        """Batches to evaluate on, the same every call. val: consecutive non-overlapping windows
-        from the start of the split, max_batches of them or all when max_batches is 0. train:
-        max_batches batches of random windows from a fixed seed, so evaluation never touches the
-        training generator."""
+        """Batches (x, y, sources) to evaluate on, the same every call. val: consecutive
+        non-overlapping windows from the start of the split, max_batches of them or all when
+        max_batches is 0. train: max_batches batches of random windows from a fixed seed, so
+        evaluation never touches the training generator. sources: each target's source (an index
+        into source_names(split)), None when meta.json records no sources."""
         n_tokens = len(self.tokens[split])
         if split == "val":
             starts = np.arange(0, n_tokens - self.block_size, self.block_size)
@@ -143,7 +213,9 @@ class TokenData:
             generator = torch.Generator().manual_seed(0)
             starts = torch.randint(n_tokens - self.block_size, (batch_size * max_batches,), generator=generator).numpy()
         for i in range(0, len(starts), batch_size):
-            yield self._windows(split, starts[i:i + batch_size])
+            batch_starts = starts[i:i + batch_size]
+            sources = self._target_sources(split, batch_starts) if self.sources[split] else None
+            yield *self._windows(split, batch_starts), sources
 
 
 class ShuffledEpochs:

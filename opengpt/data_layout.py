@@ -5,7 +5,7 @@ Without torch (data.py has it), so prepare.py and its worker processes start fas
 """
 import os
 
-from opengpt.corpus import DEFAULT_CORPUS_NAME
+from opengpt.corpus import DEFAULT_CORPUS_NAME, EMBEDDED_CORPORA
 
 SPLITS = ("train", "val")
 DEFAULT_VOCAB_SIZE = 8192  # prepare.py's --vocab_size, whose folder takes no suffix
@@ -27,6 +27,16 @@ def tokenizer_suffix(tokenizer, vocab_size):
     return "_" + os.path.basename(os.path.normpath(tokenizer)).removesuffix(".json")  # a tokenizer file's name
 
 
+def embedded_corpus_flags(name):
+    """The --corpus, --tokenizer and --vocab_size flags (a dict) whose default_out is data/<name>, or
+    None when no embedded corpus's folder is named so."""
+    for corpus in EMBEDDED_CORPORA:
+        flags = tokenizer_flags(name.removeprefix(corpus)) if name.startswith(corpus) else None
+        if flags is not None:
+            return ({} if corpus == DEFAULT_CORPUS_NAME else {"corpus": corpus}) | flags
+    return None
+
+
 def tokenizer_flags(suffix):
     """The --tokenizer / --vocab_size flags (a dict) whose tokenizer_suffix is suffix, or None when
     only a tokenizer file's name gives it (the file's path is not in the name)."""
@@ -41,10 +51,10 @@ def tokenizer_flags(suffix):
 
 
 def prepare_command(data_dir):
-    """The prepare.py command that writes data_dir when it is a folder prepare.py names itself for the
-    embedded corpus (default_out: data/zh_default, its _gpt2 and _bpe<N> siblings)."""
+    """The prepare.py command that writes data_dir when it is a folder prepare.py names itself for an
+    embedded corpus (default_out: data/zh_default, data/zh_large, their _gpt2 and _bpe<N> siblings)."""
     name = os.path.basename(os.path.normpath(data_dir))
-    flags = tokenizer_flags(name.removeprefix(DEFAULT_CORPUS_NAME)) if name.startswith(DEFAULT_CORPUS_NAME) else None
+    flags = embedded_corpus_flags(name)
     if flags is None:
         return f"python prepare.py --out={data_dir} with the flags that made it"
     command = "python prepare.py" + "".join(f" --{key}={value}" for key, value in flags.items())

@@ -1,11 +1,12 @@
 """Tokenizing a corpus's chunks, in this process or in several: prepare.py's encoder.
 
-Each chunk's documents become tokens with <|endoftext|> after each one, split by train/val. With
-several processes, one that dies (the out-of-memory killer, a crash) ends the run with one line
-naming the document it was encoding, where multiprocessing.Pool would wait for ever; a tokenizer
-that panics (a BaseException in Rust bindings) is one line too.
+Each chunk's documents become tokens with <|endoftext|> after each one, split by train/val, and
+counted per split and per source. With several processes, one that dies (the out-of-memory killer,
+a crash) ends the run with one line naming the document it was encoding, where multiprocessing.Pool
+would wait for ever; a tokenizer that panics (a BaseException in Rust bindings) is one line too.
 """
 import contextlib
+import itertools
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -55,24 +56,41 @@ def encode_document(tokenizer, index, document):
 
 
 def encode_chunk(chunk):
-    """For each split: the chunk's documents in it as tokens, <|endoftext|> after each one, and
-    their counts (documents, characters, UTF-8 bytes, tokens)."""
+    """For each split: the chunk's documents in it as tokens, <|endoftext|> after each one, their
+    counts (documents, characters, UTF-8 bytes, tokens), and the same counts per source ("sources":
+    one entry for each run of consecutive documents of one source, in order).
+    A chunk is (index of its first document, [(is_val, source, document), ...])."""
     first, documents = chunk
     tokenizer, dtype, current, slot = (_worker[key] for key in ("tokenizer", "dtype", "current", "slot"))
     ids = []
     with stderr_to_devnull():
-        for index, (_, document) in enumerate(documents, first):
+        for index, (_, _, document) in enumerate(documents, first):
             current[slot] = index  # read by the main process if this one dies
             ids.append(encode_document(tokenizer, index, document))
     eot = np.array([tokenizer.eot_token], dtype=dtype)
     encoded = {}
     for split in SPLITS:
-        picked = [(document, doc_ids) for (is_val, document), doc_ids in zip(documents, ids) if is_val == (split == "val")]
-        pieces = [piece for _, doc_ids in picked for piece in (np.array(doc_ids, dtype=dtype), eot)]
+        picked = [(source, document, doc_ids) for (is_val, source, document), doc_ids in zip(documents, ids) if is_val == (split == "val")]
+        pieces = [piece for _, _, doc_ids in picked for piece in (np.array(doc_ids, dtype=dtype), eot)]
         tokens = np.concatenate(pieces) if pieces else np.empty(0, dtype=dtype)
-        encoded[split] = dict(tokens=tokens, documents=len(picked), characters=sum(len(d) for d, _ in picked),
-                              bytes=sum(len(d.encode("utf-8")) for d, _ in picked))
+        encoded[split] = dict(tokens=tokens, **document_counts(picked), sources=source_counts(picked))
     return encoded
+
+
+def document_counts(picked):
+    """documents, characters and UTF-8 bytes of (source, document, token ids) triples."""
+    return dict(documents=len(picked), characters=sum(len(document) for _, document, _ in picked),
+                bytes=sum(len(document.encode("utf-8")) for _, document, _ in picked))
+
+
+def source_counts(picked):
+    """document_counts of each run of consecutive documents of one source, with its source's name
+    and its tokens (each document's own and its <|endoftext|>)."""
+    counts = []
+    for source, run in itertools.groupby(picked, key=lambda triple: triple[0]):
+        run = list(run)
+        counts.append(dict(source=source, **document_counts(run), tokens=sum(len(doc_ids) + 1 for _, _, doc_ids in run)))
+    return counts
 
 
 def encoder_process(pipe, current, slot, tokenizer_spec, dtype_name):
@@ -186,7 +204,7 @@ class EncoderProcesses:
             first, documents = busy[slot][1]
             index = self.current[slot]
             if first <= index < first + len(documents):
-                how += f" while encoding {describe_document(index, documents[index - first][1])}"
+                how += f" while encoding {describe_document(index, documents[index - first][-1])}"
                 fix = "Free some memory, lower --num_proc, or leave that document out"
         return TokenizingProcessDied(f"a tokenizing process {how}", fix)
 

@@ -110,7 +110,9 @@ class SophiaGSpec(OptimizerSpec):
     label = "SophiaG"
 
     def build(self, model, cfg, device_type):
-        return SophiaG(param_groups(model, cfg), lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]), rho=cfg["rho"])
+        # with --compile, its step compiled too: one pass per parameter instead of eight (sophia.py)
+        return SophiaG(param_groups(model, cfg), lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]), rho=cfg["rho"],
+                       compiled=cfg["compile"])
 
     def describe(self, cfg):
         if cfg["hess_interval"] == 0:

@@ -192,10 +192,12 @@ def model_args_from(cfg, vocab_size):
 
 
 def build_model(cfg, data, data_dir, tokenizer):
-    """(model, model_args, checkpoint): the GPT that init_from names, on the CPU; the checkpoint
-    when resuming (its optimizer and random states are restored later), else None. From GPT-2,
-    model_args hold GPT-2's shape, not the flags'."""
-    checkpoint = None
+    """(model, model_args, checkpoint, vocab_growth): the GPT that init_from names, on the CPU; the
+    checkpoint when resuming (its optimizer and random states are restored later), else None. From
+    pretrained weights (a run's out_dir, GPT-2, a transformers folder) model_args hold their shape,
+    not the flags', and the optimizer starts afresh; when the data's tokenizer is theirs plus the
+    chat tokens, the vocabulary grows (grow_vocabulary) and vocab_growth records it, else it is None."""
+    checkpoint, vocab_growth = None, None
     model_args = model_args_from(cfg, data.padded_vocab_size)
     if cfg["init_from"] == "scratch":
         model = GPT(GPTConfig(**model_args))
@@ -206,17 +208,55 @@ def build_model(cfg, data, data_dir, tokenizer):
         check_resume_matches(cfg, checkpoint, checkpoint_path)
         model_args = checkpoint["model_args"] | {"dropout": cfg["dropout"]}
         model = ckpt.model_from(checkpoint, cfg["dropout"])
-    else:
-        ckpt.check_gpt2_tokenizer(cfg["init_from"], tokenizer, data_dir)
-        model = ckpt.gpt2_model(cfg["init_from"], cfg["dropout"])
+    else:  # pretrained weights: a run's out_dir (its ckpt.pt) or GPT-2's (a hub name or a transformers folder)
+        pretrained = ckpt.load_pretrained(cfg["init_from"]) if ckpt.is_run_folder(cfg["init_from"]) else None
+        weights_tokenizer = ckpt.tokenizer_of(pretrained) if pretrained else ckpt.pretrained_tokenizer(cfg["init_from"])
+        added = ckpt.tokens_to_add(cfg["init_from"], weights_tokenizer, tokenizer, data_dir)
+        if pretrained:
+            model = ckpt.model_from(pretrained, cfg["dropout"])
+        else:
+            model = ckpt.gpt2_model(cfg["init_from"], cfg["dropout"])
         if cfg["block_size"] > model.config.block_size:
             raise UserError(f"--block_size={cfg['block_size']} exceeds {cfg['init_from']}'s {model.config.block_size}")
         model.crop_block_size(cfg["block_size"])
+        if added:
+            vocab_growth = grow_vocabulary(model, weights_tokenizer.n_vocab, added, data.padded_vocab_size)
         model_args = {k: getattr(model.config, k) for k in model_args}
     if model.config.vocab_size < data.vocab_size:
         raise UserError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the data's ({data.vocab_size})")
     model.chunked_head_loss = cfg["chunked_head_loss"]
-    return model, model_args, checkpoint
+    return model, model_args, checkpoint, vocab_growth
+
+
+@torch.no_grad()
+def grow_vocabulary(model, n_real, added, vocab_size):
+    """Give the embedding (and the head tied to it) vocab_size rows (padded), for tokens n_real,
+    n_real + 1, ... named in added: their rows, and any padding rows the model did not have, start at
+    the mean of the n_real real rows, an average token, rather than at random. The record for the
+    checkpoint (contract: chat_interfaces.md)."""
+    old = model.lm_head.weight
+    grown = torch.empty(max(vocab_size, old.size(0)), old.size(1), dtype=old.dtype)
+    mean = old[:n_real].float().mean(dim=0).to(old.dtype)
+    grown[:old.size(0)] = old
+    grown[n_real:n_real + len(added)] = mean
+    grown[old.size(0):] = mean
+    # built on the meta device: no memory, and no draw from the random state, for weights replaced at once
+    model.lm_head = torch.nn.Linear(old.size(1), grown.size(0), bias=False, device="meta")
+    model.lm_head.weight = torch.nn.Parameter(grown)
+    model.transformer.wte = torch.nn.Embedding(grown.size(0), old.size(1), device="meta")
+    model.transformer.wte.weight = model.lm_head.weight  # tied again, as GPT.__init__ ties them
+    model.config.vocab_size = grown.size(0)
+    return {"from": n_real, "to": n_real + len(added), "tokens": list(added), "init": "mean"}
+
+
+def chat_record(data, vocab_growth, checkpoint):
+    """What the checkpoints of a run on a chat data folder record of it (None for other data): the
+    folder's template and how the vocabulary grew; a resumed run keeps the record of the run it continues."""
+    if checkpoint is not None:
+        return checkpoint.get("chat")
+    if data.chat is None:
+        return None
+    return {"template": data.chat.get("template"), "vocab_growth": vocab_growth}
 
 
 def pretrained_shape(cfg, model_args):

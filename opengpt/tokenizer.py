@@ -10,6 +10,9 @@ Two kinds, both byte-level, so any UTF-8 text encodes and decodes back exactly (
   `tokenizer.json`. It lives as its tokenizer.json text, which data folders, checkpoints and
   exports carry.
 
+Chat tokenizers (chat_format.py) add ChatML's <|im_start|> and <|im_end|> to a "bpe" one as special
+tokens: single ids that decode to their text, which text spelling them never encodes to.
+
 A tokenizer's `spec` (plain data: kind, and the json text for "bpe") is what meta.json and
 checkpoints record; `from_spec` rebuilds it. `sha256` identifies it across folders and checkpoints.
 """
@@ -29,6 +32,10 @@ GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838
 GPT2_VOCAB_SIZE = 50257
 EOT_TOKEN = 50256  # GPT-2's <|endoftext|>
 EOT_TEXT = "<|endoftext|>"
+# ChatML's markers (chat_format.py renders with them). In bits per byte <|im_end|> counts 1, as it ends
+# a reply the way <|endoftext|> ends a document; <|im_start|> counts 0 (never a target: it opens a turn).
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+CHAT_TOKEN_BYTE_LENGTHS = {IM_START: 0, IM_END: 1}
 # tiktoken's r50k_base pre-tokenisation pattern (the regex GPT-2 splits text with before BPE).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 # Hugging Face's name for a tokenizer's file: in data folders, exports and transformers folders alike.
@@ -76,6 +83,10 @@ class Tokenizer:
     def single_token_bytes(self, token):
         raise NotImplementedError
 
+    def special_token_id(self, text):
+        """The id of the special token spelt text (e.g. <|im_end|>), None if there is none."""
+        return None
+
     @cached_property
     def token_bytes(self):
         """bytes of every id; <|endoftext|> is b"" (it ends a document, it is not text)."""
@@ -87,6 +98,10 @@ class Tokenizer:
         end, like the newline that separates documents), so bits per byte are defined for it too."""
         lengths = np.array([len(b) for b in self.token_bytes], dtype=np.int64)
         lengths[self.eot_token] = 1
+        for text, length in CHAT_TOKEN_BYTE_LENGTHS.items():
+            token = self.special_token_id(text)
+            if token is not None:
+                lengths[token] = length
         return lengths
 
     def decode_bytes(self, ids):
@@ -178,9 +193,24 @@ class BPETokenizer(Tokenizer):
 
     def single_token_bytes(self, token):
         text = self.hf.id_to_token(token)
+        if token in self._special_ids and text in CHAT_TOKEN_BYTE_LENGTHS:
+            return text.encode("utf-8")  # a chat transcript decodes with its markers
         if text is None or token in self._special_ids:
             return b""  # a hole in the ids, or a special token: not text
         return bytes(self._byte_of[char] for char in text)
+
+    def special_token_id(self, text):
+        token = self.hf.token_to_id(text)
+        return token if token in self._special_ids else None
+
+    def with_special_tokens(self, texts):
+        """This tokenizer with the special tokens texts added after its last id (those it has as
+        special tokens already are kept): a new tokenizer.json, so a new spec and sha256."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        hf = HFTokenizer.from_str(self.json_text)
+        hf.add_special_tokens([text for text in texts if self.special_token_id(text) is None])
+        return BPETokenizer(hf.to_str(pretty=True), source="the tokenizer with added special tokens")
 
     @property
     def spec(self):

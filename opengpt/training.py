@@ -15,6 +15,7 @@ import torch.distributed as dist
 from opengpt import checkpoint as ckpt
 from opengpt import optimizers
 from opengpt.cli import UserError
+from opengpt.data import IGNORED_TARGET
 from opengpt.weight_average import WeightAverage
 
 
@@ -34,6 +35,7 @@ class Training:
     batch_generator: torch.Generator  # the training windows, the same on every rank (data.py)
     hessian_generator: torch.Generator  # the Hessian pass's windows and labels, also the same on every rank
     weight_average: WeightAverage = None  # with ema_decay > 0, on rank 0: what evaluations measure and checkpoints save
+    chat: dict = None  # what checkpoints record of a chat fine-tuning (run_setup.chat_record); None for other data
     pass_statistics: dict = field(default_factory=dict)  # of the optimizer's last pass after a step, to log
 
     @property
@@ -119,26 +121,63 @@ def train_step(t, iter_num, track_stats=False, stop_requested=False):
 
 @torch.no_grad()
 def evaluate(model, data, cfg, device, autocast, token_byte_lengths):
-    """Per split: mean loss per token, and the same information as bits per UTF-8 byte and bits per
-    character, which do not depend on the tokenizer. On eval_iters train batches (the same windows
-    every time) and eval_iters batches of the val split's consecutive windows (all of them with
-    val_full_split). Bits per byte are exact over the tokens evaluated (each target's byte length
-    from the tokenizer); bits per character scale them by the split's bytes per character."""
+    """Per split (evaluate_split): the loss, bits per byte and bits per character on eval_iters
+    train batches (the same windows every time) and eval_iters batches of the val split's
+    consecutive windows (all of them with val_full_split)."""
     model.eval()
     out = {}
     for split in ("train", "val"):
-        loss_sum, n_tokens, n_bytes = 0.0, 0, 0
         n_batches = 0 if split == "val" and cfg["val_full_split"] else cfg["eval_iters"]
-        for x, y in data.eval_batches(split, cfg["batch_size"], n_batches):
-            with autocast:
-                _, loss = model(x.to(device), y.to(device))
-            loss_sum += loss.item() * y.numel()  # the last batch may be short: weight by tokens
-            n_tokens += y.numel()
-            n_bytes += int(token_byte_lengths[y].sum())
-        bits_per_byte = loss_sum / math.log(2) / n_bytes
-        out[split] = dict(loss=loss_sum / n_tokens, bpb=bits_per_byte, bpc=bits_per_byte * data.bytes_per_character(split))
+        out[split] = evaluate_split(model, data, split, cfg["batch_size"], n_batches, device, autocast, token_byte_lengths)
     model.train()
     return out
+
+
+@torch.no_grad()
+def evaluate_split(model, data, split, batch_size, max_batches, device, autocast, token_byte_lengths):
+    """Mean loss per target token, and the same information as bits per UTF-8 byte and bits per
+    character, which do not depend on the tokenizer; targets the data leaves out (a chat folder's
+    non-assistant tokens, -1) count nowhere. Bits per byte are exact over the targets evaluated (each
+    one's byte length from the tokenizer); bits per character scale them by the split's bytes per
+    character. Where the data records sources, "sources" holds the same numbers for each source's
+    targets (each scaled by its own bytes per character); a source none of whose targets were
+    evaluated is left out. The caller puts the model in eval mode."""
+    names = data.source_names(split)
+    n_buckets = max(len(names), 1)  # one bucket for all targets when there are no sources
+    loss_sums = torch.zeros(n_buckets, dtype=torch.float64)
+    n_tokens = torch.zeros(n_buckets, dtype=torch.int64)
+    n_bytes = torch.zeros(n_buckets, dtype=torch.int64)
+    for x, y, sources in data.eval_batches(split, batch_size, max_batches):
+        with autocast:
+            losses = model.token_losses(x.to(device), y.to(device)).double().cpu()
+        learnt = y != IGNORED_TARGET
+        buckets = (sources if sources is not None else torch.zeros_like(y))[learnt]
+        loss_sums += torch.bincount(buckets, weights=losses[learnt], minlength=n_buckets)
+        n_tokens += torch.bincount(buckets, minlength=n_buckets)
+        n_bytes += torch.bincount(buckets, weights=token_byte_lengths[y[learnt]].double(), minlength=n_buckets).long()
+    out = _bits(loss_sums.sum().item(), int(n_tokens.sum()), int(n_bytes.sum()), data.bytes_per_character(split))
+    if names:
+        out["sources"] = {name: _bits(loss_sums[i].item(), int(n_tokens[i]), int(n_bytes[i]),
+                                      data.source_bytes_per_character(split, name))
+                          for i, name in enumerate(names) if n_tokens[i]}
+    return out
+
+
+def _bits(loss_sum, n_tokens, n_bytes, bytes_per_character):
+    """loss, bpb and bpc of n_tokens targets of n_bytes bytes whose losses sum to loss_sum (nats);
+    NaN when there were none."""
+    if not n_tokens:
+        return dict(loss=math.nan, bpb=math.nan, bpc=math.nan, tokens=0)
+    bits_per_byte = loss_sum / math.log(2) / n_bytes
+    return dict(loss=loss_sum / n_tokens, bpb=bits_per_byte, bpc=bits_per_byte * bytes_per_character, tokens=n_tokens)
+
+
+def sources_text(split_metrics):
+    """The per-source part of an evaluation's log line: "" unless the data records several sources."""
+    sources = split_metrics.get("sources", {})
+    if len(sources) < 2:  # one source's numbers are the split's
+        return ""
+    return "; by source (bits/char): " + ", ".join(f"{name} {s['bpc']:.3f}" for name, s in sources.items())
 
 
 # How an allocation that failed says so: torch on the CPU ("DefaultCPUAllocator: can't allocate memory: you tried
@@ -219,7 +258,7 @@ def save_training_state(t, config, model_args, iter_num, best_val_loss, tokenize
     """Write out_dir/file_name: everything --init_from=resume needs to continue exactly. config: the
     run's flags as they stand now (with the horizon a time budget decided)."""
     state = ckpt.training_state(t.raw_model, t.optimizer, t.scaler, model_args, iter_num, best_val_loss, config,
-                                t.batch_generator, tokenizer, t.hessian_generator, t.data.epochs, t.weight_average)
+                                t.batch_generator, tokenizer, t.hessian_generator, t.data.epochs, t.weight_average, t.chat)
     ckpt.save(state, os.path.join(config["out_dir"], file_name))
     log.text(f"saved checkpoint {config['out_dir']}/{file_name} at iter {iter_num}")
 
@@ -271,8 +310,9 @@ def diverged_message(bad_steps, iter_num, last_saved_iter, cfg, dtype):
 def losses_are_sane(metrics, vocab_size):
     """Whether evaluate's losses are finite and below ten times those of guessing uniformly over the
     vocabulary (ln vocab_size): no model that learned anything is that wrong, and one that a step
-    blew up can be, with finite losses and weights."""
-    return all(math.isfinite(split["loss"]) and split["loss"] < 10 * math.log(vocab_size) for split in metrics.values())
+    blew up can be, with finite losses and weights. A split with no targets evaluated has none."""
+    return all(math.isfinite(split["loss"]) and split["loss"] < 10 * math.log(vocab_size)
+               for split in metrics.values() if split["tokens"])  # no targets (a chat window of no reply): nothing measured
 
 
 def broken_weights_message(iter_num, metrics, weights_finite, last_saved_iter, cfg, dtype):

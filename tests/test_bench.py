@@ -32,6 +32,27 @@ def test_sophia_and_sampling_sections_are_written_whole_to_the_report_file_with_
     assert "12 new tokens: without KV cache" in written["sample"] and "7 new tokens" in written["sample"]
 
 
+def test_the_step_section_reports_the_step_against_its_own_matrix_products():
+    result = run_script("bench.py", *SMALL, "--section=step", "--optimizer=muon")
+    assert result.returncode == 0, result.stderr
+    assert "step / matrix products" in result.stdout and "ns per logit element" in result.stdout
+    assert "muon" in result.stdout and "head " in result.stdout and "optimizer " in result.stdout
+
+
+def test_the_recorded_matrix_products_are_the_steps_by_part():
+    import bench
+    from configurator import parse_args
+    cfg = parse_args(bench.DEFAULTS, [*SMALL, "--optimizer=muon", "--dropout=0.0", "--bias=False"])
+    t = bench.build_training(cfg, "cpu", "muon", "float32")
+    calls = bench.record_gemms(t)
+    parts = [part for part, *_ in calls]
+    # one layer: 4 Linears x (forward, grad of input, grad of weight); the head loss: 3 products; attention: SDPA's forward and backward
+    assert parts.count("body") == 12 and parts.count("head") == 3 and parts.count("attention") == 2
+    # Muon: 3 products per Newton-Schulz iteration, one stack per shape of its matrices
+    assert parts.count("optimizer") % 15 == 0 and parts.count("optimizer") > 0
+    bench.replayer(calls)()  # runs again on inputs of the recorded shapes
+
+
 def test_an_unknown_section_is_a_one_line_error():
     assert_user_error(run_script("bench.py", "--section=gpu"), "unknown --section=gpu")
 

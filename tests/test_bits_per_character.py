@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL_ARGS, assert_user_error, read_events, run_script
+from opengpt.cli import UserError
 from opengpt.data import TokenData
 from model import GPT, GPTConfig
 from opengpt.tokenizer import EOT_TOKEN, gpt2_encoding
@@ -99,3 +100,79 @@ def test_data_folder_whose_tokenizer_was_replaced_is_one_line(tiny_bpe_data, tmp
     (folder / "tokenizer.json").write_text(json.dumps(json.loads(text)), encoding="utf-8")  # same content, other bytes
     result = run_script("train.py", f"--data_dir={folder}", f"--out_dir={tmp_path / 'out'}", *TINY_MODEL_ARGS, "--max_iters=1")
     assert_user_error(result, "tokenizer is not the one", "rerun python prepare.py")
+
+
+def two_source_copy(tiny_bpe_data, folder, n_first_documents):
+    """tiny_bpe_data with its val split recorded as two sources: its first n_first_documents documents
+    "news", the rest "novel", each span's documents, characters and bytes counted here by hand."""
+    shutil.copytree(tiny_bpe_data, folder)
+    tokenizer = TokenData(str(folder), 16).load_tokenizer()
+    tokens = np.fromfile(folder / "val.bin", dtype=np.uint16)
+    ends = np.flatnonzero(tokens == tokenizer.eot_token) + 1  # each document ends with its <|endoftext|>
+    cut = int(ends[n_first_documents - 1])
+
+    def span(name, start, end):
+        bounds = [start, *(e for e in ends if start < e <= end)]
+        documents = [tokenizer.decode(tokens[a:b - 1].tolist()) for a, b in zip(bounds, bounds[1:])]
+        return dict(source=name, start=start, end=end, documents=len(documents), characters=sum(map(len, documents)),
+                    bytes=sum(len(d.encode("utf-8")) for d in documents))
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    meta["splits"]["val"]["sources"] = [span("news", 0, cut), span("novel", cut, len(tokens))]
+    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    return folder, tokens, cut, meta["splits"]["val"]["sources"]
+
+
+def test_bits_per_character_of_each_source_by_hand(tiny_bpe_data, tmp_path):
+    """Per-token losses from the full logits (log-softmax by hand), each target given to the source
+    whose span holds it (windows cross the boundary), each source's bits per byte scaled by its own
+    bytes per character; the overall numbers do not change."""
+    block = 16
+    folder, tokens, cut, spans = two_source_copy(tiny_bpe_data, tmp_path / "data", 7)
+    data = TokenData(str(folder), block)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=block, vocab_size=data.padded_vocab_size, dropout=0.0))
+    model.eval()
+    byte_lengths = data.load_tokenizer().token_byte_lengths
+    cfg = dict(val_full_split=True, eval_iters=2, batch_size=4)
+    val = evaluate(model, data, cfg, "cpu", nullcontext(), torch.from_numpy(byte_lengths))["val"]
+    plain = evaluate(model, TokenData(str(tiny_bpe_data), block), cfg, "cpu", nullcontext(), torch.from_numpy(byte_lengths))["val"]
+
+    starts = np.arange(0, len(tokens) - block, block)
+    assert any(s + 1 < cut <= s + block for s in starts)  # a window crosses from one source into the other
+    x = torch.tensor(np.stack([tokens[s:s + block] for s in starts]).astype(np.int64))
+    targets = np.stack([tokens[s + 1:s + 1 + block] for s in starts]).astype(np.int64)
+    positions = starts[:, None] + 1 + np.arange(block)
+    with torch.no_grad():
+        logits = model.full_logits(x).double()
+    log_probs = logits - logits.exp().sum(dim=-1, keepdim=True).log()
+    nats = -log_probs.gather(-1, torch.from_numpy(targets).unsqueeze(-1)).squeeze(-1).numpy()
+    for name, in_span in (("news", positions < cut), ("novel", positions >= cut)):
+        span = next(s for s in spans if s["source"] == name)
+        bits_per_byte = nats[in_span].sum() / math.log(2) / byte_lengths[targets[in_span]].sum()
+        per_char = (span["bytes"] + span["documents"]) / (span["characters"] + span["documents"])
+        assert val["sources"][name]["tokens"] == int(in_span.sum())
+        assert val["sources"][name]["bpb"] == pytest.approx(bits_per_byte, rel=1e-6)
+        assert val["sources"][name]["bpc"] == pytest.approx(bits_per_byte * per_char, rel=1e-6)
+    assert val["bpc"] == pytest.approx(plain["bpc"], rel=1e-12) and val["loss"] == pytest.approx(nats.mean(), rel=1e-6)
+
+
+def test_a_run_on_two_sources_logs_each_source(tiny_bpe_data, tmp_path):
+    folder, *_ = two_source_copy(tiny_bpe_data, tmp_path / "data", 7)
+    out = tmp_path / "run"
+    result = run_script("train.py", f"--data_dir={folder}", f"--out_dir={out}", *TINY_MODEL_ARGS, "--max_iters=2",
+                        "--lr_decay_iters=2", "--warmup_iters=1", "--eval_interval=2", "--eval_iters=1", "--val_full_split=True")
+    assert result.returncode == 0, result.stderr
+    last = read_events(out, "eval")[-1]
+    assert set(last["val_sources"]) == {"news", "novel"} and all(s["tokens"] > 0 for s in last["val_sources"].values())
+    assert (f"by source (bits/char): news {last['val_sources']['news']['bpc']:.3f}, "
+            f"novel {last['val_sources']['novel']['bpc']:.3f}") in result.stdout
+
+
+def test_sources_that_do_not_cover_the_split_are_refused_in_one_line(tiny_bpe_data, tmp_path):
+    folder, *_ = two_source_copy(tiny_bpe_data, tmp_path / "data", 7)
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    meta["splits"]["val"]["sources"][1]["start"] += 1
+    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    with pytest.raises(UserError, match="do not cover its tokens back to back") as error:
+        TokenData(str(folder), 16)
+    assert "\n" not in str(error.value)

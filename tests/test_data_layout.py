@@ -27,9 +27,11 @@ def test_prepare_names_its_folders_by_this_rule():
     assert default_out("mine", dict(tokenizer="data/zh_default/tokenizer.json", vocab_size=1)) == os.path.join("data", "mine_tokenizer")
 
 
-@pytest.mark.parametrize("flags", [[], ["--tokenizer=gpt2"], ["--vocab_size=300"]])
+@pytest.mark.parametrize("flags", [[], ["--tokenizer=gpt2"], ["--vocab_size=300"], ["--corpus=zh_large"],
+                                   ["--corpus=zh_large", "--tokenizer=gpt2"], ["--corpus=zh_large", "--vocab_size=300"]])
 def test_the_command_for_a_folder_elsewhere_names_it_with_out(flags):
-    folder = default_out("zh_default", parse_args(dict(prepare.DEFAULTS), flags))
+    cfg = parse_args(dict(prepare.DEFAULTS), flags)
+    folder = default_out(cfg["corpus"], cfg)
     elsewhere = os.path.join("elsewhere", os.path.basename(folder))
     assert prepare_command(elsewhere) == " ".join(["python prepare.py", *flags, f"--out={elsewhere}"])
     assert prepare_command(folder) == " ".join(["python prepare.py", *flags])
@@ -39,3 +41,12 @@ def test_the_command_for_a_folder_elsewhere_names_it_with_out(flags):
 def test_a_folder_of_another_corpus_asks_for_the_flags_that_made_it():
     assert prepare_command("data/zh_defaultish") == "python prepare.py --out=data/zh_defaultish with the flags that made it"
     assert prepare_command("data/zh_default_mine") == "python prepare.py --out=data/zh_default_mine with the flags that made it"
+    assert prepare_command("data/zh_larger") == "python prepare.py --out=data/zh_larger with the flags that made it"
+
+
+def test_every_embedded_corpus_is_named_by_its_folder():
+    """prepare.py --corpus=NAME writes data/NAME (the corpus's own name), which the inverse reads back."""
+    from opengpt import corpus
+    assert corpus.EMBEDDED_CORPORA["zh_default"] is corpus.default_corpus
+    for name in corpus.EMBEDDED_CORPORA:
+        assert prepare_command(os.path.join("data", name)) == "python prepare.py" + ("" if name == "zh_default" else f" --corpus={name}")

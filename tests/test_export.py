@@ -517,3 +517,39 @@ def test_a_symlinked_export_dir_keeps_its_link_and_the_folder_it_points_at_is_re
     dangling.symlink_to(tmp_path / "nowhere")
     assert_user_error(run_script("export.py", f"--out_dir={run}", f"--export_dir={dangling}"), "which does not exist")
     assert not (tmp_path / "nowhere").exists()
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "长江"}],
+    [{"role": "system", "content": "你是一个乐于助人的助手。"}, {"role": "user", "content": "Hello 🙂, it's  me\n"},
+     {"role": "assistant", "content": " 滚滚长江东逝水。"}, {"role": "user", "content": "浪花淘尽英雄？\t"}],
+    [{"role": "system", "content": ""}, {"role": "user", "content": "是非成败转头空"}],  # an empty system prompt is left out
+]
+
+
+def test_a_chat_model_exports_our_chat_template_and_the_pipeline_takes_messages(tmp_path, offline):
+    from transformers import AutoTokenizer, GenerationConfig, pipeline
+
+    from chat_checkpoint import chat_tokenizer, write_chat_checkpoint
+    from opengpt.chat_format import CHAT_TEMPLATE, IM_END, im_end_id, prompt_ids
+
+    write_chat_checkpoint(tmp_path / "run")
+    result = run_script("export.py", f"--out_dir={tmp_path / 'run'}", f"--export_dir={tmp_path / 'hf'}",
+                        env=dict(HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stderr
+    assert "a list of messages" in result.stdout
+    with open(tmp_path / "hf" / "tokenizer_config.json", encoding="utf-8") as f:
+        config = json.load(f)
+    assert config["chat_template"] == CHAT_TEMPLATE and config["eos_token"] == IM_END
+    ours = chat_tokenizer()
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for messages in CONVERSATIONS:
+        theirs = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        assert (theirs if isinstance(theirs, list) else theirs["input_ids"]) == prompt_ids(ours, messages), messages
+    assert hf_tokenizer.eos_token_id == im_end_id(ours)
+    assert GenerationConfig.from_pretrained(tmp_path / "hf").eos_token_id == [im_end_id(ours), ours.eot_token]
+    question = CONVERSATIONS[0]
+    answer = pipeline("text-generation", model=str(tmp_path / "hf"))(question, max_new_tokens=4, do_sample=False)
+    conversation = answer[0]["generated_text"]  # the messages given, then the model's reply
+    assert conversation[:-1] == question and conversation[-1]["role"] == "assistant"
+    assert isinstance(conversation[-1]["content"], str)

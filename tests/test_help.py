@@ -12,7 +12,11 @@ SCRIPTS = [
     ("train_adam.py", "--optimizer=adamw", "adamw | sophiag | muon"),
     ("train_sophiag.py", "--optimizer=sophiag", "adamw | sophiag | muon"),
     ("prepare.py", "--val_fraction=0.005", "the chance that a document is val"),
+    ("prepare_chat.py", "--skip_bad_records=False", "skip (and count) records that cannot be used"),
     ("sample.py", "--temperature=0.8", "0 = greedy"),
+    ("chat.py", "--system=''", "the system prompt"),
+    ("serve.py", "--host=127.0.0.1", "127.0.0.1: this machine only"),
+    ("eval.py", "--max_batches=0", "val batches to evaluate; 0 = the whole split"),
     ("export.py", "--overwrite=False", "replace a non-empty export_dir"),
     ("bench.py", "--repeats=3", "processes per training case"),
     ("gpu_check.py", "--dry_run=False", "the CPU, float32, no compile"),
@@ -20,6 +24,7 @@ SCRIPTS = [
     ("logs/compare_optimizers.py", "--workers=2", "runs at a time"),
     ("logs/bench_prepare.py", "--size_mb=1000", "corpus size in MB of JSONL"),
     ("logs/step_side_by_side.py", "--extra=''", "flags for this checkout's runs only"),
+    ("logs/sentiment_task.py", "--test_reviews=2000", "held out for scoring, drawn with `seed`"),
 ]
 
 

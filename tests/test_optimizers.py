@@ -98,3 +98,9 @@ def test_the_model_imports_no_optimizer_code():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_sophiag_steps_compiled_when_the_model_is():
+    for compile_model in (False, True):
+        cfg = train.DEFAULTS | dict(optimizer="sophiag", compile=compile_model)
+        assert optimizers.REGISTRY["sophiag"].build(GPT(TINY), cfg, "cpu").compiled == compile_model

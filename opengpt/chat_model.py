@@ -1,0 +1,141 @@
+"""A fine-tuned chat model as chat.py and serve.py use it: loaded from a run's checkpoint as
+sample.py loads one, the conversation fitted into its context, and its reply streamed as text.
+
+- load(out_dir, ...) -> ChatModel; a base model (its tokenizer lacks the chat tokens) is refused
+  in one line, as chat_format.is_chat_tokenizer tells.
+- ChatModel.fit(messages, max_new_tokens) -> Fitted: the prompt ids of the conversation (chat_format's
+  ChatML, ending with `<|im_start|>assistant\\n`), after dropping its oldest messages (never the
+  system prompt) until the prompt leaves the reply min(max_new_tokens, block_size // 2) positions;
+  a newest message that alone leaves no room raises ContextFull.
+- ChatModel.reply(fitted, ...) -> Reply: iterating it yields the reply's text as it is drawn (decode.py's
+  KV-cached Decoder), each piece whole UTF-8 characters (a Chinese character spans several byte-level
+  tokens, so bytes are held back until it is complete); it stops at <|im_end|> (or <|endoftext|>,
+  <|im_start|>).
+"""
+import codecs
+import os
+from dataclasses import dataclass
+
+from opengpt import checkpoint as ckpt
+from opengpt import hardware
+from opengpt.chat_format import im_end_id, im_start_id, is_chat_tokenizer, prompt_ids
+from opengpt.cli import UserError
+from opengpt.decode import Decoder
+
+
+class ContextFull(ValueError):
+    """The newest message, with the system prompt, leaves the reply no room in the model's context."""
+
+
+@dataclass
+class Fitted:
+    prompt_ids: list  # what generation continues
+    dropped: int  # the oldest messages left out (the system prompt never is)
+    max_new_tokens: int  # the reply's limit: as asked, or fewer where the context ends first
+
+
+def sampling_dtype(requested, device):
+    """float32 on a CPU unless asked otherwise, as sample.py samples (one token at a time bfloat16 is
+    no faster there: logs/README.md#sampling-on-a-cpu); else hardware.pick_dtype."""
+    if requested == "auto" and device == "cpu":
+        return "float32"
+    return hardware.pick_dtype(requested, device)
+
+
+def check_sampling_options(cfg):
+    """chat.py's and serve.py's --max_new_tokens, --temperature and --top_k, before the model loads."""
+    if cfg["max_new_tokens"] <= 0:
+        raise UserError(f"--max_new_tokens must be positive, got {cfg['max_new_tokens']}")
+    if cfg["temperature"] < 0 or cfg["top_k"] < 0:
+        raise UserError("--temperature and --top_k must be zero or positive")
+
+
+def load(out_dir, device="auto", dtype="auto", checkpoint_file=ckpt.FILENAME):
+    """The chat model in out_dir's checkpoint, on device (auto: cuda, mps, else cpu)."""
+    device = hardware.pick_device(device)  # a wrong --device is told before the slow load
+    dtype = sampling_dtype(dtype, device)
+    path = os.path.join(out_dir, checkpoint_file)
+    checkpoint = ckpt.load(path)
+    ckpt.check_finite_weights(checkpoint, path)
+    model, tokenizer = ckpt.model_from(checkpoint, dropout=0.0), ckpt.tokenizer_of(checkpoint)
+    if model.config.vocab_size < tokenizer.n_vocab:  # its ids past the model's rows would index nothing
+        raise UserError(f"the model's vocabulary has {model.config.vocab_size} rows, fewer than its tokenizer's "
+                        f"{tokenizer.n_vocab} tokens; the weights and the tokenizer do not belong together")
+    if not is_chat_tokenizer(tokenizer):
+        raise UserError(f"{out_dir} holds a base model, not a chat model; fine-tune it first: python prepare_chat.py "
+                        f"--input=chats.jsonl --tokenizer_from={out_dir} --out=data/chat, then python train.py "
+                        f"--init_from={out_dir} --data_dir=data/chat --out_dir=out-chat")
+    model.eval().to(device)
+    return ChatModel(model, tokenizer, device, dtype)
+
+
+class ChatModel:
+    def __init__(self, model, tokenizer, device, dtype):
+        self.model, self.tokenizer, self.device, self.dtype = model, tokenizer, device, dtype
+        self.decoder = Decoder(model, device, dtype)
+        self.block_size = model.config.block_size
+        # <|endoftext|> and <|im_start|> too: a model that ends the document, or starts the next turn,
+        # instead of closing its own has ended its reply all the same
+        self.stop_ids = (im_end_id(tokenizer), tokenizer.eot_token, im_start_id(tokenizer))
+
+    def fit(self, messages, max_new_tokens):
+        """The conversation's prompt, its oldest turns dropped until the reply has room (module docstring).
+        messages end with the user's; a system prompt, if any, comes first."""
+        system = messages[:1] if messages and messages[0]["role"] == "system" else []
+        # a message takes at least 4 tokens (<|im_start|>, its role and text, <|im_end|>, "\n"): no more fit,
+        # so a long history costs one pass, not one per message
+        turns = list(messages[len(system):][-(self.block_size // 4):])
+        dropped = len(messages) - len(system) - len(turns)
+        wanted = min(max_new_tokens, self.block_size // 2)
+        while turns[0]["role"] != "user" and len(turns) > 1:
+            turns.pop(0)
+            dropped += 1
+        while True:
+            ids = prompt_ids(self.tokenizer, system + turns)
+            if len(ids) + wanted <= self.block_size or len(turns) == 1:
+                break
+            turns.pop(0)
+            dropped += 1
+            while turns[0]["role"] != "user":  # the kept conversation starts with the user, as a conversation does
+                turns.pop(0)
+                dropped += 1
+        room = self.block_size - len(ids)
+        if room < 1:
+            raise ContextFull(f"the last message makes a prompt of {len(ids)} tokens, and the model's context "
+                              f"holds {self.block_size}: there is no room for a reply; say it in fewer words")
+        return Fitted(ids, dropped, min(max_new_tokens, room))
+
+    def reply(self, fitted, temperature=0.8, top_k=None, seed=None):
+        return Reply(self, fitted, temperature, top_k, seed)
+
+
+class Reply:
+    """The reply's text pieces, as they are drawn; afterwards finish_reason ("stop": the model ended its
+    turn; "length": max_new_tokens ran out) and completion_tokens (the stop token counted) tell how it ended."""
+
+    def __init__(self, chat_model, fitted, temperature, top_k, seed):
+        self.chat_model, self.fitted = chat_model, fitted
+        self.sampling = dict(temperature=temperature, top_k=top_k or None, seed=seed)
+        self.finish_reason = "length"
+        self.completion_tokens = 0
+
+    def __iter__(self):
+        chat_model = self.chat_model
+        tokenizer = chat_model.tokenizer
+        table = tokenizer.token_bytes
+        # errors="ignore": bytes that are no UTF-8 at all (an undertrained model draws them) are dropped,
+        # never shown as U+FFFD, as sample.py's decode_clean drops them
+        text = codecs.getincrementaldecoder("utf-8")(errors="ignore")
+        tokens = chat_model.decoder.stream(self.fitted.prompt_ids, self.fitted.max_new_tokens, stop_ids=chat_model.stop_ids,
+                                           n_real_vocab=tokenizer.n_vocab, **self.sampling)
+        try:
+            for token in tokens:
+                self.completion_tokens += 1
+                if token in chat_model.stop_ids:
+                    self.finish_reason = "stop"
+                    return
+                piece = text.decode(table[token])
+                if piece:
+                    yield piece
+        finally:
+            tokens.close()  # the decoder's cache goes now, also when the caller stops early (Ctrl-C, a closed connection)

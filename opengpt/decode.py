@@ -1,0 +1,141 @@
+"""Generation with a KV cache, one token at a time: what sample.py, chat.py and serve.py run.
+
+- Decoder(model, device, dtype=None).stream(prompt_ids, max_new_tokens, temperature=1.0, top_k=None,
+  seed=None, stop_ids=(), n_real_vocab=None) yields each new token id as soon as it is drawn (batch 1);
+  it stops after yielding a stop id or after max_new_tokens. The prompt and the new tokens must fit
+  the model's block (a ValueError says so): chat.py makes room by dropping old turns.
+- CachedDecoding(model, batch, device): the step model.generate and Decoder share. prefill(idx) runs the
+  prompt through model.hidden_states, filling the cache; step(tokens) is the model's forward for one
+  new token per row.
+
+At batch 1 a small model's token is a hundred-odd tiny ops: it costs per-op overhead, not arithmetic. So the
+step is the blocks' forward written out with functional ops on the weights, pulled from the modules
+once: no module calls, rotary angles and the (C, V) head computed once, the cache preallocated, and
+attention a plain matmul-softmax-matmul over the cache (SDPA's dispatch costs more than its work at one
+query). What is left of a token's time on a CPU is mostly the head's product (the (C, V) matrix streamed
+from memory) and top-k (logs/README.md#sampling-on-a-cpu). tests/test_decode.py checks the step's tokens
+against the model's full forward.
+"""
+import torch
+from torch.nn import functional as F
+
+from model import rotation_angles, sample_next_token
+from opengpt import hardware
+
+
+def head_columns(model):
+    """The head as a (C, V) matrix, what a hidden state multiplies into logits. On a CPU a contiguous
+    copy: one row times it beats times the (V, C) weight's transpose, and the head is most of a token's
+    time (see logs/README.md#sampling-on-a-cpu)."""
+    head = model.lm_head.weight.t()
+    return head.contiguous() if head.device.type == "cpu" else head
+
+
+class CachedDecoding:
+    """The model's keys and values for `batch` sequences, and its forward for one new token of each
+    (as in eval mode: no dropout)."""
+
+    def __init__(self, model, batch, device):
+        config = model.config
+        self.model, self.config = model, config
+        self.caches = model.new_kv_caches(batch, device)
+        self.head = head_columns(model)
+        self.head_dim = config.n_embd // config.n_head
+        transformer = model.transformer
+        # the tensors a step reads, looked up once: a module's attribute lookup costs as much as a tiny op
+        self.layers = [(b.ln_1.weight, b.ln_1.bias, b.ln_1.eps, b.attn.c_attn.weight, b.attn.c_attn.bias, b.attn.scale,
+                        b.attn.c_proj.weight, b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias, b.ln_2.eps,
+                        b.mlp.c_fc.weight, b.mlp.c_fc.bias, b.mlp.activation, b.mlp.c_proj.weight, b.mlp.c_proj.bias,
+                        cache.k, cache.v) for b, cache in zip(transformer.h, self.caches)]
+        self.ln_f = transformer.ln_f.weight, transformer.ln_f.bias, transformer.ln_f.eps
+        self.wte = transformer.wte.weight
+        self.wpe = None if config.rotary else transformer.wpe.weight
+        self.rotation = None
+        if config.rotary:
+            # rotate(x) = x * cos2 + swap_halves(x) * sin2: model.rotate's pairs (first * cos - second *
+            # sin, first * sin + second * cos), the same floats, in three ops for q and k together
+            cos, sin = rotation_angles(torch.arange(config.block_size, device=device), self.head_dim)
+            self.rotation = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+
+    @property
+    def length(self):
+        """Tokens in the cache: the position of the next one."""
+        return self.caches[0].length
+
+    def prefill(self, idx):
+        """Logits (B, vocab) of the token after idx (B, T), its keys and values now in the cache."""
+        x = self.model.hidden_states(idx, self.caches)
+        return x[:, -1, :] @ self.head
+
+    def step(self, tokens):
+        """Logits (B, vocab) of the token after tokens (B,), which follow what the cache holds."""
+        position = self.caches[0].length
+        if position >= self.config.block_size:
+            raise ValueError(f"sequence of {position + 1} tokens exceeds block_size {self.config.block_size}")
+        for cache in self.caches:
+            cache.length = position + 1
+        B, C, H, D = tokens.size(0), self.config.n_embd, self.config.n_head, self.head_dim
+        x = F.embedding(tokens, self.wte)
+        if self.wpe is not None:
+            x = x + self.wpe[position]
+        if self.rotation is not None:
+            cos2, sin2 = self.rotation[0][position], self.rotation[1][position]
+        for (ln_1_w, ln_1_b, ln_1_eps, attn_w, attn_b, scale, attn_proj_w, attn_proj_b, ln_2_w, ln_2_b, ln_2_eps,
+             fc_w, fc_b, activation, mlp_proj_w, mlp_proj_b, cache_k, cache_v) in self.layers:
+            qkv = F.linear(F.layer_norm(x, (C,), ln_1_w, ln_1_b, ln_1_eps), attn_w, attn_b).view(B, 3, H, D)
+            qk, v = qkv[:, :2], qkv[:, 2]
+            if self.rotation is not None:
+                qk32 = qk.float()
+                qk = (qk32 * cos2 + qk32.roll(D // 2, dims=-1) * sin2).to(qk.dtype)
+            cache_k.select(2, position).copy_(qk[:, 1])
+            cache_v.select(2, position).copy_(v)
+            keys, values = cache_k.narrow(2, 0, position + 1), cache_v.narrow(2, 0, position + 1)
+            scores = (qk[:, 0].unsqueeze(2) @ keys.transpose(-2, -1)) * scale  # (B, H, 1, length)
+            y = F.softmax(scores, dim=-1).to(values.dtype) @ values  # (B, H, 1, D)
+            x = x + F.linear(y.view(B, C), attn_proj_w, attn_proj_b)
+            h = F.linear(F.layer_norm(x, (C,), ln_2_w, ln_2_b, ln_2_eps), fc_w, fc_b)
+            x = x + F.linear(activation(h), mlp_proj_w, mlp_proj_b)
+        ln_f_w, ln_f_b, ln_f_eps = self.ln_f
+        return F.layer_norm(x, (C,), ln_f_w, ln_f_b, ln_f_eps) @ self.head
+
+
+class Decoder:
+    """Streams a model's continuation of one prompt, token by token (module docstring)."""
+
+    def __init__(self, model, device, dtype=None):
+        self.model, self.device = model, device
+        self.dtype = dtype or "float32"  # a hardware.DTYPES name: bfloat16 and float16 sample under autocast
+
+    def stream(self, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, seed=None, stop_ids=(), n_real_vocab=None):
+        """An iterator of the new token ids; raises ValueError at once where the request cannot be met."""
+        block = self.model.config.block_size
+        if len(prompt_ids) == 0:
+            raise ValueError("the prompt is empty: give at least one token (a document starts with <|endoftext|>)")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be zero or positive, got {max_new_tokens}")
+        if len(prompt_ids) + max_new_tokens > block:
+            raise ValueError(f"the prompt's {len(prompt_ids)} tokens + max_new_tokens {max_new_tokens} exceed the "
+                             f"model's block_size {block}")
+        generator = torch.Generator(device=self.device)
+        if seed is None:
+            generator.seed()  # a fresh draw every time
+        else:
+            generator.manual_seed(seed)
+        return self._tokens(list(prompt_ids), max_new_tokens, temperature, top_k, generator, frozenset(stop_ids), n_real_vocab)
+
+    def _tokens(self, prompt_ids, max_new_tokens, temperature, top_k, generator, stop_ids, n_real_vocab):
+        decoding = token_tensor = None  # the cache, made at the first token; the last token drawn
+        for _ in range(max_new_tokens):
+            # grad mode and autocast are per thread: entered around each token's work, never across a yield,
+            # so the caller's code between tokens runs as it would without us
+            with torch.no_grad(), hardware.autocast_context(self.device, self.dtype):
+                if decoding is None:
+                    decoding = CachedDecoding(self.model, 1, self.device)
+                    logits = decoding.prefill(torch.tensor([prompt_ids], dtype=torch.long, device=self.device))
+                else:
+                    logits = decoding.step(token_tensor)
+                token_tensor = sample_next_token(logits[:, :n_real_vocab], temperature, top_k, generator)[:, 0]
+                token = token_tensor.item()
+            yield token
+            if token in stop_ids:
+                return

@@ -1,0 +1,89 @@
+"""opengpt/decode.py: the KV-cached one-token step computes the model's own logits, and Decoder.stream
+draws exactly the tokens of a loop that reruns the whole sequence through the model for every token."""
+import pytest
+import torch
+
+from model import GPT, GPTConfig, sample_next_token
+from opengpt.decode import CachedDecoding, Decoder
+
+ARCHITECTURES = [dict(), dict(rotary=True, activation="relu2", bias=False), dict(scale_attn_by_inverse_layer_idx=True)]
+
+
+def tiny_gpt(**overrides):
+    torch.manual_seed(0)
+    args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=320, dropout=0.0, bias=True) | overrides
+    return GPT(GPTConfig(**args)).eval()
+
+
+def reference_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, seed, n_real_vocab=None):
+    """nanoGPT's loop: the whole sequence through the model for every new token, no cache."""
+    generator = torch.Generator().manual_seed(seed)
+    idx = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model.full_logits(idx)[:, -1, :n_real_vocab]
+            idx = torch.cat((idx, sample_next_token(logits, temperature, top_k, generator)), dim=1)
+    return idx[0, len(prompt_ids):].tolist()
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_one_token_step_computes_the_logits_of_the_full_forward(architecture):
+    model = tiny_gpt(**architecture)
+    idx = torch.randint(0, 320, (2, 16))
+    with torch.no_grad():
+        expected = model.full_logits(idx)
+        decoding = CachedDecoding(model, 2, "cpu")
+        logits = [decoding.prefill(idx[:, :3])] + [decoding.step(idx[:, t]) for t in range(3, 16)]
+        with pytest.raises(ValueError, match="exceeds block_size 16"):
+            decoding.step(idx[:, 0])
+    torch.testing.assert_close(torch.stack(logits, dim=1), expected[:, 2:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("temperature, top_k", [(0.0, None), (1.0, 5), (0.8, None)])
+def test_stream_draws_the_tokens_of_the_uncached_reference(architecture, temperature, top_k):
+    model = tiny_gpt(**architecture)
+    prompt = [5, 17, 300, 2]
+    tokens = list(Decoder(model, "cpu").stream(prompt, 12, temperature=temperature, top_k=top_k, seed=7))
+    assert tokens == reference_tokens(model, prompt, 12, temperature, top_k, seed=7)
+    # model.generate, with and without its cache, draws the same from the same generator
+    for use_cache in (True, False):
+        generated = model.generate(torch.tensor([prompt]), 12, temperature=temperature, top_k=top_k,
+                                   generator=torch.Generator().manual_seed(7), use_cache=use_cache)
+        assert generated[0, len(prompt):].tolist() == tokens
+
+
+def test_stream_stops_after_yielding_a_stop_id_or_after_max_new_tokens():
+    model = tiny_gpt()
+    decoder = Decoder(model, "cpu")
+    tokens = list(decoder.stream([1, 2, 3], 10, temperature=1.0, seed=3))
+    assert len(tokens) == 10
+    stop = tokens[4]
+    first_stop = tokens.index(stop)
+    assert list(decoder.stream([1, 2, 3], 10, temperature=1.0, seed=3, stop_ids=(999, stop))) == tokens[:first_stop + 1]
+    assert list(decoder.stream([1, 2, 3], 0)) == []
+    # a prompt and its reply that fill the block exactly are fine; one token more is the caller's problem
+    assert len(list(decoder.stream([1] * 6, 10, temperature=0.0))) == 10
+    with pytest.raises(ValueError, match="7 tokens \\+ max_new_tokens 10 exceed the model's block_size 16"):
+        decoder.stream([1] * 7, 10)  # raised at the call, before the first token is asked for
+    with pytest.raises(ValueError, match="empty"):
+        decoder.stream([], 3)
+
+
+def test_stream_seeds_its_draws_and_never_draws_padding_tokens():
+    model = tiny_gpt()
+    with torch.no_grad():
+        model.lm_head.weight[300:] += 5.0  # padding rows would win every draw
+    decoder = Decoder(model, "cpu")
+    draws = [list(decoder.stream([0], 15, seed=seed, n_real_vocab=300)) for seed in (1, 1, 2)]
+    assert draws[0] == draws[1] != draws[2]
+    assert max(max(d) for d in draws) < 300
+    assert draws[0] == reference_tokens(model, [0], 15, 1.0, None, seed=1, n_real_vocab=300)
+
+
+def test_stream_leaves_grad_mode_and_autocast_to_the_caller_between_tokens():
+    model = tiny_gpt(rotary=True)
+    stream = Decoder(model, "cpu", "bfloat16").stream([1, 2], 3, seed=0)
+    next(stream)
+    assert torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+    assert all(0 <= t < 320 for t in stream)  # the rest, drawn under bfloat16 autocast
