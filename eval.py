@@ -20,6 +20,7 @@ from opengpt import checkpoint as ckpt
 from opengpt import hardware
 from opengpt.cli import UserError, run
 from opengpt.data import TokenData, data_folder
+from opengpt.data_layout import prepare_command
 from opengpt.training import evaluate_split
 
 DEFAULTS = dict(
@@ -108,6 +109,10 @@ def main():
     print(f"{'':{width}}  {'tokens':>9}  {'bits/char':>9}  {'bits/byte':>9}")
     for what, tokens, bpc, bpb in rows:
         print(f"{what:{width}}  {tokens:>9,}  {bpc:>9.3f}  {bpb:>9.3f}")
+    if data_dir and not data.chat and not data.sources["val"]:
+        # folders prepared before meta.json recorded sources: the table is still right, only shorter
+        print(f"(no per-source rows: {data_dir} was prepared before prepare.py recorded its sources; "
+              f"run {prepare_command(data_dir)} again for them)")
 
 
 if __name__ == "__main__":
