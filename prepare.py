@@ -62,8 +62,7 @@ from configurator import parse_args
 from opengpt.data_layout import DEFAULT_VOCAB_SIZE, SPLITS, default_out
 from opengpt.encoding import TokenizingProcessDied, encoded_chunks
 from opengpt.files import fsync_file, write_text
-from opengpt.folder_lock import lock_folder
-from opengpt.staged_folder import remove_stale_folders, staged_folder
+from opengpt.staged_folder import replaceable_folder, staged_folder, writing_folder
 from opengpt.tokenizer import TOKENIZER_FILE
 
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # those this process may use
@@ -250,20 +249,9 @@ def write_token_files(folder, encoded_chunks, bar):
 
 def output_folder(cfg, name, argv):
     """(the --out as given, its real path): a new folder, or one that prepare.py wrote before."""
-    if any(arg.startswith("--out=") and not arg[len("--out="):].strip() for arg in argv):
-        raise UserError("--out= is empty; give a folder (e.g. --out=data/mine), or leave --out out for data/<name>")
     out = cfg["out"] or default_out(name, cfg)
-    path = os.path.realpath(out)  # a symlinked --out stays a link: the folder it points to is replaced
-    if os.path.islink(path):
-        raise UserError(f"--out={out} is a symbolic link that leads round in a loop; point it at a folder, or remove it")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"--out={out} is a file, not a folder; choose a folder")
-    if os.path.isdir(path):
-        foreign = sorted(f for f in os.listdir(path) if f not in OUTPUT_FILES and not OLDER_TEMP_FILE.fullmatch(f))
-        if foreign or path == os.path.dirname(path):
-            raise UserError(f"--out={out} holds files prepare.py did not write ({', '.join(foreign[:3])}"
-                            f"{', ...' if len(foreign) > 3 else ''}); prepare.py replaces the whole folder, so choose a new one")
-    return out, path
+    is_ours = lambda f: f in OUTPUT_FILES or OLDER_TEMP_FILE.fullmatch(f)  # noqa: E731
+    return out, replaceable_folder(out, argv, "prepare.py", is_ours, example="data/mine")
 
 
 def open_corpus(cfg):
@@ -355,14 +343,8 @@ def main():
     start = time.perf_counter()
     corpus = open_corpus(cfg)
     out, path = output_folder(cfg, corpus.name, argv)
-    try:
-        with lock_folder(out, "prepare.py"):
-            remove_stale_folders(path)
-            meta, tokenizer = prepare(cfg, corpus, path)
-    except OSError as e:  # reading errors are UserErrors already (corpus.py): this is the output's
-        where = f" ({e.filename})" if e.filename else ""
-        raise UserError(f"cannot write {out}: {e.strerror or e}{where}; {out} is as it was before. "
-                        f"Check its free space and permissions, or choose another --out") from None
+    with writing_folder(out, path, "prepare.py"):
+        meta, tokenizer = prepare(cfg, corpus, path)
 
     print(f"source: {meta['source']}")
     print(f"tokenizer: {tokenizer.describe()}")

@@ -40,8 +40,7 @@ from opengpt.cli import UserError, run
 from configurator import parse_args
 from opengpt.data_layout import SPLITS
 from opengpt.files import fsync_file, write_text
-from opengpt.folder_lock import lock_folder
-from opengpt.staged_folder import remove_stale_folders, staged_folder
+from opengpt.staged_folder import replaceable_folder, staged_folder, writing_folder
 from opengpt.tokenizer import TOKENIZER_FILE
 
 DEFAULTS = dict(
@@ -238,22 +237,9 @@ def checkpoint_tokenizer(path):
 # ---- writing ----
 
 def output_folder(cfg, name, argv):
-    """(the --out as given, its real path): a new folder, or one that prepare_chat.py wrote before
-    (prepare.py's output_folder rules, with this script's files)."""
-    if any(arg.startswith("--out=") and not arg[len("--out="):].strip() for arg in argv):
-        raise UserError("--out= is empty; give a folder (e.g. --out=data/chat), or leave --out out for data/<name>")
+    """(the --out as given, its real path): a new folder, or one that prepare_chat.py wrote before."""
     out = cfg["out"] or os.path.join("data", name)
-    path = os.path.realpath(out)  # a symlinked --out stays a link: the folder it points to is replaced
-    if os.path.islink(path):
-        raise UserError(f"--out={out} is a symbolic link that leads round in a loop; point it at a folder, or remove it")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"--out={out} is a file, not a folder; choose a folder")
-    if os.path.isdir(path):
-        foreign = sorted(f for f in os.listdir(path) if f not in OUTPUT_FILES)
-        if foreign or path == os.path.dirname(path):
-            raise UserError(f"--out={out} holds files prepare_chat.py did not write ({', '.join(foreign[:3])}"
-                            f"{', ...' if len(foreign) > 3 else ''}); prepare_chat.py replaces the whole folder, so choose a new one")
-    return out, path
+    return out, replaceable_folder(out, argv, "prepare_chat.py", lambda f: f in OUTPUT_FILES, example="data/chat")
 
 
 def chunks(conversations, split):
@@ -348,14 +334,8 @@ def main():
     base = base_tokenizer(cfg["tokenizer_from"])
     tokenizer = chat_tokenizer(base)  # before any reading: a tokenizer that cannot take the chat tokens is refused
     out, path = output_folder(cfg, conversations.name, argv)
-    try:
-        with lock_folder(out, "prepare_chat.py"):
-            remove_stale_folders(path)
-            meta = prepare_chat(cfg, conversations, base, tokenizer, path)
-    except OSError as e:  # reading errors are UserErrors already: this is the output's
-        where = f" ({e.filename})" if e.filename else ""
-        raise UserError(f"cannot write {out}: {e.strerror or e}{where}; {out} is as it was before. "
-                        f"Check its free space and permissions, or choose another --out") from None
+    with writing_folder(out, path, "prepare_chat.py"):
+        meta = prepare_chat(cfg, conversations, base, tokenizer, path)
 
     print(f"source: {meta['source']}")
     print(f"tokenizer: {tokenizer.describe()}: the base's {base.n_vocab:,} + {' '.join(chat_format.CHAT_TOKENS)}")

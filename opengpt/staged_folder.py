@@ -19,6 +19,9 @@ import os
 import shutil
 import signal
 
+from opengpt.cli import UserError
+from opengpt.folder_lock import lock_folder
+
 MARKER = "staged_folder.pid"  # inside every staging folder: what makes it recognisably ours
 
 
@@ -144,3 +147,36 @@ def is_alive(pid):
     except PermissionError:  # another user's process
         return True
     return True
+
+
+def replaceable_folder(out, argv, script, is_ours, example):
+    """The real path of --out=out, a folder `script` may replace whole: new, or holding only files for
+    which is_ours(name) is true; else one line saying why not (an empty --out= in argv, a looping
+    link, a file, someone else's files, the filesystem's root)."""
+    if any(arg.startswith("--out=") and not arg[len("--out="):].strip() for arg in argv):
+        raise UserError(f"--out= is empty; give a folder (e.g. --out={example}), or leave --out out for data/<name>")
+    path = os.path.realpath(out)  # a symlinked --out stays a link: the folder it points to is replaced
+    if os.path.islink(path):
+        raise UserError(f"--out={out} is a symbolic link that leads round in a loop; point it at a folder, or remove it")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--out={out} is a file, not a folder; choose a folder")
+    if os.path.isdir(path):
+        foreign = sorted(f for f in os.listdir(path) if not is_ours(f))
+        if foreign or path == os.path.dirname(path):
+            raise UserError(f"--out={out} holds files {script} did not write ({', '.join(foreign[:3])}"
+                            f"{', ...' if len(foreign) > 3 else ''}); {script} replaces the whole folder, so choose a new one")
+    return path
+
+
+@contextlib.contextmanager
+def writing_folder(out, path, script):
+    """Hold out's lock (folder_lock.py), remove what killed writers left beside it, and turn an OSError
+    of the writing (a full disk, a read-only folder) into one line: reading errors are UserErrors already."""
+    try:
+        with lock_folder(out, script):
+            remove_stale_folders(path)
+            yield
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        raise UserError(f"cannot write {out}: {e.strerror or e}{where}; {out} is as it was before. "
+                        f"Check its free space and permissions, or choose another --out") from None
