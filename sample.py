@@ -14,6 +14,7 @@ import torch
 from opengpt import checkpoint as ckpt
 from opengpt import hardware
 from opengpt.cli import UserError, run
+from opengpt.decode import sampling_dtype
 from configurator import parse_args
 
 DEFAULTS = dict(
@@ -56,15 +57,6 @@ def decode_clean(tokenizer, tokens):
     data = b"".join(b"\n" if t == tokenizer.eot_token else table[t] for t in tokens)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
     return decoder.decode(data, final=False)  # holds back only a trailing incomplete character
-
-
-def sampling_dtype(requested, device):
-    """The dtype to sample in: float32 on a CPU unless asked otherwise. One token at a time the
-    matmuls are vector-times-matrix, which bfloat16 does not speed up, while its casts and oneDNN's
-    per-shape kernels cost more: bfloat16 sampled several times slower (logs/README.md#sampling-on-a-cpu)."""
-    if requested == "auto" and device == "cpu":
-        return "float32"
-    return hardware.pick_dtype(requested, device)
 
 
 def load_model(cfg):

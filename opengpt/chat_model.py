@@ -20,7 +20,7 @@ from opengpt import checkpoint as ckpt
 from opengpt import hardware
 from opengpt.chat_format import im_end_id, im_start_id, is_chat_tokenizer, prompt_ids
 from opengpt.cli import UserError
-from opengpt.decode import Decoder
+from opengpt.decode import Decoder, sampling_dtype
 
 
 class ContextFull(ValueError):
@@ -32,14 +32,6 @@ class Fitted:
     prompt_ids: list  # what generation continues
     dropped: int  # the oldest messages left out (the system prompt never is)
     max_new_tokens: int  # the reply's limit: as asked, or fewer where the context ends first
-
-
-def sampling_dtype(requested, device):
-    """float32 on a CPU unless asked otherwise, as sample.py samples (one token at a time bfloat16 is
-    no faster there: logs/README.md#sampling-on-a-cpu); else hardware.pick_dtype."""
-    if requested == "auto" and device == "cpu":
-        return "float32"
-    return hardware.pick_dtype(requested, device)
 
 
 def check_sampling_options(cfg):

@@ -23,6 +23,15 @@ from model import rotation_angles, sample_next_token
 from opengpt import hardware
 
 
+def sampling_dtype(requested, device):
+    """The dtype to sample in: float32 on a CPU unless asked otherwise. One token at a time the
+    matmuls are vector-times-matrix, which bfloat16 does not speed up, while its casts and oneDNN's
+    per-shape kernels cost more: bfloat16 sampled several times slower (logs/README.md#sampling-on-a-cpu)."""
+    if requested == "auto" and device == "cpu":
+        return "float32"
+    return hardware.pick_dtype(requested, device)
+
+
 def head_columns(model):
     """The head as a (C, V) matrix, what a hidden state multiplies into logits. On a CPU a contiguous
     copy: one row times it beats times the (V, C) weight's transpose, and the head is most of a token's
