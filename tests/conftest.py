@@ -2,9 +2,11 @@
 import json
 import os
 import random
+import signal
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -37,6 +39,13 @@ def run_script(script, *args, timeout=300, cwd=REPO, env=None):
         command = [os.path.join(REPO, script)]
     return subprocess.run([sys.executable, *command, *map(str, args)], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def pause(process, seconds):
+    """Stop a running process for `seconds` (SIGSTOP), as a suspended laptop or a swapped-out job is, then let it go on."""
+    process.send_signal(signal.SIGSTOP)
+    time.sleep(seconds)
+    process.send_signal(signal.SIGCONT)
 
 
 def is_running(pid):

@@ -14,7 +14,7 @@ from dataclasses import asdict
 import pytest
 
 import train
-from conftest import REPO, TINY_MODEL_ARGS, assert_user_error, read_events, run_script
+from conftest import REPO, TINY_MODEL_ARGS, assert_user_error, pause, read_events, run_script
 from opengpt import schedule as schedule_module
 from opengpt.schedule import DECISIONS, Schedule, TimeBudget
 
@@ -339,9 +339,7 @@ def test_a_run_stopped_for_a_fifth_of_its_budget_re_plans_and_ends_at_it_decayed
         for line in process.stdout:
             lines.append(line)
             if line.startswith("time budget") and "max_iters" in line:  # planned: now the machine stops
-                process.send_signal(signal.SIGSTOP)
-                time.sleep(12 * BUDGET_MINUTES)  # a fifth of the budget's seconds
-                process.send_signal(signal.SIGCONT)
+                pause(process, 12 * BUDGET_MINUTES)  # a fifth of the budget's seconds
                 break
         stdout, stderr = process.communicate(timeout=120)
     finally:

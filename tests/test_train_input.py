@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import REPO, TINY_MODEL_ARGS, assert_user_error, read_events, run_script, tiny_documents
+from conftest import REPO, TINY_MODEL_ARGS, assert_user_error, pause, read_events, run_script, tiny_documents
 
 UNMEASURED = 10**9  # TimeBudget.UNMEASURED: a planned horizon stays below it
 MEMORY_LIMIT = 8 * 2**30  # RLIMIT_AS of the out-of-memory runs: should an allocation succeed after all, it stays small
@@ -101,9 +101,7 @@ def test_a_pause_during_the_timed_warm_up_is_not_taken_for_step_time(tiny_data, 
         for line in process.stdout:
             lines.append(line)
             if line.startswith("iter 3:"):  # the steps from iter 2 on are timed
-                process.send_signal(signal.SIGSTOP)
-                time.sleep(PAUSE_SECONDS)
-                process.send_signal(signal.SIGCONT)
+                pause(process, PAUSE_SECONDS)
                 break
         stdout, stderr = process.communicate(timeout=120)
     finally:
