@@ -298,6 +298,22 @@ def record_gemms(t):
     return recorder.calls
 
 
+PROFILED_STEPS = 3
+
+
+def top_ops(fn, device, calls, count=12):
+    """(name, ms per call) of the `count` ops with the most time of their own over `calls` calls of fn
+    under torch.profiler: the device's time on CUDA, the CPU's elsewhere."""
+    on_cuda = device.startswith("cuda")
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_cuda else [])
+    with torch.profiler.profile(activities=activities) as profile:
+        for _ in range(calls):
+            fn()
+    own_time = (lambda e: e.self_device_time_total) if on_cuda else (lambda e: e.self_cpu_time_total)
+    events = sorted(profile.key_averages(), key=own_time, reverse=True)[:count]
+    return [(e.key, own_time(e) / calls / 1000) for e in events]
+
+
 def step_section(cfg, device):
     """The step train.py runs against its own matrix products: train_step, and apart the same GEMMs
     (shapes, strides, dtype, threads, allocator) recorded from an eager step; then the head loss alone
@@ -310,6 +326,9 @@ def step_section(cfg, device):
     say(f"\n## the step against its own matrix products: {cfg['n_layer']} layers, {cfg['n_embd']} wide, {tokens} tokens, "
         f"vocabulary {padded_vocab_size(cfg['vocab_size'])}, {optimizer_name}, {dtype}{', compiled' if cfg['compile'] else ''}, "
         f"on {hardware.device_name(device)}")
+    if cfg["compile"] and device == "cpu":
+        from torch._inductor import config as inductor_config
+        inductor_config.cpp.enable_kernel_profile = True  # the profile below names inductor's C++ kernels
     t = build_training(cfg, device, optimizer_name, dtype, cfg["compile"])
     calls = record_gemms(build_training(cfg, device, optimizer_name, dtype))
     parts = {part: replayer([c for c in calls if c[0] == part]) for part in ("body", "attention", "head", "optimizer")}
@@ -319,6 +338,10 @@ def step_section(cfg, device):
     say(f"its matrix products, apart     {gemms * 1000:9.1f} ms: " + ", ".join(
         f"{part} {seconds[part] * 1000:.1f} ({sum(c[0] == part for c in calls)} calls)" for part in parts))
     say(f"step / matrix products         {seconds['step'] / gemms:9.2f}x   (the rest: {(seconds['step'] - gemms) * 1000:.1f} ms)")
+    say(f"the step's top ops by own time, ms per step (torch.profiler over {PROFILED_STEPS} steps; compiled code shows as "
+        f"its graphs and kernels, cpp_fused_*):")
+    for name, ms in top_ops(functools.partial(train_step, t, 0), device, PROFILED_STEPS):
+        say(f"  {ms:8.1f}  {name}")
 
     n_rows, vocab = tokens, padded_vocab_size(cfg["vocab_size"])
     generator = torch.Generator().manual_seed(0)

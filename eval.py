@@ -69,6 +69,22 @@ def text_bits(model, tokenizer, text, batch_size, device, autocast):
     return nats / math.log(2)
 
 
+def load(path):
+    """(checkpoint, its model in eval mode, its tokenizer) of a checkpoint file whose weights are finite."""
+    checkpoint = ckpt.load(path)
+    ckpt.check_finite_weights(checkpoint, path)
+    return checkpoint, ckpt.model_from(checkpoint, dropout=0.0).eval(), ckpt.tokenizer_of(checkpoint)
+
+
+def evaluate_val(checkpoint, model, tokenizer, data_dir, batch_size, max_batches, device, autocast):
+    """(the data folder, evaluate_split's numbers of its val split: overall and per source) for a
+    loaded checkpoint's model; the folder must hold the checkpoint's tokenizer."""
+    data = TokenData(data_dir, model.config.block_size)
+    ckpt.check_same_tokenizer(checkpoint, data.load_tokenizer(), data_dir)
+    return data, evaluate_split(model, data, "val", batch_size, max_batches, device, autocast,
+                                torch.from_numpy(tokenizer.token_byte_lengths))
+
+
 def main():
     cfg = parse_args(DEFAULTS, sys.argv[1:])
     for key in ("batch_size",):
@@ -78,9 +94,7 @@ def main():
         raise UserError(f"--max_batches must be zero or positive, got {cfg['max_batches']}")
     texts = {path: read_text(path) for path in filter(None, cfg["text"].split(","))}
     path = os.path.join(cfg["out_dir"], ckpt.FILENAME)
-    checkpoint = ckpt.load(path)
-    ckpt.check_finite_weights(checkpoint, path)
-    model, tokenizer = ckpt.model_from(checkpoint, dropout=0.0), ckpt.tokenizer_of(checkpoint)
+    checkpoint, model, tokenizer = load(path)
     run_config = checkpoint.get("config") or {}
     data_dir = cfg["data_dir"] or (data_folder(run_config) if "data_dir" in run_config else "")
     if not cfg["data_dir"] and texts and not os.path.isdir(data_dir):
@@ -95,10 +109,7 @@ def main():
 
     rows = []  # (what, targets, bits per character, bits per byte)
     if data_dir:
-        data = TokenData(data_dir, model.config.block_size)
-        ckpt.check_same_tokenizer(checkpoint, data.load_tokenizer(), data_dir)
-        val = evaluate_split(model, data, "val", cfg["batch_size"], cfg["max_batches"], device, autocast,
-                             torch.from_numpy(tokenizer.token_byte_lengths))
+        data, val = evaluate_val(checkpoint, model, tokenizer, data_dir, cfg["batch_size"], cfg["max_batches"], device, autocast)
         rows.append((f"val of {data_dir}" + (" (assistant replies)" if data.chat else ""), val["tokens"], val["bpc"], val["bpb"]))
         rows += [(f"  {name}", s["tokens"], s["bpc"], s["bpb"]) for name, s in val.get("sources", {}).items()]
     for text_path, text in texts.items():

@@ -30,6 +30,8 @@ class GPTConfig:
     scale_attn_by_inverse_layer_idx: bool = False  # attention logits / (layer index + 1), as in the Sophia authors' medium/large runs
     rotary: bool = False  # rotary position embeddings (Su et al. 2021) on queries and keys instead of GPT-2's learned wpe
     activation: str = "gelu_new"  # the MLP's, by transformers' names: GPT-2's tanh GELU, or relu2 (ReLU squared, So et al. 2021)
+    document_mask: bool = False  # attend within a document only (packed conversations do not see each other); see document_layout
+    eot_token: int = 0  # <|endoftext|>'s id, the token that closes a document (our BPE's 0, GPT-2's 50256)
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -41,6 +43,8 @@ class GPTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        if not 0 <= self.eot_token < self.vocab_size:
+            raise ValueError(f"eot_token must be an id below vocab_size={self.vocab_size}, got {self.eot_token}")
 
 
 class CausalSelfAttention(nn.Module):
@@ -55,7 +59,8 @@ class CausalSelfAttention(nn.Module):
         if config.scale_attn_by_inverse_layer_idx:
             self.scale /= layer_idx + 1  # a stability trick for deep models (transformers' GPT-2 has it too)
 
-    def forward(self, x, kv_cache=None, rotation=None):
+    def forward(self, x, kv_cache=None, rotation=None, allowed=None):
+        """allowed: None (causal attention), or a boolean (B, 1, T, T) of the keys each query may see (document_layout)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
@@ -65,12 +70,12 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.append(k, v)
         # With a cache, the T new queries sit at the end of the sequence, so the causal mask is the
         # bottom-right block; SDPA's is_causal means top-left, so pass an explicit mask then.
-        mask = None
+        mask = allowed
         if kv_cache is not None and T > 1:
             mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(k.size(2) - T)
         dropout_p = self.dropout if self.training else 0.0
         if kv_cache is None and explicit_attention_pays(q):
-            y = explicit_causal_attention(q, k, v, self.scale, dropout_p)
+            y = explicit_causal_attention(q, k, v, self.scale, dropout_p, allowed)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(mask is None and kv_cache is None),
                                                dropout_p=dropout_p, scale=self.scale)
@@ -91,13 +96,13 @@ def explicit_attention_pays(q):
     return autocast_bf16 or q.dtype == torch.bfloat16
 
 
-def explicit_causal_attention(q, k, v, scale, dropout_p):
+def explicit_causal_attention(q, k, v, scale, dropout_p, allowed=None):
     """softmax(q k^T * scale + causal mask) v, as nanoGPT wrote it before SDPA (dropout on the weights,
-    as SDPA's dropout_p)."""
+    as SDPA's dropout_p). allowed, if given, replaces the causal mask: the keys each query may see."""
     T = q.size(2)
     scores = (q @ k.transpose(-2, -1)) * scale
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    weights = F.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+    hidden = ~allowed if allowed is not None else torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    weights = F.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)
     weights = F.dropout(weights, dropout_p) if dropout_p else weights
     return weights.to(v.dtype) @ v
 
@@ -125,8 +130,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None, rotation=None):
-        x = x + self.attn(self.ln_1(x), kv_cache, rotation)
+    def forward(self, x, kv_cache=None, rotation=None, allowed=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, rotation, allowed)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -134,9 +139,9 @@ ROTARY_BASE = 10000.0  # the wavelengths of rotary embeddings grow from 2 pi to 
 
 
 def rotation_angles(positions, head_dim, base=ROTARY_BASE):
-    """(cos, sin), each (T, head_dim / 2): position p turns pair i of a query or key by p * base^(-2i / head_dim)."""
+    """(cos, sin), each (*positions.shape, head_dim / 2): position p turns pair i of a query or key by p * base^(-2i / head_dim)."""
     inverse_frequencies = base ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[:, None] * inverse_frequencies[None, :]
+    angles = positions.float()[..., None] * inverse_frequencies
     return angles.cos(), angles.sin()
 
 
@@ -145,6 +150,22 @@ def rotate(x, cos, sin):
     (GPT-NeoX's layout), each turned by its angle, so q . k depends on positions only by their offset."""
     first, second = x.float().chunk(2, dim=-1)
     return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1).to(x.dtype)
+
+
+def document_layout(idx, eot_token):
+    """(positions (B, T), allowed (B, 1, T, T)) of the documents packed in idx (B, T): a token's document
+    is the number of eot_tokens before it (the eot closes its own document), its position counts from
+    its document's first token, and it may attend to the earlier tokens of its document only, so each
+    document is computed as if it stood alone at the start of a block (what inference of one conversation sees)."""
+    T = idx.size(1)
+    is_eot = idx == eot_token
+    document = is_eot.cumsum(dim=1) - is_eot.long()
+    index = torch.arange(T, device=idx.device)
+    # a document starts after each eot: the latest such start at or before a token is its document's first
+    starts = torch.where(F.pad(is_eot[:, :-1], (1, 0)), index, 0).cummax(dim=1).values
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+    allowed = causal & (document[:, :, None] == document[:, None, :])
+    return index - starts, allowed.unsqueeze(1)
 
 
 class LayerKVCache:
@@ -201,21 +222,27 @@ class GPT(nn.Module):
         return n_params
 
     def hidden_states(self, idx, kv_caches=None):
-        """Final-layer-norm output, (B, T, n_embd). With caches, positions continue after them."""
+        """Final-layer-norm output, (B, T, n_embd). With caches, positions continue after them.
+        With config.document_mask, each document in idx sees only itself (document_layout); with
+        caches, what they hold and idx are one document (a conversation being continued)."""
         B, T = idx.size()
         start = kv_caches[0].length if kv_caches is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        allowed = None
+        if self.config.document_mask and kv_caches is None:
+            pos, allowed = document_layout(idx, self.config.eot_token)  # positions (B, T), one row per sequence
         rotation = None
         if self.config.rotary:
             x = self.transformer.wte(idx)
-            rotation = rotation_angles(pos, self.config.n_embd // self.config.n_head)
+            cos, sin = rotation_angles(pos, self.config.n_embd // self.config.n_head)
+            rotation = (cos, sin) if pos.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))  # (B, 1 head, T, D / 2)
         else:
             x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_caches[i] if kv_caches is not None else None, rotation)
+            x = block(x, kv_caches[i] if kv_caches is not None else None, rotation, allowed)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, sample_labels_from_vocab=0, label_generator=None):

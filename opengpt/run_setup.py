@@ -22,7 +22,7 @@ from opengpt.weight_average import WeightAverage
 # What a checkpoint fixes: the model's shape, and the optimizer whose state (hyperparameters included:
 # load_state_dict restores them) it holds. A resumed run must be given the same values.
 CHECKPOINT_SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "scale_attn_by_inverse_layer_idx", "rotary",
-                    "activation")
+                    "activation", "document_mask")
 CHECKPOINT_OPTIMIZER = ("optimizer", "beta1", "beta2", "weight_decay", "decay_embeddings")
 
 
@@ -183,12 +183,13 @@ def claim_out_dir(cfg):
     return claim
 
 
-def model_args_from(cfg, vocab_size):
-    """GPTConfig's fields as the run's flags set them, for a model of vocab_size (already padded)."""
+def model_args_from(cfg, vocab_size, eot_token=0):
+    """GPTConfig's fields as the run's flags set them, for a model of vocab_size (already padded) whose
+    tokenizer closes documents with eot_token."""
     return dict(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], block_size=cfg["block_size"],
                 bias=cfg["bias"], vocab_size=vocab_size, dropout=cfg["dropout"],
                 scale_attn_by_inverse_layer_idx=cfg["scale_attn_by_inverse_layer_idx"], rotary=cfg["rotary"],
-                activation=cfg["activation"])
+                activation=cfg["activation"], document_mask=cfg["document_mask"], eot_token=eot_token)
 
 
 def build_model(cfg, data, data_dir, tokenizer):
@@ -198,7 +199,7 @@ def build_model(cfg, data, data_dir, tokenizer):
     not the flags', and the optimizer starts afresh; when the data's tokenizer is theirs plus the
     chat tokens, the vocabulary grows (grow_vocabulary) and vocab_growth records it, else it is None."""
     checkpoint, vocab_growth = None, None
-    model_args = model_args_from(cfg, data.padded_vocab_size)
+    model_args = model_args_from(cfg, data.padded_vocab_size, tokenizer.eot_token)
     if cfg["init_from"] == "scratch":
         model = GPT(GPTConfig(**model_args))
     elif cfg["init_from"] == "resume":
@@ -221,6 +222,8 @@ def build_model(cfg, data, data_dir, tokenizer):
         model.crop_block_size(cfg["block_size"])
         if added:
             vocab_growth = grow_vocabulary(model, weights_tokenizer.n_vocab, added, data.padded_vocab_size)
+        # how it attends is this run's choice, not the weights' (a base model is pretrained without the mask)
+        model.config.document_mask, model.config.eot_token = cfg["document_mask"], tokenizer.eot_token
         model_args = {k: getattr(model.config, k) for k in model_args}
     if model.config.vocab_size < data.vocab_size:
         raise UserError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the data's ({data.vocab_size})")

@@ -1,11 +1,14 @@
 """Shared test fixtures: a tiny learnable Chinese corpus, prepared once, and script runners."""
 import json
+import locale
 import os
 import random
+import select
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -30,15 +33,126 @@ def tiny_documents(n_docs, seed=0):
 
 
 def run_script(script, *args, timeout=300, cwd=REPO, env=None):
-    """Run one of the repo's scripts in a fresh interpreter; returns the CompletedProcess."""
+    """Run one of the repo's scripts as `python SCRIPT ARGS` does; returns the CompletedProcess. The
+    process is forked from an interpreter that has already imported torch (FORK_SERVER below), unless
+    the environment differs in a variable that importing torch or numpy reads."""
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     if script.startswith("logs/"):  # the lab notebook's scripts run as modules of the logs package
         full_env["PYTHONPATH"] = REPO
         command = ["-m", script[:-len(".py")].replace("/", ".")]
     else:
         command = [os.path.join(REPO, script)]
-    return subprocess.run([sys.executable, *command, *map(str, args)], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    argv = [sys.executable, *command, *map(str, args)]
+    if FORK_SERVER.serves(full_env):
+        return FORK_SERVER.run(argv, str(cwd), full_env, timeout)
+    return subprocess.run(argv, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+# The fork server's loop. Each request line (JSON) is one `python SCRIPT ARGS` or `python -m MODULE
+# ARGS`: a forked child takes its working folder, environment, argv and sys.path[0] as that
+# interpreter would, stdin from /dev/null and stdout/stderr into the request's files, runs the script
+# as __main__ and ends as that interpreter does (SystemExit, a traceback, atexit, waiting for its
+# threads, all done by this interpreter's own exit). The server answers the child's pid, then its
+# wait status.
+FORK_SERVER_CODE = r"""
+import json, os, runpy, sys
+import numpy, torch  # the seconds that every script's fresh interpreter would spend again
+
+def run(request):
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    os.dup2(os.open(request["stdout"], os.O_WRONLY), 1)
+    os.dup2(os.open(request["stderr"], os.O_WRONLY), 2)
+    argv = request["argv"][1:]
+    if argv[0] == "-m":
+        sys.argv = argv[1:]
+        sys.path[0] = os.getcwd()
+        sys.path[1:1] = [entry for entry in request["env"].get("PYTHONPATH", "").split(os.pathsep) if entry]
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = argv
+        sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
+        runpy.run_path(argv[0], run_name="__main__")
+
+for line in sys.stdin:
+    request = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        run(request)
+        sys.exit(0)
+    print(pid, flush=True)
+    print(os.waitpid(pid, 0)[1], flush=True)
+"""
+
+
+class ForkServer:
+    """An interpreter, started once per test session, that forks each script run_script runs: a fresh
+    interpreter spends seconds importing torch, and the suite runs scripts hundreds of times."""
+
+    # what importing torch or numpy reads from the environment: a run whose environment differs from
+    # the server's in one of these gets a fresh interpreter instead
+    IMPORT_TIME = ("OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS", "NUMPY", "PYTORCH", "TORCH", "CUDA", "NVIDIA", "HIP",
+                   "ROCM", "PYTHON", "LD_", "MALLOC", "LC_", "LANG")
+
+    def __init__(self):
+        self.process, self.env = None, None
+
+    def import_time(self, env):
+        return {k: v for k, v in env.items() if k.startswith(self.IMPORT_TIME) and k != "PYTHONPATH"}
+
+    def serves(self, env):
+        if os.environ.get("OPENGPT_TESTS_FORK", "1") == "0":  # =0: every script in a fresh interpreter
+            return False
+        if self.process is None or self.process.poll() is not None:
+            self.env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+            self.process = subprocess.Popen([sys.executable, "-c", FORK_SERVER_CODE], cwd=REPO, env=self.env, bufsize=0,
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        return self.import_time(env) == self.import_time(self.env)
+
+    def answer(self):
+        line = self.process.stdout.readline()  # unbuffered, so that select below sees what is not read yet
+        if not line:
+            raise RuntimeError("the tests' fork server died; OPENGPT_TESTS_FORK=0 runs every script in a fresh interpreter")
+        return int(line)
+
+    def run(self, argv, cwd, env, timeout):
+        with tempfile.TemporaryDirectory() as folder:
+            out, err = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
+            for path in (out, err):
+                open(path, "w").close()
+            try:
+                self.process.stdin.write((json.dumps(dict(argv=argv, cwd=cwd, env=env, stdout=out, stderr=err)) + "\n").encode())
+                pid = self.answer()
+                timed_out = not select.select([self.process.stdout], [], [], timeout)[0]
+                if timed_out:
+                    os.kill(pid, signal.SIGKILL)
+                status = self.answer()
+            except BaseException:  # interrupted: the server's answers are out of step, start another
+                self.close(kill=True)
+                raise
+            stdout, stderr = (open(path, encoding=locale.getpreferredencoding(False)).read() for path in (out, err))
+        if timed_out:
+            raise subprocess.TimeoutExpired(argv, timeout, stdout, stderr)
+        return subprocess.CompletedProcess(argv, os.waitstatus_to_exitcode(status), stdout, stderr)
+
+    def close(self, kill=False):
+        if self.process is not None:
+            if kill:
+                self.process.kill()
+            self.process.stdin.close()
+            self.process.wait()
+            self.process = None
+
+
+FORK_SERVER = ForkServer()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_the_fork_server():
+    yield
+    FORK_SERVER.close()
 
 
 def pause(process, seconds):

@@ -37,6 +37,7 @@ def test_the_step_section_reports_the_step_against_its_own_matrix_products():
     assert result.returncode == 0, result.stderr
     assert "step / matrix products" in result.stdout and "ns per logit element" in result.stdout
     assert "muon" in result.stdout and "head " in result.stdout and "optimizer " in result.stdout
+    assert "top ops by own time" in result.stdout and "aten::mm" in result.stdout  # the step's profile
 
 
 def test_the_recorded_matrix_products_are_the_steps_by_part():

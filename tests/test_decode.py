@@ -87,3 +87,22 @@ def test_stream_leaves_grad_mode_and_autocast_to_the_caller_between_tokens():
     next(stream)
     assert torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
     assert all(0 <= t < 320 for t in stream)  # the rest, drawn under bfloat16 autocast
+
+
+def test_a_step_runs_on_one_thread_and_gives_the_caller_back_its_thread_count():
+    model = tiny_gpt(rotary=True, activation="relu2", bias=False)
+    idx = torch.randint(0, 320, (1, 6))
+    previous = torch.get_num_threads()
+    seen = []
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            decoding = CachedDecoding(model, 1, "cpu")
+            decoding.prefill(idx[:, :5])
+            real_logits = decoding._logits
+            decoding._logits = lambda *args: seen.append(torch.get_num_threads()) or real_logits(*args)
+            logits = decoding.step(idx[:, 5])
+        assert seen == [1] and torch.get_num_threads() == 2
+        torch.testing.assert_close(logits, model.full_logits(idx)[:, -1], rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(previous)

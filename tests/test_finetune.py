@@ -4,6 +4,7 @@ tokens with their rows at the mean embedding and the checkpoint says so, resume 
 tokenizer that is neither the model's nor the model's plus the chat tokens is one line."""
 import json
 import math
+import os
 import random
 import shutil
 from contextlib import nullcontext
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import train
-from conftest import PHRASES, TINY_MODEL_ARGS, assert_user_error, read_events, run_script
+from conftest import PHRASES, REPO, TINY_MODEL_ARGS, assert_user_error, read_events, run_script
 from model import GPT, GPTConfig
 from opengpt.chat_format import CHAT_TOKENS
 from opengpt.data import TokenData
@@ -222,3 +223,34 @@ def test_a_damaged_mask_file_is_one_line(chat_data, tmp_path, damage, words):
     damage(folder)
     result = run_script("train.py", *run_args(folder, tmp_path / "out", "--max_iters=1"))
     assert_user_error(result, *words)
+
+
+@pytest.mark.parametrize("optimizer", ["sophiag", "muon"])
+def test_every_optimizer_fine_tunes_on_the_replies(base_run, chat_data, tmp_path, optimizer):
+    """The same loop for every optimizer: SophiaG (its Hessian pass on the masked batches too) and Muon
+    fine-tune the pretrained model on the replies; the reply loss goes down."""
+    out = tmp_path / optimizer
+    result = run_script("train.py", *run_args(chat_data, out, f"--init_from={base_run}", f"--optimizer={optimizer}",
+                                              "--hess_interval=2", "--max_iters=8", "--lr_decay_iters=8", "--eval_interval=8",
+                                              "--learning_rate=3e-3"))
+    assert result.returncode == 0, result.stderr
+    evals = read_events(out, "eval")
+    assert [e["iter"] for e in evals] == [0, 8] and evals[-1]["val_loss"] < evals[0]["val_loss"]
+
+
+def test_two_processes_fine_tune_like_one_with_twice_the_accumulation(base_run, chat_data, tmp_path):
+    """DDP on a chat folder: the masks travel with the windows each rank draws, so 2 processes x 1
+    micro-batch reproduce 1 process x 2, loss for loss and weight for weight."""
+    from test_ddp import TINY, Run, one_process, run_all, two_processes
+    runs = {}
+    for launch, accumulation in ((one_process, 2), (two_processes, 1)):
+        run_dir = tmp_path / launch.__name__
+        run_dir.mkdir()
+        args = [os.path.join(REPO, "train.py"), *TINY, f"--data_dir={chat_data}", "--out_dir=out", f"--init_from={base_run}",
+                "--optimizer=adamw", f"--gradient_accumulation_steps={accumulation}"]
+        runs[launch.__name__] = Run(run_dir, run_all(launch(args), cwd=run_dir))
+    one, two = runs["one_process"], runs["two_processes"]
+    assert two.iters == one.iters == list(range(6))
+    assert two.losses == pytest.approx(one.losses, rel=1e-6, abs=1e-5)
+    for name, value in two.checkpoint["model"].items():
+        torch.testing.assert_close(value, one.checkpoint["model"][name], rtol=1e-4, atol=1e-5)

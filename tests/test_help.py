@@ -25,6 +25,7 @@ SCRIPTS = [
     ("logs/bench_prepare.py", "--size_mb=1000", "corpus size in MB of JSONL"),
     ("logs/step_side_by_side.py", "--extra=''", "flags for this checkout's runs only"),
     ("logs/sentiment_task.py", "--test_reviews=2000", "held out for scoring, drawn with `seed`"),
+    ("logs/document_mask_speed.py", "--document_tokens=96", "mean tokens per document in the random batches"),
 ]
 
 

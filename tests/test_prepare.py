@@ -40,6 +40,27 @@ def val_indices(split, n_docs):
     return [i for i in range(n_docs) if split.is_val(i)]
 
 
+def reference_val(documents, min_val_docs=prepare.DEFAULTS["min_val_docs"], min_chars=prepare.DEFAULTS["min_val_chars_per_source"]):
+    """The val documents' indices of [(source, document), ...], written from the rule, with the whole
+    corpus in hand: the lowest scores, at least min(min_val_docs, half) of them and one train document
+    left; then with 2+ sources, each source's next-lowest scores while its val holds fewer than
+    min(min_chars, a tenth of its characters) and at most half its documents are val."""
+    defaults, n = prepare.DEFAULTS, len(documents)
+    scores = [prepare.position_score(f"split {defaults['seed']}", i) for i in range(n)]
+    order = sorted(range(n), key=lambda i: (scores[i], i))
+    n_val = min(max(sum(score < defaults["val_fraction"] for score in scores), min(min_val_docs, n // 2), 1), n - 1)
+    val = set(order[:n_val])
+    names = list(dict.fromkeys(source for source, _ in documents))
+    for name in names if len(names) > 1 else []:
+        mine = [i for i in order if documents[i][0] == name]
+        target = min(min_chars, int(0.1 * sum(len(documents[i][1]) for i in mine)))
+        for i in mine:
+            if sum(len(documents[j][1]) for j in mine if j in val) >= target or sum(j in val for j in mine) >= len(mine) // 2:
+                break
+            val.add(i)
+    return val
+
+
 def prepare_ok(*args):
     result = run_script("prepare.py", *args)
     assert result.returncode == 0, result.stderr
@@ -98,14 +119,15 @@ def test_each_source_has_a_span_of_tokens_counted_by_hand(tmp_path):
     meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
     tokenizer = TokenData(str(out), 1).load_tokenizer()
     documents = [(name, doc) for name, docs in files.items() for doc in docs]
-    split = default_split(len(documents), min_val_docs=20)
+    val = reference_val(documents, min_val_docs=20)
+    assert len(val) > 20  # each source's share topped up: a tenth of a.txt's and of b.txt's characters
     for name in ("train", "val"):
         counts, tokens = meta["splits"][name], np.fromfile(out / f"{name}.bin", dtype=np.uint16).tolist()
         spans = counts["sources"]
         assert [span["source"] for span in spans] == ["a.txt", "b.txt"]
         assert [(span["start"], span["end"]) for span in spans] == [(0, spans[0]["end"]), (spans[0]["end"], len(tokens))]
         for span in spans:
-            docs = [doc for i, (source, doc) in enumerate(documents) if source == span["source"] and split.is_val(i) == (name == "val")]
+            docs = [doc for i, (source, doc) in enumerate(documents) if source == span["source"] and (i in val) == (name == "val")]
             assert split_documents(tokens[span["start"]:span["end"]], tokenizer.eot_token, tokenizer.decode_bytes) == docs
             assert (span["documents"], span["characters"], span["bytes"]) == (
                 len(docs), sum(map(len, docs)), sum(len(d.encode("utf-8")) for d in docs))
@@ -169,6 +191,88 @@ def test_validation_set_is_never_tiny():
     assert len(val_indices(prepare.DocumentSplit(10_000, 0.005, 200, seed=0), 10_000)) == 200  # at least 200
     assert len(val_indices(prepare.DocumentSplit(100, 0.005, 200, seed=0), 100)) == 50  # at most half a small corpus
     assert len(val_indices(prepare.DocumentSplit(3, 0.99999, 200, seed=0), 3)) == 2  # and one document stays in train
+
+
+def topped_up_split(documents, min_chars, min_val_docs=2):
+    """prepare.py's split of [(source, document), ...], each source's share of val topped up."""
+    defaults = prepare.DEFAULTS
+    shares = prepare.SourceShares(min_chars, defaults["seed"])
+    for i, (source, document) in enumerate(documents):
+        shares.offer(i, source, len(document))
+    split = prepare.DocumentSplit(len(documents), defaults["val_fraction"], min_val_docs, defaults["seed"])
+    split.top_up(shares)
+    return split
+
+
+def test_each_source_gets_its_share_of_val_counted_by_hand():
+    """A big source's sample already holds its share; a source of ten 100-character documents gets its
+    lowest-score one (a tenth of 1,000 characters); a source of three 1-character documents and one of
+    10,000 (the highest score of the four) needs all four for 1,000 characters but gives two (half);
+    a one-document source keeps it in train."""
+    big = [("big", "甲" * 300) for _ in range(2000)]  # ~10 sampled (0.5%): ~3,000 characters
+    tens = [("tens", "乙" * 100) for _ in range(10)]
+    documents = big + tens + [("fours", "")] * 4 + [("one", "丁" * 5000)]
+    fours = range(len(big) + len(tens), len(big) + len(tens) + 4)
+    score = lambda i: (prepare.position_score(f"split {prepare.DEFAULTS['seed']}", i), i)  # noqa: E731
+    for i in fours:
+        documents[i] = ("fours", "丙" * (10_000 if i == max(fours, key=score) else 1))
+    split = topped_up_split(documents, min_chars=1500)
+    by_source = {name: [i for i, (source, _) in enumerate(documents) if source == name] for name in ("big", "tens", "fours", "one")}
+    sampled = {name: [i for i in indices if split.is_sampled(i)] for name, indices in by_source.items()}
+    assert 300 * len(sampled["big"]) >= 1500 and sampled["tens"] == sampled["fours"] == sampled["one"] == []
+    assert [i for i in by_source["big"] if split.is_val(i)] == sampled["big"]
+    assert [i for i in by_source["tens"] if split.is_val(i)] == [min(by_source["tens"], key=score)]
+    assert [i for i in fours if split.is_val(i)] == sorted(sorted(fours, key=score)[:2])
+    assert not split.is_val(by_source["one"][0])
+    assert split.top_up(prepare.SourceShares(0, prepare.DEFAULTS["seed"])) == 0  # 0: off
+
+
+def test_the_top_up_follows_the_rule_and_keeps_memory_to_the_documents_it_may_take():
+    """Against the rule written with the whole corpus in hand, for random sizes: the same val. A
+    source keeps only its lowest scores that hold min_chars characters, not all its documents."""
+    import random
+
+    rng = random.Random(5)
+    documents = [(f"s{rng.randint(0, 5)}", "字" * rng.randint(1, 300)) for _ in range(3000)]
+    split = topped_up_split(documents, min_chars=2000, min_val_docs=20)
+    assert {i for i in range(len(documents)) if split.is_val(i)} == reference_val(documents, min_val_docs=20, min_chars=2000)
+    shares = prepare.SourceShares(2000, prepare.DEFAULTS["seed"])
+    for i, (source, document) in enumerate(documents):
+        shares.offer(i, source, len(document))
+    assert all(held - max(entry[2] for entry in heap) < 2000 <= held for heap, held in shares.lowest.values())
+    assert max(len(heap) for heap, _ in shares.lowest.values()) < 100
+
+
+def test_one_source_is_not_topped_up():
+    """A corpus of one source (a file, a dataset) is split as before: --min_val_docs sizes its val."""
+    documents = [("in.txt", "甲" * 100) for _ in range(1000)]
+    assert val_indices(topped_up_split(documents, 10_000, min_val_docs=200), 1000) == val_indices(default_split(1000), 1000)
+
+
+def test_the_default_corpus_needs_no_top_up():
+    """data/zh_default's val samples both sources enough already: its split, and so its token files and
+    tokenizer, are those it had before sources had shares (the committed tables stay comparable)."""
+    from opengpt import corpus
+    defaults = prepare.DEFAULTS
+    shares = prepare.SourceShares(defaults["min_val_chars_per_source"], defaults["seed"])
+    for i, (source, document) in enumerate(corpus.default_corpus().with_sources()):
+        shares.offer(i, source, len(document))
+    split = prepare.DocumentSplit(i + 1, defaults["val_fraction"], defaults["min_val_docs"], defaults["seed"])
+    assert split.top_up(shares) == 0 and list(shares.sizes) == ["people_daily", "sanguo"]
+
+
+def test_meta_records_the_sources_shares_and_a_negative_one_is_refused(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    corpus_file(folder / "a.txt", 300, seed=23)
+    corpus_file(folder / "b.txt", 40, seed=24)
+    out = tmp_path / "out"
+    prepare_ok(f"--input={folder}", f"--out={out}", "--tokenizer=gpt2", "--min_val_chars_per_source=300")
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    assert meta["min_val_chars_per_source"] == 300 and meta["max_source_val_share"] == 0.1
+    assert [span["source"] for span in meta["splits"]["val"]["sources"]] == ["a.txt", "b.txt"]
+    assert_user_error(run_script("prepare.py", f"--input={folder}", "--min_val_chars_per_source=-1"),
+                      "--min_val_chars_per_source must be 0 (off) or more, got -1")
 
 
 def test_hugging_face_dataset_from_a_local_folder(tmp_path):

@@ -6,9 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from chat_checkpoint import write_chat_checkpoint
 from conftest import assert_user_error, run_script
 from logs import sentiment_task as task
 from model import GPT, GPTConfig
+from opengpt import chat_model
 from opengpt.chat_format import parse_conversation
 
 POS, NEG = task.LABELS
@@ -28,19 +30,56 @@ def test_read_labelled_lines_strips_lines_and_skips_blank_ones(tmp_path):
     assert labelled == [("很好", POS), ("不错", POS), ("太差", NEG)]
 
 
-def test_the_split_is_by_review_and_the_same_whatever_the_order_of_the_reviews():
+def test_the_split_is_by_review_into_three_disjoint_parts_the_same_whatever_the_order_of_the_reviews():
     reviews = [(f"评论{i}", POS if i % 3 else NEG) for i in range(100)]
-    train, test = task.split_reviews(reviews, 20, seed=7)
-    assert len(test) == 20 and len(train) == 80
-    assert not {text for text, _ in train} & {text for text, _ in test}
-    assert sorted(train + test) == sorted(reviews)
-    assert task.split_reviews(list(reversed(reviews)), 20, seed=7) == (train, test)
-    assert task.split_reviews(reviews, 20, seed=8)[1] != test
+    train, validation, test = task.split_reviews(reviews, 20, 10, seed=7)
+    assert len(test) == 20 and len(validation) == 10 and len(train) == 70
+    parts = [{text for text, _ in part} for part in (train, validation, test)]
+    assert not parts[0] & parts[1] and not parts[0] & parts[2] and not parts[1] & parts[2]
+    assert sorted(train + validation + test) == sorted(reviews)
+    assert task.split_reviews(list(reversed(reviews)), 20, 10, seed=7) == (train, validation, test)
+    assert task.split_reviews(reviews, 20, 10, seed=8)[2] != test
+    assert task.split_reviews(reviews, 20, 30, seed=7)[2] == test  # the test part does not move with the validation part's size
 
 
-def test_the_split_refuses_a_test_part_that_leaves_no_train_part():
-    with pytest.raises(task.UserError, match="between 1 and 2"):
-        task.split_reviews([("a", POS), ("b", NEG), ("c", POS)], 3, seed=0)
+def test_the_split_refuses_parts_that_leave_no_train_part():
+    reviews = [("a", POS), ("b", NEG), ("c", POS), ("d", NEG)]
+    with pytest.raises(task.UserError, match="--test_reviews=4: give between 1 and 3"):
+        task.split_reviews(reviews, 4, 1, seed=0)
+    with pytest.raises(task.UserError, match="--validation_reviews=2: give between 1 and 1"):
+        task.split_reviews(reviews, 2, 2, seed=0)
+    with pytest.raises(task.UserError, match="--validation_reviews=0"):
+        task.split_reviews(reviews, 2, 0, seed=0)
+
+
+def test_the_choice_sees_the_validation_part_only_and_takes_the_best_score_first_on_a_tie():
+    reviews = [(f"评论{i}", POS if i % 2 else NEG) for i in range(50)]
+    train, validation, test = task.split_reviews(reviews, 10, 8, seed=0)
+    candidates = task.sft_grid(dict(grid_learning_rates="5e-4,1e-3,2e-3", grid_iters="540", grid_variants=""))
+    fake = {5e-4: 0.6, 1e-3: 0.8, 2e-3: 0.8}  # a tie: the first in grid order wins
+    seen = []
+
+    def accuracy_of(candidate, scored):
+        seen.extend(scored)
+        return dict(accuracy=fake[candidate["learning_rate"]])
+
+    best, scores = task.choose(candidates, validation, accuracy_of)
+    assert candidates[best]["learning_rate"] == 1e-3
+    assert [s["accuracy"] for s in scores] == [0.6, 0.8, 0.8]
+    assert seen == validation * 3 and not set(seen) & set(test)
+    assert task.choose(candidates, validation, lambda c, _: dict(accuracy=c["learning_rate"]))[0] == 2
+
+
+def test_the_grid_tries_every_learning_rate_at_the_shorter_length_first():
+    grid = task.sft_grid(dict(grid_learning_rates="1e-3,2e-3", grid_iters="540,1080", grid_variants="|--flag=True"))
+    assert [(c["iters"], c["flags"], c["learning_rate"]) for c in grid] == [
+        (540, [], 1e-3), (540, [], 2e-3), (540, ["--flag=True"], 1e-3), (540, ["--flag=True"], 2e-3),
+        (1080, [], 1e-3), (1080, [], 2e-3), (1080, ["--flag=True"], 1e-3), (1080, ["--flag=True"], 2e-3)]
+    assert [c["name"] for c in grid[:3]] == ["lr0.001_iters540", "lr0.002_iters540", "lr0.001_iters540_flag-True"]
+    assert len({c["name"] for c in grid}) == len(grid)
+    for bad in ("", "1e-3,x", "0"):
+        with pytest.raises(task.UserError, match="grid_learning_rates"):
+            task.sft_grid(dict(grid_learning_rates=bad, grid_iters="540", grid_variants=""))
 
 
 def test_each_jsonl_line_is_a_conversation_chat_format_reads(tmp_path):
@@ -112,3 +151,31 @@ def test_a_test_part_as_large_as_the_data_is_one_line(tmp_path):
     result = run_script("logs/sentiment_task.py", "--steps=", "--test_reviews=10000000", f"--out={tmp_path / 'out'}",
                         f"--work={tmp_path / 'work'}", cwd=tmp_path, timeout=300)
     assert_user_error(result, "--test_reviews=10000000", "between 1 and")
+
+
+def test_batched_chat_answers_are_the_one_at_a_time_greedy_answers(tmp_path):
+    chat = chat_model.load(write_chat_checkpoint(tmp_path / "out-chat"), device="cpu")
+    reviews = [("好", POS), ("这本书写得很好，我很喜欢。" * 6, NEG), ("质量差", NEG), ("不错" * 3, POS), ("一般般吧", POS)]  # one clipped to fit
+    assert task.batched_chat_answers(chat, reviews, batch_size=2) == task.chat_answers(chat, reviews)
+    # <|im_end|>'s row thrice a token's that the model draws: it ends its turn where it would have drawn
+    # that token, at once for the first review (an empty answer), later or never for others
+    first_token = chat.tokenizer.encode(task.chat_answers(chat, reviews[:1])[0])[0]
+    with torch.no_grad():
+        chat.model.transformer.wte.weight[chat.stop_ids[0]] = 3 * chat.model.transformer.wte.weight[first_token]
+    chat = chat_model.ChatModel(chat.model, chat.tokenizer, chat.device, chat.dtype)  # its decoder copies the head
+    answers = task.chat_answers(chat, reviews)
+    assert answers[0] == "" and any(answers[1:])
+    assert task.batched_chat_answers(chat, reviews, batch_size=3) == answers
+
+
+def test_the_report_lists_each_candidates_validation_score_and_the_chosen_one():
+    score = dict(n=10, correct=7, neither=1, accuracy=0.7)
+    grid = task.sft_grid(dict(grid_learning_rates="1e-3,2e-3", grid_iters="540", grid_variants="|--document_mask=True"))
+    facts = dict(counts=dict(lines=30, repeats=5, conflicting=1, reviews=24), train=4, validation=10, test=10,
+                 train_shares={POS: 0.5, NEG: 0.5}, test_shares={POS: 0.4, NEG: 0.6}, notes=["a note"],
+                 grid=[(c, score, i == 1) for i, c in enumerate(grid)])
+    text = task.report(dict(seed=1), facts, [("majority", score)], [["train.py", "--x=1"]])
+    assert "4 train, 10 validation and 10 test reviews" in text
+    assert "| 0.002 | 540 | - | 70.0% | 7 / 10 | 1 | yes |" in text
+    assert "| 0.001 | 540 | --document_mask=True | 70.0% | 7 / 10 | 1 |  |" in text
+    assert "| majority | 70.0% | 7 / 10 | 1 |" in text and "    python train.py --x=1" in text
