@@ -105,7 +105,7 @@ def main():
     device = hardware.pick_device(cfg["device"])
     dtype = hardware.pick_dtype(cfg["dtype"], device)
     autocast = hardware.autocast_context(device, dtype)
-    model.eval().to(device)
+    model.to(device)
 
     rows = []  # (what, targets, bits per character, bits per byte)
     if data_dir:
