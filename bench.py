@@ -12,10 +12,12 @@ Sections (--section=all|train|sophia|sample|step):
   logits materialised, F.cross_entropy) and for each lever added on top of it. Each case runs in
   fresh processes, `repeats` of them round-robin, so allocator settings and peak memory are its own.
 - sophia: AdamW vs SophiaG per iteration of train_step, a SophiaG step plus 1/k of its
-  Hessian pass, in the configured dtype (and compiled with --compile=True); optimizer.step()
-  alone; the cost of drawing the Hessian pass's labels.
+  Hessian pass (--hessian_batch=fresh) or of its estimate in the step's forward (=step), in the
+  configured dtype (and compiled with --compile=True); optimizer.step() alone; the cost of drawing
+  the Hessian pass's labels.
 - sample: new tokens without the KV cache, with it through the modules' forward (the loop before
-  opengpt/decode.py) and with decode.py's one-token step (the same tokens each way: checked as it runs).
+  opengpt/decode.py) and with decode.py's one-token step, eager and (with --compile=True) compiled (the
+  same tokens each way: checked as it runs; the compile happens before the timing).
 - step: train_step in the configured dtype (compiled with --compile=True) against its own matrix
   products replayed apart (those of an eager step, recorded with their shapes, strides and dtypes:
   the body's, the head's, SDPA's attention kernels and the optimizer's), as step / GEMMs; and the
@@ -192,18 +194,21 @@ def sophia_section(cfg, device):
     say(f"\n## SophiaG vs AdamW: per iteration amortised over a Hessian interval of {k}, {tokens} tokens per step, "
         f"{cfg['dtype']}{', compiled' if cfg['compile'] else ''}")
     adamw, sophiag = (build_training(cfg, device, name, cfg["dtype"], cfg["compile"]) for name in ("adamw", "sophiag"))
+    on_the_step = build_training(cfg | dict(hessian_batch="step"), device, "sophiag", cfg["dtype"], cfg["compile"])
     # train_step itself: at iteration 0 SophiaG only steps, at iteration k-1 it also runs the
-    # Hessian pass. Both are timed every round: a step's cost does not depend on how often the
-    # Hessian EMA was updated.
+    # Hessian pass (--hessian_batch=fresh) or estimates h in the step's own forward (=step). All are
+    # timed every round: a step's cost does not depend on how often the Hessian EMA was updated.
     seconds = timed_in_alternation(dict(adamw=functools.partial(train_step, adamw, 0),
                                         sophiag=functools.partial(train_step, sophiag, 0),
-                                        with_hessian=functools.partial(train_step, sophiag, k - 1)),
+                                        with_hessian=functools.partial(train_step, sophiag, k - 1),
+                                        with_hessian_in_step=functools.partial(train_step, on_the_step, k - 1)),
                                    device, cfg["warmup"], cfg["iters"])
-    hessian = seconds["with_hessian"] - seconds["sophiag"]
-    amortised = seconds["sophiag"] + hessian / k
     say(f"AdamW   {seconds['adamw'] * 1000:8.1f} ms/iter")
-    say(f"SophiaG {amortised * 1000:8.1f} ms/iter  ({amortised / seconds['adamw']:.3f}x AdamW): a step {seconds['sophiag'] * 1000:.1f} ms "
-        f"+ the Hessian pass {hessian * 1000:.1f} ms / {k}")
+    for label, timed in (("--hessian_batch=fresh (the authors')", "with_hessian"), ("--hessian_batch=step", "with_hessian_in_step")):
+        hessian = seconds[timed] - seconds["sophiag"]
+        amortised = seconds["sophiag"] + hessian / k
+        say(f"SophiaG {amortised * 1000:8.1f} ms/iter  ({amortised / seconds['adamw']:.3f}x AdamW) {label}: a step "
+            f"{seconds['sophiag'] * 1000:.1f} ms + the Hessian's cost {hessian * 1000:.1f} ms / {k}")
 
     optimizer_steps = {}
     for name in ("adamw", "sophiag"):
@@ -386,13 +391,19 @@ def sample_section(cfg, device):
     model, _ = build(cfg, device)
     model.eval()
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
+    compiled = cfg["compile"]
+    if compiled:
+        hardware.check_compile_works(device)
     say(f"\n## sampling without the KV cache, with it through the modules (the loop before opengpt/decode.py), "
-        f"and with decode.py's one-token step (model.generate's), block_size {cfg['block_size']}, batch 1, top-k 200")
+        f"and with decode.py's one-token step (model.generate's){', eager and compiled' if compiled else ''}, "
+        f"block_size {cfg['block_size']}, batch 1, top-k 200")
     sampling = dict(temperature=1.0, top_k=200, n_real_vocab=cfg["vocab_size"])
     for n in sorted({cfg["block_size"] - 1, cfg["sample_tokens"]}):
         paths = {"without KV cache": functools.partial(model.generate, prompt, n, use_cache=False, **sampling),
                  "modules + KV cache": functools.partial(generate_through_the_modules, model, prompt, n, **sampling),
                  "decode.py step": functools.partial(model.generate, prompt, n, use_cache=True, **sampling)}
+        if compiled:
+            paths["decode.py step, compiled"] = functools.partial(model.generate, prompt, n, use_cache=True, compiled=True, **sampling)
         with torch.no_grad():
             tokens = {name: path(generator=torch.Generator(device).manual_seed(0)) for name, path in paths.items()}
             assert all(torch.equal(t, tokens["without KV cache"]) for t in tokens.values()), "the paths drew different tokens"
@@ -401,6 +412,9 @@ def sample_section(cfg, device):
         speeds = ", ".join(f"{name} {results[name] * 1000:.1f} ms ({n / results[name]:,.0f} tokens/s)" for name in paths)
         say(f"{n:4d} new tokens: {speeds}; decode.py's step {results['without KV cache'] / results['decode.py step']:.2f}x "
             f"without the cache, {results['modules + KV cache'] / results['decode.py step']:.2f}x the modules' cached loop")
+        if compiled:
+            say(f"     compiled: {results['without KV cache'] / results['decode.py step, compiled']:.2f}x without the cache, "
+                f"{results['decode.py step'] / results['decode.py step, compiled']:.2f}x the eager step")
     say(f"(past {cfg['block_size']} tokens the window slides and every step reruns the whole block, cache or not: "
         f"with absolute positions there is nothing to reuse)")
 

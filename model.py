@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from opengpt.head_loss import chunk_rows_for, linear_cross_entropy, sampled_label_cross_entropy
+from opengpt.head_loss import chunk_rows_for, linear_cross_entropy, linear_cross_entropy_and_sampled, sampled_label_cross_entropy
 
 
 @dataclass
@@ -251,9 +251,15 @@ class GPT(nn.Module):
         the model's own softmax over the first V tokens), the Gauss-Newton-Bartlett loss whose
         gradient SophiaG's Hessian update needs (Liu et al. 2023, Alg. 2). It goes through forward
         so that DDP syncs it.
+        With both: (None, mean loss on targets, mean loss on labels drawn for the positions whose target
+        counts), from one forward: SophiaG's Hessian estimate on a training step's own windows.
         Otherwise: (logits of the last position, (B, 1, vocab), None), what generation needs."""
         x = self.hidden_states(idx)
         weight = self.lm_head.weight
+        if sample_labels_from_vocab and targets is not None:
+            loss, sampled_loss, _ = linear_cross_entropy_and_sampled(x.flatten(0, 1), weight, targets.flatten(),
+                                                                     sample_labels_from_vocab, label_generator)
+            return None, loss, sampled_loss
         if sample_labels_from_vocab:
             loss, _ = sampled_label_cross_entropy(x.flatten(0, 1), weight, sample_labels_from_vocab, label_generator)
             return None, loss
@@ -348,7 +354,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True,
-                 n_real_vocab=None):
+                 n_real_vocab=None, compiled=False):
         """Continue idx (B, T) by max_new_tokens tokens.
 
         With use_cache, keys and values are kept while the sequence fits the block; once it is
@@ -357,7 +363,8 @@ class GPT(nn.Module):
         paths give the same tokens for the same generator; in 16 bits their kernels round
         differently and the tokens may part (sample.py samples in float32 on CPUs). n_real_vocab
         keeps the padding rows of a padded vocabulary from ever being drawn. Each cached token takes
-        opengpt/decode.py's one-token step, the blocks' forward without the modules' per-call overhead.
+        opengpt/decode.py's one-token step, the blocks' forward without the modules' per-call overhead;
+        compiled=True runs that step through torch.compile.
         """
         from opengpt.decode import CachedDecoding, head_columns  # decode.py imports this module
 
@@ -365,7 +372,7 @@ class GPT(nn.Module):
         B, T = idx.size()
         out = torch.empty(B, T + max_new_tokens, dtype=idx.dtype, device=idx.device)
         out[:, :T] = idx
-        decoding = CachedDecoding(self, B, idx.device) if use_cache else None
+        decoding = CachedDecoding(self, B, idx.device, compiled) if use_cache else None
         head = decoding.head if decoding else head_columns(self)
         for length in range(T, T + max_new_tokens):
             if use_cache and length <= block:

@@ -28,7 +28,7 @@ DEFAULTS = dict(
     seed=1337,
     device="auto",
     dtype="auto",
-    compile=False,
+    compile=False,  # torch.compile the prompt's forward and the one-token step: ~10 s to compile, then faster tokens
     use_kv_cache=True,
 )
 
@@ -88,9 +88,9 @@ def main():
     model.eval().to(device)
     if cfg["compile"]:
         hardware.check_compile_works(device)
-        # What goes through the modules is compiled: the prompt's forward, and each token's once the
-        # sequence outgrows the block. Within it a token takes opengpt/decode.py's one-token step, eager:
-        # compiled it was slower (logs/README.md#sampling-on-a-cpu). Dynamic shapes: one compile for all lengths.
+        # The prompt's forward, and each token's once the sequence outgrows the block, go through the
+        # modules: compiled with dynamic shapes, one compile for all lengths. Within the block a token takes
+        # opengpt/decode.py's one-token step, compiled apart (generate's compiled=True).
         model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
     prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_token]
     block = model.config.block_size
@@ -103,7 +103,8 @@ def main():
             hardware.synchronize(device)
             started = time.perf_counter()
             y = model.generate(x, cfg["max_new_tokens"], temperature=cfg["temperature"], top_k=cfg["top_k"] or None,
-                               generator=generator, use_cache=cfg["use_kv_cache"], n_real_vocab=tokenizer.n_vocab)
+                               generator=generator, use_cache=cfg["use_kv_cache"], n_real_vocab=tokenizer.n_vocab,
+                               compiled=cfg["compile"])
             hardware.synchronize(device)
             seconds = time.perf_counter() - started
             print(decode_clean(tokenizer, y[0].tolist()))

@@ -84,6 +84,7 @@ DEFAULTS = dict(
     rho=0.04,  # SophiaG's clipping threshold scale
     hess_interval=10,  # SophiaG: update the Hessian EMA every k steps; 0 = never (sign momentum)
     hess_accumulation_steps=0,  # micro-batches per process in a Hessian estimate; 0 = gradient_accumulation_steps, as the authors
+    hessian_batch="fresh",  # SophiaG's Hessian windows: fresh (drawn after the step, as the authors) | step (the step's own, one forward for both)
     ema_decay=0.0,  # > 0: evaluate and save a moving average of the weights (weight_average.py); 0 = off
     decay_embeddings=True,  # weight decay on wte (shared with the head) and wpe too, as nanoGPT; the Sophia authors: False
     # learning-rate schedule: linear warmup, then cosine decay to min_lr at lr_decay_iters

@@ -1,20 +1,22 @@
 """Generation with a KV cache, one token at a time: what sample.py, chat.py and serve.py run.
 
-- Decoder(model, device, dtype=None).stream(prompt_ids, max_new_tokens, temperature=1.0, top_k=None,
-  seed=None, stop_ids=(), n_real_vocab=None) yields each new token id as soon as it is drawn (batch 1);
-  it stops after yielding a stop id or after max_new_tokens. The prompt and the new tokens must fit
-  the model's block (a ValueError says so): chat.py makes room by dropping old turns.
-- CachedDecoding(model, batch, device): the step model.generate and Decoder share. prefill(idx) runs the
-  prompt through model.hidden_states, filling the cache; step(tokens) is the model's forward for one
-  new token per row.
+- Decoder(model, device, dtype=None, compiled=False).stream(prompt_ids, max_new_tokens, temperature=1.0,
+  top_k=None, seed=None, stop_ids=(), n_real_vocab=None) yields each new token id as soon as it is drawn
+  (batch 1); it stops after yielding a stop id or after max_new_tokens. The prompt and the new tokens
+  must fit the model's block (a ValueError says so): chat.py makes room by dropping old turns.
+- CachedDecoding(model, batch, device, compiled=False): the step model.generate and Decoder share.
+  prefill(idx) runs the prompt through model.hidden_states, filling the cache; step(tokens) is the
+  model's forward for one new token per row.
 
 At batch 1 a small model's token is a hundred-odd tiny ops: it costs per-op overhead, not arithmetic. So the
 step is the blocks' forward written out with functional ops on the weights, pulled from the modules
 once: no module calls, rotary angles and the weights as (in, out) matrices computed once (one mm or addmm
 per product), the cache preallocated and read as bmm's operands, and attention a plain bmm-softmax-bmm over
-the cache (SDPA's dispatch costs more than its work at one query). On a CPU a step runs on one thread
-(step_threads): its ops are too small to split. What is left of a token's time on a CPU is mostly the
-head's product (the (C, V) matrix streamed from memory) and top-k (logs/README.md#sampling-on-a-cpu).
+the cache (SDPA's dispatch costs more than its work at one query). Compiled (compiled=True), attention reads
+the whole cache with the rows not written yet masked: no shape depends on the position, so torch.compile
+makes one graph for every token, its fused kernels replacing most of the ops. On a CPU a step runs on one thread (step_threads): its ops are
+too small to split. What is left of a token's time on a CPU is mostly the head's product (the (C, V)
+matrix streamed from memory) and top-k (logs/README.md#sampling-on-a-cpu).
 tests/test_decode.py checks the step's tokens against the model's full forward.
 """
 import contextlib
@@ -71,12 +73,16 @@ def step_threads(device):
 
 class CachedDecoding:
     """The model's keys and values for `batch` sequences, and its forward for one new token of each
-    (as in eval mode: no dropout)."""
+    (as in eval mode: no dropout). compiled=True runs each step through torch.compile: one graph for
+    every position, as the step's shapes do not change with it (see step)."""
 
-    def __init__(self, model, batch, device):
+    def __init__(self, model, batch, device, compiled=False):
         config = model.config
         self.model, self.config = model, config
         self.caches = model.new_kv_caches(batch, device)
+        for cache in self.caches:  # a step reads the whole buffer, masked: its unused rows must be finite
+            cache.k.zero_()
+            cache.v.zero_()
         self.head = head_columns(model)
         self.head_dim = config.n_embd // config.n_head
         shape = batch * config.n_head, config.block_size, self.head_dim
@@ -91,12 +97,18 @@ class CachedDecoding:
         self.ln_f = transformer.ln_f.weight, transformer.ln_f.bias, transformer.ln_f.eps
         self.wte = transformer.wte.weight
         self.wpe = None if config.rotary else transformer.wpe.weight
+        self.positions = torch.arange(config.block_size, device=device)
+        # a step's inputs, in buffers of fixed shapes and strides: a compiled step's guards then always hold
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.rotation = None
         if config.rotary:
             # rotate(x) = x * cos2 + swap_halves(x) * sin2: model.rotate's pairs (first * cos - second *
             # sin, first * sin + second * cos), the same floats, in three ops for q and k together
-            cos, sin = rotation_angles(torch.arange(config.block_size, device=device), self.head_dim)
+            cos, sin = rotation_angles(self.positions, self.head_dim)
             self.rotation = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+        self.compiled = compiled
+        self._forward = compiled_step() if compiled else one_token_forward
 
     @property
     def length(self):
@@ -116,39 +128,67 @@ class CachedDecoding:
         for cache in self.caches:
             cache.length = position + 1
         with step_threads(tokens.device):
-            return self._logits(tokens, position)
+            self.tokens.copy_(tokens)
+            self.position.fill_(position)
+            return self._logits(None if self.compiled else position + 1)
 
-    def _logits(self, tokens, position):
-        B, C, H, D = tokens.size(0), self.config.n_embd, self.config.n_head, self.head_dim
-        x = F.embedding(tokens, self.wte)
-        if self.wpe is not None:
-            x = x + self.wpe[position]
-        if self.rotation is not None:
-            cos2, sin2 = self.rotation[0][position], self.rotation[1][position]
-        for (ln_1_w, ln_1_b, ln_1_eps, attn_w, attn_b, scale, attn_proj_w, attn_proj_b, ln_2_w, ln_2_b, ln_2_eps,
-             fc_w, fc_b, activation, mlp_proj_w, mlp_proj_b, cache_k, cache_v, keys, values) in self.layers:
-            qkv = linear(F.layer_norm(x, (C,), ln_1_w, ln_1_b, ln_1_eps), attn_w, attn_b).view(B, 3, H, D)
-            qk, v = qkv[:, :2], qkv[:, 2]
-            if self.rotation is not None:
-                qk32 = qk.float()
-                qk = torch.addcmul(qk32 * cos2, qk32.roll(D // 2, dims=-1), sin2).to(qk.dtype)
-            cache_k.select(2, position).copy_(qk[:, 1])
-            cache_v.select(2, position).copy_(v)
-            q = qk[:, 0].reshape(B * H, 1, D)
-            scores = torch.bmm(q, keys[:, :position + 1].transpose(1, 2)) * scale  # (B * H, 1, length)
-            y = torch.bmm(F.softmax(scores, dim=-1).to(values.dtype), values[:, :position + 1])  # (B * H, 1, D)
-            x = x + linear(y.view(B, C), attn_proj_w, attn_proj_b)
-            h = linear(F.layer_norm(x, (C,), ln_2_w, ln_2_b, ln_2_eps), fc_w, fc_b)
-            x = x + linear(activation(h), mlp_proj_w, mlp_proj_b)
-        ln_f_w, ln_f_b, ln_f_eps = self.ln_f
-        return torch.mm(F.layer_norm(x, (C,), ln_f_w, ln_f_b, ln_f_eps), self.head)
+    def _logits(self, length):
+        return self._forward(self.tokens, self.position, self.positions, self.wte, self.wpe, self.rotation, self.layers,
+                             self.ln_f, self.head, length)
+
+
+def one_token_forward(tokens, position, positions, wte, wpe, rotation, layers, ln_f, head, length=None):
+    """Logits (B, vocab) of the token after tokens (B,) at position (a (1,) tensor), its key and value
+    written into each layer's cache. With length None attention reads the whole cache with the rows after
+    `position` masked, so no shape depends on the position: compiled, one graph serves every token.
+    Eager, length (position + 1) reads only the rows written: a mask costs more than it saves there."""
+    B, C = tokens.size(0), wte.size(1)
+    x = F.embedding(tokens, wte)
+    if wpe is not None:
+        x = x + wpe.index_select(0, position)
+    if rotation is not None:
+        cos2, sin2 = rotation[0].index_select(0, position), rotation[1].index_select(0, position)
+    later = positions > position if length is None else None  # masked: not yet written
+    for (ln_1_w, ln_1_b, ln_1_eps, attn_w, attn_b, scale, attn_proj_w, attn_proj_b, ln_2_w, ln_2_b, ln_2_eps,
+         fc_w, fc_b, activation, mlp_proj_w, mlp_proj_b, cache_k, cache_v, keys, values) in layers:
+        H, D = cache_k.size(1), cache_k.size(3)  # the cache is (B, heads, block, head_dim)
+        qkv = linear(F.layer_norm(x, (C,), ln_1_w, ln_1_b, ln_1_eps), attn_w, attn_b).view(B, 3, H, D)
+        qk, v = qkv[:, :2], qkv[:, 2]
+        if rotation is not None:
+            qk32 = qk.float()
+            qk = torch.addcmul(qk32 * cos2, qk32.roll(D // 2, dims=-1), sin2).to(qk.dtype)
+        cache_k.index_copy_(2, position, qk[:, 1].unsqueeze(2).to(cache_k.dtype))  # autocast's dtype may differ
+        cache_v.index_copy_(2, position, v.unsqueeze(2).to(cache_v.dtype))
+        q = qk[:, 0].reshape(B * H, 1, D)
+        if length is None:
+            scores = (torch.bmm(q, keys.transpose(1, 2)) * scale).masked_fill_(later, float("-inf"))  # (B * H, 1, block)
+        else:
+            keys, values = keys[:, :length], values[:, :length]
+            scores = torch.bmm(q, keys.transpose(1, 2)) * scale  # (B * H, 1, length)
+        y = torch.bmm(F.softmax(scores, dim=-1).to(values.dtype), values)  # (B * H, 1, D)
+        x = x + linear(y.view(B, C), attn_proj_w, attn_proj_b)
+        h = linear(F.layer_norm(x, (C,), ln_2_w, ln_2_b, ln_2_eps), fc_w, fc_b)
+        x = x + linear(activation(h), mlp_proj_w, mlp_proj_b)
+    ln_f_w, ln_f_b, ln_f_eps = ln_f
+    return torch.mm(F.layer_norm(x, (C,), ln_f_w, ln_f_b, ln_f_eps), head)
+
+
+_COMPILED_STEP = []
+
+
+def compiled_step():
+    """one_token_forward compiled, made on first use and shared by every CachedDecoding: a model of the
+    same shapes reuses its graph."""
+    if not _COMPILED_STEP:
+        _COMPILED_STEP.append(torch.compile(one_token_forward, dynamic=False))
+    return _COMPILED_STEP[0]
 
 
 class Decoder:
     """Streams a model's continuation of one prompt, token by token (module docstring)."""
 
-    def __init__(self, model, device, dtype=None):
-        self.model, self.device = model, device
+    def __init__(self, model, device, dtype=None, compiled=False):
+        self.model, self.device, self.compiled = model, device, compiled
         self.dtype = dtype or "float32"  # a hardware.DTYPES name: bfloat16 and float16 sample under autocast
 
     def stream(self, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, seed=None, stop_ids=(), n_real_vocab=None):
@@ -175,7 +215,7 @@ class Decoder:
             # so the caller's code between tokens runs as it would without us
             with torch.no_grad(), hardware.autocast_context(self.device, self.dtype):
                 if decoding is None:
-                    decoding = CachedDecoding(self.model, 1, self.device)
+                    decoding = CachedDecoding(self.model, 1, self.device, self.compiled)
                     logits = decoding.prefill(torch.tensor([prompt_ids], dtype=torch.long, device=self.device))
                 else:
                     logits = decoding.step(token_tensor)

@@ -8,7 +8,11 @@ fused linear cross-entropy does). Peak extra memory is one chunk of logits inste
 
 The same pass can draw the targets from the model's own softmax instead of taking them as input:
 that is the loss of SophiaG's Gauss-Newton-Bartlett Hessian estimate, which then costs one head
-pass, not a forward to sample labels and another for their loss.
+pass, not a forward to sample labels and another for their loss. It can also do both at once
+(linear_cross_entropy_and_sampled): the training loss on the targets and the loss on labels drawn
+from the same softmax, whose gradients differ from the training loss's in two columns per row
+(softmax - onehot(drawn) = softmax - onehot(target) + onehot(target) - onehot(drawn)), so the second
+costs a gather and a scatter, not a second head pass.
 """
 import torch
 
@@ -32,8 +36,10 @@ def _compute_dtype(device_type, fallback):
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """(mean loss, targets). targets is the given one, or, when sample_vocab > 0, labels drawn
-    from the softmax over the first sample_vocab columns."""
+    """(mean loss, mean loss on drawn labels, drawn labels). With targets and sample_vocab = 0: the
+    loss on targets (the other two outputs zero and empty). With targets None: labels drawn from the
+    softmax over the first sample_vocab columns, the loss on them first. With both: the loss on targets,
+    and the loss on labels drawn from the same softmax over the rows whose target counts."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, sample_vocab, generator, chunk_rows, compute_dtype, ignore_index,
@@ -41,8 +47,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n_rows = hidden.shape[0]
         # the loss and the accumulated gradients are at least float32, whatever the matmul dtype
         acc_dtype = torch.promote_types(compute_dtype, torch.float32)
-        if sample_vocab:
-            targets = torch.empty(n_rows, dtype=torch.long, device=hidden.device)
+        both = sample_vocab > 0 and targets is not None
+        labels = torch.empty(n_rows if sample_vocab else 0, dtype=torch.long, device=hidden.device)
+        if targets is None:
+            targets = labels
             n_valid = torch.tensor(float(n_rows), dtype=acc_dtype, device=hidden.device)
         else:
             n_valid = (targets != ignore_index).sum().clamp(min=1).to(acc_dtype)
@@ -50,8 +58,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hidden_c = hidden.to(compute_dtype)
         weight_c = weight.to(compute_dtype)
         loss_sum = torch.zeros((), dtype=acc_dtype, device=hidden.device)
+        sampled_loss_sum = torch.zeros((), dtype=acc_dtype, device=hidden.device)
         grad_hidden = torch.empty_like(hidden, dtype=acc_dtype) if need_grad else None
         grad_weight = torch.zeros_like(weight, dtype=acc_dtype) if need_grad else None
+        # with both: what the drawn labels' gradients add to the targets' (onehot(target) - onehot(drawn) terms)
+        extra_hidden = torch.empty_like(hidden, dtype=acc_dtype) if need_grad and both else None
+        extra_weight = torch.zeros_like(weight, dtype=acc_dtype) if need_grad and both else None
         for start in range(0, n_rows, chunk_rows):
             rows = slice(start, min(start + chunk_rows, n_rows))
             logits = hidden_c[rows] @ weight_c.t()
@@ -67,11 +79,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # slower on a CPU.)
             lse = logits.amax(dim=1, keepdim=True).to(acc_dtype) - probs.amax(dim=1, keepdim=True).to(acc_dtype).log()
             if sample_vocab:
-                targets[rows] = _sample_rows(probs.to(acc_dtype), sample_vocab, generator)
+                labels[rows] = _sample_rows(probs.to(acc_dtype), sample_vocab, generator)
             chunk_targets = targets[rows].clamp(min=0).unsqueeze(1)
             chunk_valid = targets[rows] != ignore_index
             target_logit = logits.gather(1, chunk_targets).to(acc_dtype)
             loss_sum += ((lse - target_logit).squeeze(1) * chunk_valid).sum()
+            if both:
+                chunk_labels = labels[rows].unsqueeze(1)
+                sampled_loss_sum += ((lse - logits.gather(1, chunk_labels).to(acc_dtype)).squeeze(1) * chunk_valid).sum()
+                if need_grad:
+                    valid = chunk_valid.to(acc_dtype).unsqueeze(1)
+                    extra_hidden[rows] = (weight_c[chunk_targets.squeeze(1)] - weight_c[chunk_labels.squeeze(1)]).to(acc_dtype) * valid
+                    counted = hidden_c[rows].to(acc_dtype) * valid
+                    extra_weight.index_add_(0, chunk_targets.squeeze(1), counted).index_add_(0, chunk_labels.squeeze(1), -counted)
             if not need_grad:
                 continue
             # d(loss)/d(logits) = (softmax - onehot) * valid / n_valid. softmax - onehot is in [-1, 1],
@@ -86,17 +106,31 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden[rows] = (probs @ weight_c) * row_scale
             grad_weight += probs.t() @ (hidden_c[rows] * row_scale)
         if need_grad:
-            ctx.save_for_backward(grad_hidden, grad_weight, n_valid)
-        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
-        ctx.mark_non_differentiable(targets)
-        return loss_sum / n_valid, targets
+            ctx.save_for_backward(grad_hidden, grad_weight, n_valid, extra_hidden, extra_weight)
+        ctx.hidden_dtype, ctx.weight_dtype, ctx.both = hidden.dtype, weight.dtype, both
+        sampled_loss = sampled_loss_sum / n_valid
+        ctx.mark_non_differentiable(labels, *([] if both else [sampled_loss]))
+        return loss_sum / n_valid, sampled_loss, labels
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_targets):
-        grad_hidden, grad_weight, n_valid = ctx.saved_tensors
-        scale = grad_loss / n_valid  # float32: the GradScaler's factor and the mean's 1/n_valid meet here
-        grad_hidden = (grad_hidden * scale).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
-        grad_weight = (grad_weight * scale).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+    def backward(ctx, grad_loss, grad_sampled_loss, grad_labels):
+        grad_hidden, grad_weight, n_valid, extra_hidden, extra_weight = ctx.saved_tensors
+        # float32: the GradScaler's factor and the mean's 1/n_valid meet here. The loss on drawn labels
+        # has the targets' gradient plus the extra terms (with both; otherwise it is not differentiated).
+        scale = grad_loss / n_valid
+        if ctx.both:
+            sampled_scale = grad_sampled_loss / n_valid
+            scale = scale + sampled_scale
+        if ctx.needs_input_grad[0]:
+            grad_hidden = grad_hidden * scale + extra_hidden * sampled_scale if ctx.both else grad_hidden * scale
+            grad_hidden = grad_hidden.to(ctx.hidden_dtype)
+        else:
+            grad_hidden = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad_weight * scale + extra_weight * sampled_scale if ctx.both else grad_weight * scale
+            grad_weight = grad_weight.to(ctx.weight_dtype)
+        else:
+            grad_weight = None
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
@@ -116,7 +150,7 @@ def linear_cross_entropy(hidden, weight, targets, chunk_rows=None, ignore_index=
     hidden: (N, C), weight: (V, C), targets: (N,) with `ignore_index` rows left out of the mean.
     Matches F.cross_entropy(hidden @ weight.T, targets, ignore_index=...) in value and gradients.
     """
-    loss, _ = _apply(hidden, weight, targets, 0, None, chunk_rows, ignore_index)
+    loss, _, _ = _apply(hidden, weight, targets, 0, None, chunk_rows, ignore_index)
     return loss
 
 
@@ -124,7 +158,15 @@ def sampled_label_cross_entropy(hidden, weight, n_real_vocab, generator=None, ch
     """(mean cross-entropy, labels) where each row's label is drawn from softmax(hidden @ weight.T)
     over the first `n_real_vocab` columns (the padding rows of a padded vocabulary are never drawn),
     in the same pass that computes the loss and its gradients."""
-    return _apply(hidden, weight, None, n_real_vocab, generator, chunk_rows, -1)
+    loss, _, labels = _apply(hidden, weight, None, n_real_vocab, generator, chunk_rows, -1)
+    return loss, labels
+
+
+def linear_cross_entropy_and_sampled(hidden, weight, targets, n_real_vocab, generator=None, chunk_rows=None, ignore_index=-1):
+    """(linear_cross_entropy's loss, the mean cross-entropy on labels drawn as sampled_label_cross_entropy
+    draws them, labels) in one pass: the drawn labels' loss is over the rows whose target counts, so
+    each loss's gradient is that of its own F.cross_entropy (module docstring)."""
+    return _apply(hidden, weight, targets, n_real_vocab, generator, chunk_rows, ignore_index)
 
 
 def _sample_rows(probs, n_real_vocab, generator):

@@ -24,6 +24,7 @@ import inspect
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 
 from opengpt.muon import MuonWithAdamW
 from sophia import SophiaG
@@ -64,6 +65,11 @@ class OptimizerSpec:
     def step_kwargs(self, tokens_per_step):
         """Keyword arguments of optimizer.step()."""
         return {}
+
+    def hessian_seeds_in_step(self, training, iter_num):
+        """One label seed per micro-batch where the step of iteration iter_num should also compute the
+        loss on labels drawn from the model (Training.accumulate_gradients), else None."""
+        return None
 
     def after_step(self, training, iter_num):
         """A pass of its own after the step of iteration iter_num (gradients are zero); returns
@@ -118,6 +124,9 @@ class SophiaGSpec(OptimizerSpec):
         if cfg["hess_interval"] == 0:
             return "SophiaG with hess_interval=0: the Hessian is never estimated, so every step is sign momentum"
         n = hessian_micro_batches(cfg)
+        if cfg["hessian_batch"] == "step":
+            return (f"SophiaG: Hessian EMA updated every {cfg['hess_interval']} steps, from labels drawn in that step's own "
+                    f"forward on its {n} micro-batches per process (--hessian_batch=step)")
         batch = "the whole optimizer batch" if n == cfg["gradient_accumulation_steps"] else f"{n} of the step's {cfg['gradient_accumulation_steps']}"
         return f"SophiaG: Hessian EMA updated every {cfg['hess_interval']} steps, from {n} micro-batches per process ({batch})"
 
@@ -135,10 +144,17 @@ class SophiaGSpec(OptimizerSpec):
         k = cfg["hess_interval"]
         return k > 0 and iter_num % k == k - 1
 
+    def hessian_seeds_in_step(self, training, iter_num):
+        if training.cfg["hessian_batch"] == "step" and self.hessian_due(training.cfg, iter_num):
+            return label_seeds(training, training.cfg["gradient_accumulation_steps"])
+        return None
+
     def after_step(self, training, iter_num):
-        if self.hessian_due(training.cfg, iter_num):
-            return hessian_pass(training)
-        return {}
+        if not self.hessian_due(training.cfg, iter_num):
+            return {}
+        if training.cfg["hessian_batch"] == "step":
+            return hessian_from_the_step(training)
+        return hessian_pass(training)
 
     def statistics(self, optimizer):
         return optimizer.statistics()
@@ -159,6 +175,13 @@ def hessian_micro_batches(cfg):
     return cfg["hess_accumulation_steps"] or cfg["gradient_accumulation_steps"]
 
 
+def label_seeds(t, n):
+    """One seed per micro-batch for the Hessian loss's labels, taken from the shared Hessian generator
+    (every rank draws all ranks' seeds and keeps its own), not from the per-rank global RNG: so 2
+    processes sample the labels of 1 process with twice the accumulation, and resume repeats them."""
+    return torch.randint(2**62, (t.world_size, n), generator=t.hessian_generator)[t.rank].tolist()
+
+
 def hessian_pass(t):
     """SophiaG's Gauss-Newton-Bartlett estimate, as the authors' train_sophiag.py makes it: the
     loss on labels drawn from the model's own softmax, backpropagated over the Hessian micro-batches
@@ -172,19 +195,38 @@ def hessian_pass(t):
     generator's, so the training steps' masks are those of a same-seed run of any optimizer."""
     n = hessian_micro_batches(t.cfg)
     batches = t.micro_batches(t.hessian_generator, n)
-    # Labels are drawn with one seed per micro-batch taken from the shared Hessian generator (every
-    # rank draws all ranks' seeds and keeps its own), not from the per-rank global RNG: so 2
-    # processes sample the labels of 1 process with twice the accumulation, and resume repeats them.
-    label_seeds = torch.randint(2**62, (t.world_size, n), generator=t.hessian_generator)[t.rank].tolist()
-    with own_random_stream(t.device, label_seeds[0] + 1):  # a seed the label draws do not use
-        t.accumulate_gradients(batches, label_seeds)
+    seeds = label_seeds(t, n)
+    with own_random_stream(t.device, seeds[0] + 1):  # a seed the label draws do not use
+        t.accumulate_gradients(batches, seeds)
+    return update_hessian_from_grads(t, t.scaler.get_scale() if t.scaler.is_enabled() else None)
+
+
+def hessian_from_the_step(t):
+    """The same estimate from the gradients the step's own forward left (--hessian_batch=step: its
+    windows, its dropout masks, labels drawn in its head pass, before its update), averaged over the
+    ranks as DDP would have."""
+    grads, loss_scale = t.hessian_grads
+    t.hessian_grads = None
+    if t.world_size > 1:
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        grads = flat.div_(t.world_size).split([g.numel() for g in grads])
+    for p, g in zip(t.raw_model.parameters(), grads):
+        p.grad = g.view_as(p)
+    return update_hessian_from_grads(t, loss_scale)
+
+
+def update_hessian_from_grads(t, loss_scale):
+    """optimizer.update_hessian() from the Hessian loss's gradients in .grad (divided by the
+    GradScaler's loss_scale, if any) clipped at grad_clip; .grad is cleared. Returns the gradient's
+    norm before clipping, to log."""
     params = [p for p in t.raw_model.parameters() if p.grad is not None]
     grads = [p.grad for p in params]
-    if t.scaler.is_enabled():  # the GradScaler scaled these gradients: undo it
-        torch._foreach_div_(grads, t.scaler.get_scale())
+    if loss_scale is not None:  # the GradScaler scaled these gradients: undo it
+        torch._foreach_div_(grads, loss_scale)
     grad_norm = torch.nn.utils.get_total_norm(grads)
     # A float16 overflow (or a broken batch) would put inf or nan into h for good: skip this
-    # estimate instead; h keeps its value. The same on every rank: DDP gave them the same gradients.
+    # estimate instead; h keeps its value. The same on every rank: their gradients were averaged.
     if torch.isfinite(grad_norm):
         if t.cfg["grad_clip"] > 0:  # clipped like the training gradient, as the authors do
             torch.nn.utils.clip_grads_with_norm_(params, t.cfg["grad_clip"], grad_norm)

@@ -53,6 +53,11 @@ def check_config(cfg):
     if not 0 <= cfg["max_minutes"] <= MAX_MINUTES:  # written so that nan fails too
         raise UserError(f"--max_minutes must be between 0 (no time budget) and {MAX_MINUTES:,} (a year), "
                         f"got {cfg['max_minutes']:g}")
+    if cfg["hessian_batch"] not in ("fresh", "step"):
+        raise UserError(f"--hessian_batch must be fresh or step, got {cfg['hessian_batch']}")
+    if cfg["hessian_batch"] == "step" and cfg["hess_accumulation_steps"] not in (0, cfg["gradient_accumulation_steps"]):
+        raise UserError(f"--hessian_batch=step estimates the Hessian on all of the step's {cfg['gradient_accumulation_steps']} "
+                        f"micro-batches; drop --hess_accumulation_steps={cfg['hess_accumulation_steps']} or use --hessian_batch=fresh")
     if cfg["sampling"] not in SAMPLINGS:
         raise UserError(f"--sampling must be one of {', '.join(SAMPLINGS)}, got {cfg['sampling']}")
     for key in ("beta1", "beta2", "muon_momentum", "ema_decay"):

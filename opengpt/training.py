@@ -37,6 +37,7 @@ class Training:
     weight_average: WeightAverage = None  # with ema_decay > 0, on rank 0: what evaluations measure and checkpoints save
     chat: dict = None  # what checkpoints record of a chat fine-tuning (run_setup.chat_record); None for other data
     pass_statistics: dict = field(default_factory=dict)  # of the optimizer's last pass after a step, to log
+    hessian_grads: tuple = None  # (gradients, loss scale) of the Hessian loss a step computed, until the pass after it
 
     @property
     def spec(self):
@@ -59,23 +60,35 @@ class Training:
             return self.model.no_sync()
         return nullcontext()
 
-    def accumulate_gradients(self, batches, label_seeds=None):
+    def accumulate_gradients(self, batches, label_seeds=None, hessian_seeds=None):
         """Forward and backward over the micro-batches, each loss divided by their number, so .grad
         holds the gradient of their mean loss (scaled by the GradScaler, if on). With label_seeds (one
         per micro-batch) the loss is on labels drawn from the model's own softmax instead of y: the
-        Gauss-Newton-Bartlett loss of SophiaG's Hessian pass. Returns the mean loss, detached."""
+        Gauss-Newton-Bartlett loss of SophiaG's Hessian pass. With hessian_seeds the same forward also
+        draws those labels, and the gradient of their loss goes to self.hessian_grads (a second
+        backward, this rank's, unsynced). Returns the mean loss, detached."""
         count = len(batches)
         loss_sum = torch.zeros((), device=self.device)
+        params = list(self.raw_model.parameters()) if hessian_seeds is not None else None
+        hessian_grads = None
         for micro_step, (x, y) in enumerate(batches):
             with self.sync_context(micro_step, count), self.autocast:
-                if label_seeds is None:
-                    _, loss = self.model(x, y)
+                seeds = label_seeds if label_seeds is not None else hessian_seeds
+                generator = None if seeds is None else torch.Generator(self.device).manual_seed(seeds[micro_step])
+                if hessian_seeds is not None:
+                    _, loss, sampled_loss = self.model(x, y, sample_labels_from_vocab=self.data.vocab_size, label_generator=generator)
+                elif label_seeds is not None:
+                    _, loss = self.model(x, None, sample_labels_from_vocab=self.data.vocab_size, label_generator=generator)
                 else:
-                    label_generator = torch.Generator(self.device).manual_seed(label_seeds[micro_step])
-                    _, loss = self.model(x, None, sample_labels_from_vocab=self.data.vocab_size, label_generator=label_generator)
+                    _, loss = self.model(x, y)
                 loss = loss / count  # the gradient of the mean over micro-batches
+            if hessian_seeds is not None:  # before the training loss's backward, which frees the graph
+                grads = torch.autograd.grad(self.scaler.scale(sampled_loss / count), params, retain_graph=True)
+                hessian_grads = grads if hessian_grads is None else torch._foreach_add(hessian_grads, grads)
             loss_sum += loss.detach()
             self.scaler.scale(loss).backward()
+        if hessian_grads is not None:
+            self.hessian_grads = hessian_grads, self.scaler.get_scale() if self.scaler.is_enabled() else None
         return loss_sum
 
 
@@ -93,7 +106,8 @@ def train_step(t, iter_num, track_stats=False, stop_requested=False):
     the optimizer's pass after the step (SophiaG's Hessian estimate every hess_interval steps).
     track_stats: record the optimizer's statistics for the log. stop_requested: this process was
     asked to stop; StepResult.stop says whether any was. bench.py times this function."""
-    loss = t.accumulate_gradients(t.micro_batches(t.batch_generator, t.cfg["gradient_accumulation_steps"]))
+    loss = t.accumulate_gradients(t.micro_batches(t.batch_generator, t.cfg["gradient_accumulation_steps"]),
+                                  hessian_seeds=t.spec.hessian_seeds_in_step(t, iter_num))
     if t.cfg["grad_clip"] > 0:
         t.scaler.unscale_(t.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(t.raw_model.parameters(), t.cfg["grad_clip"])

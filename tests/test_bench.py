@@ -27,7 +27,8 @@ def test_sophia_and_sampling_sections_are_written_whole_to_the_report_file_with_
         assert written[section].endswith("\n```\n") and written[section].count("```") == 2
         assert written[section].split("```\n")[1].rstrip("\n") in result.stdout  # the report printed is the report written
     assert [p.name for p in tmp_path.iterdir()] == ["bench.md"]  # no temp file left
-    assert "x AdamW): a step" in written["sophia"] and "the Hessian pass" in written["sophia"]
+    for hessian_batch in ("--hessian_batch=fresh (the authors'): a step", "--hessian_batch=step: a step"):
+        assert "x AdamW) " + hessian_batch in written["sophia"]
     assert "label sampling" in written["sophia"]
     assert "12 new tokens: without KV cache" in written["sample"] and "7 new tokens" in written["sample"]
 

@@ -42,6 +42,9 @@ def copy_data(tiny_data, folder):
     (["--weight_decay=-0.1"], ["--weight_decay must be zero or positive"]),
     (["--rho=-0.04"], ["--rho must be zero or positive"]),
     (["--activation=swish"], ["--activation must be one of gelu_new, relu2"]),
+    (["--hessian_batch=old"], ["--hessian_batch must be fresh or step"]),
+    (["--hessian_batch=step", "--gradient_accumulation_steps=2", "--hess_accumulation_steps=1"],
+     ["--hessian_batch=step estimates the Hessian on all of the step's 2", "--hessian_batch=fresh"]),
 ])
 def test_train_rejects_bad_options_without_writing(tiny_data, tmp_path, args, words):
     out = tmp_path / "out"

@@ -27,7 +27,8 @@ TIMEOUT_S = 240  # a tiny run takes ~10-30 s; this is only the guard against a d
 # the accumulation given per run (train_args) overrides TINY_MODEL_ARGS's, the later flag winning
 TINY = [*TINY_MODEL_ARGS, "--max_iters=6", "--eval_interval=6", "--eval_iters=1", "--warmup_iters=1",
         "--lr_decay_iters=6", "--log_interval=1"]
-OPTIMIZERS = {"adamw": ["--optimizer=adamw"], "sophiag": ["--optimizer=sophiag", "--hess_interval=2"]}
+OPTIMIZERS = {"adamw": ["--optimizer=adamw"], "sophiag": ["--optimizer=sophiag", "--hess_interval=2"],
+              "sophiag_step": ["--optimizer=sophiag", "--hess_interval=2", "--hessian_batch=step"]}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig, sample_next_token
+from opengpt import hardware
+from opengpt.cli import UserError
 from opengpt.decode import CachedDecoding, Decoder
 
 ARCHITECTURES = [dict(), dict(rotary=True, activation="relu2", bias=False), dict(scale_attn_by_inverse_layer_idx=True)]
@@ -51,6 +53,27 @@ def test_stream_draws_the_tokens_of_the_uncached_reference(architecture, tempera
         generated = model.generate(torch.tensor([prompt]), 12, temperature=temperature, top_k=top_k,
                                    generator=torch.Generator().manual_seed(7), use_cache=use_cache)
         assert generated[0, len(prompt):].tolist() == tokens
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_the_compiled_step_computes_the_full_forwards_logits_and_draws_the_references_tokens(architecture):
+    try:
+        hardware.check_compile_works("cpu")
+    except UserError as e:
+        pytest.skip(str(e))
+    torch._dynamo.reset()  # a fresh count of compiles: past dynamo's limit a function would run eagerly
+    torch._dynamo.utils.counters.clear()
+    model = tiny_gpt(**architecture)
+    idx = torch.randint(0, 320, (1, 16))
+    with torch.no_grad():
+        decoding = CachedDecoding(model, 1, "cpu", compiled=True)
+        logits = [decoding.prefill(idx[:, :3])] + [decoding.step(idx[:, t]) for t in range(3, 16)]
+        torch.testing.assert_close(torch.stack(logits, dim=1), model.full_logits(idx)[:, 2:], rtol=1e-5, atol=1e-5)
+    prompt = [5, 17, 300, 2]
+    for temperature, top_k in [(0.0, None), (1.0, 5)]:
+        tokens = list(Decoder(model, "cpu", compiled=True).stream(prompt, 12, temperature=temperature, top_k=top_k, seed=7))
+        assert tokens == reference_tokens(model, prompt, 12, temperature, top_k, seed=7)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph for every position
 
 
 def test_stream_stops_after_yielding_a_stop_id_or_after_max_new_tokens():

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from opengpt.head_loss import linear_cross_entropy
+from opengpt.head_loss import linear_cross_entropy, linear_cross_entropy_and_sampled, sampled_label_cross_entropy
 from model import GPT, GPTConfig
 
 
@@ -56,6 +56,50 @@ def test_chunked_head_loss_matches_the_materialised_logits_in_value_and_gradient
     torch.testing.assert_close(weight.grad, w_ref.grad, rtol=1e-10, atol=1e-12)
     with torch.no_grad():  # evaluation skips the gradient work but gives the same value
         torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, chunk_rows=chunk_rows), expected.detach())
+
+
+@pytest.mark.parametrize("chunk_rows", [3, 1000])
+def test_the_training_loss_and_a_drawn_labels_loss_in_one_pass_each_have_their_own_gradients(chunk_rows):
+    torch.manual_seed(4)
+    hidden = torch.randn(20, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(64, 8, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 60, (20,))
+    targets[[2, 11]] = -1  # ignored positions: left out of both losses
+    loss, sampled, labels = linear_cross_entropy_and_sampled(hidden, weight, targets, 60, torch.Generator().manual_seed(5),
+                                                            chunk_rows=chunk_rows)
+    # the labels are those the Hessian pass alone would draw from the same softmax and generator
+    _, alone = sampled_label_cross_entropy(hidden, weight, 60, torch.Generator().manual_seed(5), chunk_rows=chunk_rows)
+    assert torch.equal(labels, alone) and labels.max() < 60
+    sampled_grads = torch.autograd.grad(sampled, (hidden, weight), retain_graph=True)
+    loss.backward()
+    h_ref, w_ref = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    logits = h_ref @ w_ref.t()
+    expected = F.cross_entropy(logits, targets, ignore_index=-1)
+    expected_sampled = F.cross_entropy(logits, torch.where(targets == -1, -1, labels), ignore_index=-1)
+    expected_sampled_grads = torch.autograd.grad(expected_sampled, (h_ref, w_ref), retain_graph=True)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sampled, expected_sampled, rtol=1e-12, atol=1e-12)
+    for got, want in zip((hidden.grad, weight.grad, *sampled_grads), (h_ref.grad, w_ref.grad, *expected_sampled_grads)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_the_one_pass_losses_under_bfloat16_autocast_stay_close_to_float32():
+    torch.manual_seed(6)
+    hidden = torch.randn(64, 32, requires_grad=True)
+    weight = (torch.randn(512, 32) * 0.2).requires_grad_()
+    targets = torch.randint(0, 512, (64,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, sampled, labels = linear_cross_entropy_and_sampled(hidden, weight, targets, 512, torch.Generator().manual_seed(0))
+    sampled_grads = torch.autograd.grad(sampled, (hidden, weight), retain_graph=True)
+    logits = hidden.detach() @ weight.detach().t()
+    h_ref, w_ref = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    expected_grads = torch.autograd.grad(F.cross_entropy(h_ref @ w_ref.t(), labels), (h_ref, w_ref))
+    assert sampled.dtype == torch.float32 and sampled_grads[0].dtype == torch.float32
+    torch.testing.assert_close(loss, F.cross_entropy(logits, targets), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(sampled, F.cross_entropy(logits, labels), rtol=2e-2, atol=2e-2)
+    for got, want in zip(sampled_grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-3)
 
 
 def test_chunked_head_loss_stays_exact_where_a_targets_probability_underflows():

@@ -3,7 +3,7 @@ import sys
 import pytest
 import torch
 
-from opengpt import hardware
+from opengpt import decode, hardware
 import sample
 from opengpt.cli import UserError
 from conftest import TINY_MODEL_ARGS, assert_user_error, run_script
@@ -63,6 +63,7 @@ def test_compiled_sampling_runs_compiled_code_for_every_token_and_samples_the_sa
         return call
 
     monkeypatch.setattr(torch, "compile", counting_compile)
+    monkeypatch.setattr(decode, "_COMPILED_STEP", [])  # compiled afresh, through counting_compile
     texts = []
     for compile_model in (False, True):
         monkeypatch.setattr(sys, "argv", ["sample.py", f"--out_dir={trained_run}", "--start=浪花", "--num_samples=1",
@@ -71,8 +72,8 @@ def test_compiled_sampling_runs_compiled_code_for_every_token_and_samples_the_sa
         sample.main()
         texts.append(capsys.readouterr().out)
     # hardware.check_compile_works compiles a lambda of its own; everything else is the model: the prompt's
-    # forward, then decode.py's eager one-token step for each new token (the sequence fits the block)
-    assert len([name for name in compiled_calls if name != "<lambda>"]) == 1
+    # forward, then decode.py's one-token step for each of the 5 tokens after the first (the sequence fits the block)
+    assert [name for name in compiled_calls if name != "<lambda>"] == ["hidden_states"] + ["one_token_forward"] * 5
     assert texts[0] == texts[1] and texts[0].startswith("浪花")
 
 

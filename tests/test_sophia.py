@@ -438,6 +438,7 @@ class HessianPassRecorder:
 
         self.forwards, self.updates, self.names = [], [], {}
         real_forward, real_sampled_loss = model_module.GPT.forward, model_module.sampled_label_cross_entropy
+        real_both = model_module.linear_cross_entropy_and_sampled
         real_update = sophia.SophiaG.update_hessian
 
         def forward(gpt, idx, targets=None, sample_labels_from_vocab=0, label_generator=None):
@@ -452,6 +453,11 @@ class HessianPassRecorder:
             self.forwards[-1]["labels"] = labels.clone()
             return loss, labels
 
+        def both(hidden, weight, targets, n_real_vocab, generator=None, chunk_rows=None, ignore_index=-1):
+            loss, sampled, labels = real_both(hidden, weight, targets, n_real_vocab, generator, chunk_rows, ignore_index)
+            self.forwards[-1]["labels"] = labels.clone()
+            return loss, sampled, labels
+
         def update_hessian(optimizer):
             self.updates.append({self.names[id(p)]: p.grad.clone() for g in optimizer.param_groups for p in g["params"]
                                  if p.grad is not None})
@@ -459,6 +465,7 @@ class HessianPassRecorder:
 
         monkeypatch.setattr(model_module.GPT, "forward", forward)
         monkeypatch.setattr(model_module, "sampled_label_cross_entropy", sampled_loss)
+        monkeypatch.setattr(model_module, "linear_cross_entropy_and_sampled", both)
         monkeypatch.setattr(sophia.SophiaG, "update_hessian", update_hessian)
 
 
@@ -481,15 +488,19 @@ def reference_hessian_gradient(forwards, grad_clip):
     return {name: g * scale for name, g in grads.items()}, norm.item()
 
 
-@pytest.mark.parametrize("hess_accumulation, grad_clip", [(0, 0.05), (1, 0.0)])
-def test_hessian_pass_uses_the_whole_batch_and_clips_its_gradient(tiny_data, tmp_path, monkeypatch, hess_accumulation, grad_clip):
+@pytest.mark.parametrize("hess_accumulation, grad_clip, hessian_batch", [(0, 0.05, "fresh"), (1, 0.0, "fresh"), (0, 0.05, "step")])
+def test_hessian_pass_uses_the_whole_batch_and_clips_its_gradient(tiny_data, tmp_path, monkeypatch, hess_accumulation, grad_clip,
+                                                                 hessian_batch):
     """With 3 micro-batches per step, the default Hessian pass runs on all 3 (0 = the training
     accumulation), and update_hessian() gets the gradient of their mean sampled-label loss clipped
     at grad_clip, as in the authors' train_sophiag.py; --hess_accumulation_steps=1 takes one. The
-    gradient's norm before clipping is logged. grad_clip=0.05 is below the norm, so clipping bites."""
+    gradient's norm before clipping is logged. grad_clip=0.05 is below the norm, so clipping bites.
+    --hessian_batch=step: the same estimate from the step's own forward (its windows, the weights
+    before its update), against the same float64 reference."""
     recorder = HessianPassRecorder(monkeypatch)
     train_sophiag(tiny_data, tmp_path, "--gradient_accumulation_steps=3", f"--hess_accumulation_steps={hess_accumulation}",
-                  f"--grad_clip={grad_clip}", "--hess_interval=2", "--max_iters=2", "--eval_interval=2", "--log_interval=1")
+                  f"--grad_clip={grad_clip}", "--hess_interval=2", "--max_iters=2", "--eval_interval=2", "--log_interval=1",
+                  f"--hessian_batch={hessian_batch}")
     n_micro_batches = hess_accumulation or 3
     assert len(recorder.forwards) == n_micro_batches and len(recorder.updates) == 1  # one pass, after iteration 1
     expected, norm = reference_hessian_gradient(recorder.forwards, grad_clip)
@@ -521,16 +532,18 @@ class TrainingBatchRecorder:
         monkeypatch.setattr(model_module.GPT, "forward", forward)
 
 
-def test_same_seed_runs_of_adamw_and_sophiag_train_on_the_same_batches(tiny_data, tmp_path):
+@pytest.mark.parametrize("hessian_batch", ["fresh", "step"])
+def test_same_seed_runs_of_adamw_and_sophiag_train_on_the_same_batches(tiny_data, tmp_path, hessian_batch):
     """The Hessian pass (here after every step) draws its windows, labels and dropout masks from
     streams of its own, so SophiaG's training batches and dropout masks are AdamW's: same-seed runs
-    are paired."""
+    are paired. With --hessian_batch=step the labels are drawn in the step's forward, from their own
+    generator: the same holds."""
     recorded = {}
     for optimizer in ("adamw", "sophiag"):
         with pytest.MonkeyPatch.context() as monkeypatch:
             recorder = TrainingBatchRecorder(monkeypatch)
             train_sophiag(tiny_data, tmp_path / optimizer, f"--optimizer={optimizer}", "--hess_interval=1",
-                          "--gradient_accumulation_steps=2", "--seed=7", "--dropout=0.1")
+                          "--gradient_accumulation_steps=2", "--seed=7", "--dropout=0.1", f"--hessian_batch={hessian_batch}")
         recorded[optimizer] = recorder
     adamw, sophiag = recorded["adamw"].batches, recorded["sophiag"].batches
     assert len(adamw) == len(sophiag) == 8  # 4 steps x 2 micro-batches

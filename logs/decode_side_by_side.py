@@ -1,0 +1,73 @@
+"""opengpt/decode.py of an earlier commit against this checkout's, eager and compiled, in one process:
+the recipe's model at vocabulary 8,192 and block 256, 200 sampled tokens (top-k 200), rounds alternated,
+tokens checked identical, median tokens per second.
+
+    python -m logs.decode_side_by_side --base=70b03d1 --rounds=5
+"""
+import importlib.util
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import bench
+from configurator import parse_args
+from model import sample_next_token
+from opengpt import decode
+
+
+def module_at(rev, path):
+    """The file `path` of commit `rev`, imported as a module of its own."""
+    source = subprocess.run(["git", "-C", REPO, "show", f"{rev}:{path}"], capture_output=True, text=True, check=True).stdout
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location(f"decode_at_{rev}", f.name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    os.unlink(f.name)
+    return module
+
+
+def sample(make_decoding, n=200):
+    generator = torch.Generator().manual_seed(0)
+    decoding = make_decoding()
+    logits = decoding.prefill(torch.zeros(1, 1, dtype=torch.long))
+    tokens = []
+    for _ in range(n):
+        token = sample_next_token(logits, 1.0, 200, generator)[:, 0]
+        tokens.append(token.item())
+        logits = decoding.step(token)
+    return tokens
+
+
+def main():
+    cfg = parse_args(dict(base="HEAD", rounds=5), sys.argv[1:])
+    previous = module_at(cfg["base"], "opengpt/decode.py")
+    model_cfg = parse_args(bench.DEFAULTS, [os.path.join(REPO, "config", "train_zh_speedrun.py"), "--vocab_size=8192",
+                                            "--block_size=256"])
+    model, _ = bench.build(model_cfg, "cpu")
+    model.eval()
+    cpu = torch.device("cpu")
+    paths = {f"decode.py at {cfg['base']}": lambda: previous.CachedDecoding(model, 1, cpu),
+             "eager": lambda: decode.CachedDecoding(model, 1, cpu),
+             "compiled": lambda: decode.CachedDecoding(model, 1, cpu, compiled=True)}
+    with torch.no_grad():
+        tokens = [sample(make) for make in paths.values()]  # also compiles
+        assert all(t == tokens[0] for t in tokens), "the paths drew different tokens"
+        seconds = {name: [] for name in paths}
+        for _ in range(cfg["rounds"]):
+            for name, make in paths.items():
+                started = time.perf_counter()
+                sample(make)
+                seconds[name].append(time.perf_counter() - started)
+    median = {name: statistics.median(times) for name, times in seconds.items()}
+    print(", ".join(f"{name} {200 / s:,.0f} tokens/s" for name, s in median.items()))
+
+
+if __name__ == "__main__":
+    main()
