@@ -80,9 +80,10 @@ class CachedDecoding:
         config = model.config
         self.model, self.config = model, config
         self.caches = model.new_kv_caches(batch, device)
-        for cache in self.caches:  # a step reads the whole buffer, masked: its unused rows must be finite
-            cache.k.zero_()
-            cache.v.zero_()
+        if compiled:  # its step reads the whole buffer, masked: the unused rows must be finite
+            for cache in self.caches:
+                cache.k.zero_()
+                cache.v.zero_()
         self.head = head_columns(model)
         self.head_dim = config.n_embd // config.n_head
         shape = batch * config.n_head, config.block_size, self.head_dim
