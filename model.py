@@ -366,7 +366,7 @@ class GPT(nn.Module):
         opengpt/decode.py's one-token step, the blocks' forward without the modules' per-call overhead;
         compiled=True runs that step through torch.compile.
         """
-        from opengpt.decode import CachedDecoding, head_columns  # decode.py imports this module
+        from opengpt.decode import CachedDecoding, draw, head_columns  # decode.py imports this module
 
         block = self.config.block_size
         B, T = idx.size()
@@ -379,7 +379,7 @@ class GPT(nn.Module):
                 logits = decoding.prefill(idx) if length == T else decoding.step(out[:, length - 1])
             else:
                 logits = self.hidden_states(out[:, max(0, length - block):length])[:, -1, :] @ head
-            out[:, length:length + 1] = sample_next_token(logits[:, :n_real_vocab], temperature, top_k, generator)
+            out[:, length:length + 1] = draw(logits[:, :n_real_vocab], temperature, top_k, generator)
         return out
 
     def new_kv_caches(self, batch, device):

@@ -42,6 +42,7 @@ DEFAULTS = dict(
     top_k=200,  # when the request sets none; 0 = no top-k filtering
     device="auto",
     dtype="auto",
+    compile=False,  # torch.compile the one-token step: ~10 s to compile at the first reply, then faster tokens
 )
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "opengpt", "chat_page.html")
 
@@ -231,7 +232,7 @@ def main():
     except ImportError:
         raise UserError("serve.py needs FastAPI and uvicorn: pip install -r requirements.txt") from None
     sock = bind(cfg["host"], cfg["port"])
-    model = chat_model.load(cfg["out_dir"], cfg["device"], cfg["dtype"])
+    model = chat_model.load(cfg["out_dir"], cfg["device"], cfg["dtype"], compiled=cfg["compile"])
     model_id = os.path.basename(os.path.abspath(cfg["out_dir"]))
     app = create_app(model, model_id, cfg)
     host, port = sock.getsockname()[:2]

@@ -29,6 +29,8 @@ Which rho? A coordinate is not clipped (it "wins") when |m| / (bs * h) < rho (up
 quantiles of r = |m| / (bs * h) over all coordinates, which statistics() reports, say what win_rate
 every rho would give: with rho at the 10% quantile, 10% of the coordinates would win.
 """
+import functools
+
 import torch
 
 RATIO_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -152,14 +154,10 @@ def sophia_update_(params, grads, exp_avgs, hessians, lr, beta1, rho_bs, weight_
         p.sub_(lr * (m / (rho_bs * h + eps)).clamp(-1, 1))  # = lr * sign(m) * min(|m| / (rho * bs * h + eps), 1)
 
 
-_COMPILED_UPDATE = []
-
-
+@functools.cache
 def _compiled_update():
     """sophia_update_ compiled, made on first use: importing sophia.py compiles nothing."""
-    if not _COMPILED_UPDATE:
-        _COMPILED_UPDATE.append(torch.compile(sophia_update_, dynamic=False))
-    return _COMPILED_UPDATE[0]
+    return torch.compile(sophia_update_, dynamic=False)
 
 
 def _denominators(hessians, rho_bs, eps):

@@ -33,13 +33,15 @@ def module_at(rev, path):
     return module
 
 
-def sample(make_decoding, n=200):
+def sample(path, n=200):
+    """path: (a function making the decoding, the function drawing a token from logits)."""
+    make_decoding, draw = path
     generator = torch.Generator().manual_seed(0)
     decoding = make_decoding()
     logits = decoding.prefill(torch.zeros(1, 1, dtype=torch.long))
     tokens = []
     for _ in range(n):
-        token = sample_next_token(logits, 1.0, 200, generator)[:, 0]
+        token = draw(logits, 1.0, 200, generator)[:, 0]
         tokens.append(token.item())
         logits = decoding.step(token)
     return tokens
@@ -53,17 +55,19 @@ def main():
     model, _ = bench.build(model_cfg, "cpu")
     model.eval()
     cpu = torch.device("cpu")
-    paths = {f"decode.py at {cfg['base']}": lambda: previous.CachedDecoding(model, 1, cpu),
-             "eager": lambda: decode.CachedDecoding(model, 1, cpu),
-             "compiled": lambda: decode.CachedDecoding(model, 1, cpu, compiled=True)}
+    base_draw = getattr(previous, "draw", sample_next_token)
+    paths = {f"decode.py at {cfg['base']}": (lambda: previous.CachedDecoding(model, 1, cpu), base_draw),
+             f"compiled at {cfg['base']}": (lambda: previous.CachedDecoding(model, 1, cpu, compiled=True), base_draw),
+             "eager": (lambda: decode.CachedDecoding(model, 1, cpu), decode.draw),
+             "compiled": (lambda: decode.CachedDecoding(model, 1, cpu, compiled=True), decode.draw)}
     with torch.no_grad():
-        tokens = [sample(make) for make in paths.values()]  # also compiles
+        tokens = [sample(path) for path in paths.values()]  # also compiles
         assert all(t == tokens[0] for t in tokens), "the paths drew different tokens"
         seconds = {name: [] for name in paths}
         for _ in range(cfg["rounds"]):
-            for name, make in paths.items():
+            for name, path in paths.items():
                 started = time.perf_counter()
-                sample(make)
+                sample(path)
                 seconds[name].append(time.perf_counter() - started)
     median = {name: statistics.median(times) for name, times in seconds.items()}
     print(", ".join(f"{name} {200 / s:,.0f} tokens/s" for name, s in median.items()))

@@ -42,10 +42,13 @@ def check_sampling_options(cfg):
         raise UserError("--temperature and --top_k must be zero or positive")
 
 
-def load(out_dir, device="auto", dtype="auto", checkpoint_file=ckpt.FILENAME):
-    """The chat model in out_dir's checkpoint, on device (auto: cuda, mps, else cpu)."""
+def load(out_dir, device="auto", dtype="auto", checkpoint_file=ckpt.FILENAME, compiled=False):
+    """The chat model in out_dir's checkpoint, on device (auto: cuda, mps, else cpu); compiled: its replies
+    take decode.py's one-token step compiled (the prompt's forward stays eager: its length varies)."""
     device = hardware.pick_device(device)  # a wrong --device is told before the slow load
     dtype = sampling_dtype(dtype, device)
+    if compiled:
+        hardware.check_compile_works(device)
     path = os.path.join(out_dir, checkpoint_file)
     checkpoint = ckpt.load(path)
     ckpt.check_finite_weights(checkpoint, path)
@@ -58,13 +61,13 @@ def load(out_dir, device="auto", dtype="auto", checkpoint_file=ckpt.FILENAME):
                         f"--input=chats.jsonl --tokenizer_from={out_dir} --out=data/chat, then python train.py "
                         f"--init_from={out_dir} --data_dir=data/chat --out_dir=out-chat")
     model.eval().to(device)
-    return ChatModel(model, tokenizer, device, dtype)
+    return ChatModel(model, tokenizer, device, dtype, compiled)
 
 
 class ChatModel:
-    def __init__(self, model, tokenizer, device, dtype):
+    def __init__(self, model, tokenizer, device, dtype, compiled=False):
         self.model, self.tokenizer, self.device, self.dtype = model, tokenizer, device, dtype
-        self.decoder = Decoder(model, device, dtype)
+        self.decoder = Decoder(model, device, dtype, compiled)
         self.block_size = model.config.block_size
         # <|endoftext|> and <|im_start|> too: a model that ends the document, or starts the next turn,
         # instead of closing its own has ended its reply all the same

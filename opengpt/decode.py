@@ -20,6 +20,7 @@ matrix streamed from memory) and top-k (logs/README.md#sampling-on-a-cpu).
 tests/test_decode.py checks the step's tokens against the model's full forward.
 """
 import contextlib
+import functools
 
 import torch
 from torch.nn import functional as F
@@ -109,7 +110,7 @@ class CachedDecoding:
             cos, sin = rotation_angles(self.positions, self.head_dim)
             self.rotation = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
         self.compiled = compiled
-        self._forward = compiled_step() if compiled else one_token_forward
+        self._forward = compiled_step(torch.device(device).type) if compiled else one_token_forward
 
     @property
     def length(self):
@@ -174,15 +175,18 @@ def one_token_forward(tokens, position, positions, wte, wpe, rotation, layers, l
     return torch.mm(F.layer_norm(x, (C,), ln_f_w, ln_f_b, ln_f_eps), head)
 
 
-_COMPILED_STEP = []
+@functools.cache
+def compiled_step(device_type):
+    """one_token_forward compiled, made on first use per device type and shared by every CachedDecoding: a
+    model of the same shapes reuses its graph. On a CPU inductor's wrapper, which calls the step's ~50
+    kernels, is C++: its Python wrapper cost ~8% of a token (logs/README.md#the-decode-step-round-6)."""
+    return torch.compile(one_token_forward, dynamic=False, options={"cpp_wrapper": True} if device_type == "cpu" else None)
 
 
-def compiled_step():
-    """one_token_forward compiled, made on first use and shared by every CachedDecoding: a model of the
-    same shapes reuses its graph."""
-    if not _COMPILED_STEP:
-        _COMPILED_STEP.append(torch.compile(one_token_forward, dynamic=False))
-    return _COMPILED_STEP[0]
+def draw(logits, temperature, top_k, generator):
+    """model.sample_next_token on one CPU thread, as a step runs (step_threads): its ops are as small."""
+    with step_threads(logits.device):
+        return sample_next_token(logits, temperature, top_k, generator)
 
 
 class Decoder:
@@ -220,7 +224,7 @@ class Decoder:
                     logits = decoding.prefill(torch.tensor([prompt_ids], dtype=torch.long, device=self.device))
                 else:
                     logits = decoding.step(token_tensor)
-                token_tensor = sample_next_token(logits[:, :n_real_vocab], temperature, top_k, generator)[:, 0]
+                token_tensor = draw(logits[:, :n_real_vocab], temperature, top_k, generator)[:, 0]
                 token = token_tensor.item()
             yield token
             if token in stop_ids:

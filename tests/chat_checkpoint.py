@@ -75,7 +75,7 @@ class Server:
             self.stop()
             raise AssertionError(f"serve.py did not start: {line!r} {self.process.stderr.read()}")
         self.url, self.port = match.group(1), int(match.group(2))
-        self.model_id = os.path.basename(os.path.abspath(out_dir))
+        self.out_dir, self.model_id = out_dir, os.path.basename(os.path.abspath(out_dir))
 
     def stop(self):
         self.process.terminate()

@@ -3,6 +3,7 @@ import json
 import locale
 import os
 import random
+import resource
 import select
 import signal
 import stat
@@ -32,10 +33,11 @@ def tiny_documents(n_docs, seed=0):
     return ["，".join(rng.choice(PHRASES) for _ in range(rng.randint(2, 5))) + "。" for _ in range(n_docs)]
 
 
-def run_script(script, *args, timeout=300, cwd=REPO, env=None):
+def run_script(script, *args, timeout=300, cwd=REPO, env=None, memory_limit=None):
     """Run one of the repo's scripts as `python SCRIPT ARGS` does; returns the CompletedProcess. The
     process is forked from an interpreter that has already imported torch (FORK_SERVER below), unless
-    the environment differs in a variable that importing torch or numpy reads."""
+    the environment differs in a variable that importing torch or numpy reads. memory_limit: its
+    RLIMIT_AS in bytes, so that a script that believes a crafted size fails fast."""
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     if script.startswith("logs/"):  # the lab notebook's scripts run as modules of the logs package
         full_env["PYTHONPATH"] = REPO
@@ -44,21 +46,27 @@ def run_script(script, *args, timeout=300, cwd=REPO, env=None):
         command = [os.path.join(REPO, script)]
     argv = [sys.executable, *command, *map(str, args)]
     if FORK_SERVER.serves(full_env):
-        return FORK_SERVER.run(argv, str(cwd), full_env, timeout)
-    return subprocess.run(argv, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+        return FORK_SERVER.run(argv, str(cwd), full_env, timeout, memory_limit)
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+    return subprocess.run(argv, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=limit if memory_limit else None)
 
 
 # The fork server's loop. Each request line (JSON) is one `python SCRIPT ARGS` or `python -m MODULE
 # ARGS`: a forked child takes its working folder, environment, argv and sys.path[0] as that
-# interpreter would, stdin from /dev/null and stdout/stderr into the request's files, runs the script
-# as __main__ and ends as that interpreter does (SystemExit, a traceback, atexit, waiting for its
-# threads, all done by this interpreter's own exit). The server answers the child's pid, then its
-# wait status.
+# interpreter would, stdin from /dev/null and stdout/stderr into the request's files, its RLIMIT_AS
+# where the request sets one, runs the script as __main__ and ends as that interpreter does (SystemExit,
+# a traceback, atexit, waiting for its threads, all done by this interpreter's own exit). The server
+# answers the child's pid, then its wait status.
 FORK_SERVER_CODE = r"""
-import json, os, runpy, sys
+import json, os, resource, runpy, sys
 import numpy, torch  # the seconds that every script's fresh interpreter would spend again
 
 def run(request):
+    if request["memory_limit"]:
+        resource.setrlimit(resource.RLIMIT_AS, (request["memory_limit"], request["memory_limit"]))
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -117,13 +125,13 @@ class ForkServer:
             raise RuntimeError("the tests' fork server died; OPENGPT_TESTS_FORK=0 runs every script in a fresh interpreter")
         return int(line)
 
-    def run(self, argv, cwd, env, timeout):
+    def run(self, argv, cwd, env, timeout, memory_limit=None):
         with tempfile.TemporaryDirectory() as folder:
             out, err = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
             for path in (out, err):
                 open(path, "w").close()
             try:
-                self.process.stdin.write((json.dumps(dict(argv=argv, cwd=cwd, env=env, stdout=out, stderr=err)) + "\n").encode())
+                self.process.stdin.write((json.dumps(dict(argv=argv, cwd=cwd, env=env, stdout=out, stderr=err, memory_limit=memory_limit)) + "\n").encode())
                 pid = self.answer()
                 timed_out = not select.select([self.process.stdout], [], [], timeout)[0]
                 if timed_out:

@@ -47,7 +47,7 @@ def test_same_seed_gives_the_same_samples_with_and_without_kv_cache(trained_run)
     assert runs[0].returncode == 0 and runs[0].stdout == runs[1].stdout
 
 
-def test_compiled_sampling_runs_compiled_code_for_every_token_and_samples_the_same(trained_run, monkeypatch, capsys):
+def test_compiled_sampling_runs_compiled_code_for_every_token_and_samples_the_same(trained_run, monkeypatch, capsys, request):
     try:
         hardware.check_compile_works("cpu")
     except UserError as e:
@@ -63,7 +63,8 @@ def test_compiled_sampling_runs_compiled_code_for_every_token_and_samples_the_sa
         return call
 
     monkeypatch.setattr(torch, "compile", counting_compile)
-    monkeypatch.setattr(decode, "_COMPILED_STEP", [])  # compiled afresh, through counting_compile
+    decode.compiled_step.cache_clear()  # compiled afresh, through counting_compile, and not kept after
+    request.addfinalizer(decode.compiled_step.cache_clear)
     texts = []
     for compile_model in (False, True):
         monkeypatch.setattr(sys, "argv", ["sample.py", f"--out_dir={trained_run}", "--start=浪花", "--num_samples=1",

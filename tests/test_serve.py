@@ -9,6 +9,7 @@ import pytest
 
 from chat_checkpoint import Server, write_chat_checkpoint
 from conftest import assert_user_error, run_script
+from opengpt import chat_model
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -142,6 +143,23 @@ def test_requests_take_turns_and_a_client_that_leaves_frees_the_model(server, cl
     for thread in threads:
         thread.join(timeout=120)
     assert [a.usage.completion_tokens for a in answers] == [5, 5, 5]
+
+
+def test_a_compiled_server_streams_what_the_eager_decoder_draws(server):
+    """--compile=True: the one-token step is compiled at the first request, in a worker thread, and each
+    token may be drawn in another; the text is the eager decoder's for the same seed."""
+    compiled = Server(server.out_dir, "--compile=True", "--dtype=float32")  # bfloat16 would round the two differently
+    try:
+        ask = dict(model=compiled.model_id, messages=QUESTION, max_tokens=8, seed=3, temperature=1.0)
+        client = openai.OpenAI(base_url=f"{compiled.url}/v1", api_key="none", max_retries=0, timeout=300)
+        chunks = client.chat.completions.create(**ask, stream=True)
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finally:
+        errors = compiled.stop()
+    assert "Traceback" not in errors
+    eager = chat_model.load(str(server.out_dir), device="cpu", dtype="float32")
+    expected = "".join(eager.reply(eager.fit(QUESTION, 8), temperature=1.0, top_k=5, seed=3))
+    assert streamed == expected and streamed
 
 
 def test_a_port_in_use_is_one_line(server):

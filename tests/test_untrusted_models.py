@@ -6,7 +6,6 @@ what a crafted size would allocate."""
 import json
 import os
 import pty
-import resource
 import select
 import shutil
 import signal
@@ -17,7 +16,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, TINY_MODEL_ARGS, assert_user_error, tiny_documents
+from conftest import REPO, TINY_MODEL_ARGS, assert_user_error, run_script, tiny_documents
 from model import GPT, GPTConfig
 from opengpt import checkpoint as ckpt
 from opengpt.tokenizer import GPT2Tokenizer, TokenizerError, read_tokenizer_file, train_bpe
@@ -32,12 +31,7 @@ TINY = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50304, dro
 def limited(script, *args, cwd=REPO, env=None):
     """run_script under MEMORY_LIMIT, so that a script that believes a crafted size fails fast
     (a traceback, which the tests catch) instead of taking the machine's memory."""
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", RUST_BACKTRACE="0", **(env or {}))
-
-    def limit():
-        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-    return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    return run_script(script, *args, cwd=cwd, env=dict(RUST_BACKTRACE="0", **(env or {})), memory_limit=MEMORY_LIMIT)
 
 
 def tiny_state(tokenizer=None):
