@@ -5,7 +5,7 @@
 # over the whole val split at the end. Fixed steps: a busy machine changes the time, not the result.
 # Prints one line per run, then the mean per mode; runs go to out-hessian-batch/. SEEDS (default "1 2 3")
 # from the environment:
-#   logs/hessian_batch_equal_steps.sh > logs/hessian_batch/results.txt
+#   logs/hessian_batch_equal_steps.sh > logs/hessian_batch/results.txt 2>&1   (each run, then the means)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
