@@ -14,9 +14,10 @@ once: no module calls, rotary angles and the weights as (in, out) matrices compu
 per product), the cache preallocated and read as bmm's operands, and attention a plain bmm-softmax-bmm over
 the cache (SDPA's dispatch costs more than its work at one query). Compiled (compiled=True), attention reads
 the whole cache with the rows not written yet masked: no shape depends on the position, so torch.compile
-makes one graph for every token, its fused kernels replacing most of the ops. On a CPU a step runs on one thread (step_threads): its ops are
-too small to split. What is left of a token's time on a CPU is mostly the head's product (the (C, V)
-matrix streamed from memory) and top-k (logs/README.md#sampling-on-a-cpu).
+makes one graph for every token, its fused kernels replacing most of the ops. On a CPU a step, and the draw
+after it, run on one thread (step_threads): their ops are too small to split. What is left of a token's
+time on a CPU is mostly the head's product (the (C, V) matrix streamed from memory) and top-k
+(logs/README.md#sampling-on-a-cpu).
 tests/test_decode.py checks the step's tokens against the model's full forward.
 """
 import contextlib

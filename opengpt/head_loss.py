@@ -121,17 +121,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.both:
             sampled_scale = grad_sampled_loss / n_valid
             scale = scale + sampled_scale
-        if ctx.needs_input_grad[0]:
-            grad_hidden = grad_hidden * scale + extra_hidden * sampled_scale if ctx.both else grad_hidden * scale
-            grad_hidden = grad_hidden.to(ctx.hidden_dtype)
-        else:
-            grad_hidden = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = grad_weight * scale + extra_weight * sampled_scale if ctx.both else grad_weight * scale
-            grad_weight = grad_weight.to(ctx.weight_dtype)
-        else:
-            grad_weight = None
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+
+        def total(grad, extra, dtype, needed):
+            if not needed:
+                return None
+            return (grad * scale + extra * sampled_scale if ctx.both else grad * scale).to(dtype)
+        return (total(grad_hidden, extra_hidden, ctx.hidden_dtype, ctx.needs_input_grad[0]),
+                total(grad_weight, extra_weight, ctx.weight_dtype, ctx.needs_input_grad[1]),
+                None, None, None, None, None, None, None)
 
 
 def _apply(hidden, weight, targets, sample_vocab, generator, chunk_rows, ignore_index):
