@@ -57,12 +57,18 @@ def run_script(script, *args, timeout=300, cwd=REPO, env=None, memory_limit=None
 # The fork server's loop. Each request line (JSON) is one `python SCRIPT ARGS` or `python -m MODULE
 # ARGS`: a forked child takes its working folder, environment, argv and sys.path[0] as that
 # interpreter would, stdin from /dev/null and stdout/stderr into the request's files, its RLIMIT_AS
-# where the request sets one, runs the script as __main__ and ends as that interpreter does (SystemExit,
-# a traceback, atexit, waiting for its threads, all done by this interpreter's own exit). The server
+# where the request sets one, runs the script as __main__ and ends as that interpreter does: SystemExit's
+# status or a traceback and 1, then its threads waited for, atexit, stdio flushed, but not the teardown of
+# every module, which in a child of an interpreter that imported torch costs a second. The server
 # answers the child's pid, then its wait status.
 FORK_SERVER_CODE = r"""
-import json, os, resource, runpy, sys
+import atexit, json, os, resource, runpy, signal, sys, threading
 import numpy, torch  # the seconds that every script's fresh interpreter would spend again
+import torch._dynamo  # as much again: torch.optim and torch.compile import it in every script
+try:
+    from transformers import GPT2LMHeadModel, GPTNeoXForCausalLM  # export.py, from_pretrained, the untrusted-model checks
+except ImportError:
+    pass
 
 def run(request):
     if request["memory_limit"]:
@@ -84,12 +90,33 @@ def run(request):
         sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
         runpy.run_path(argv[0], run_name="__main__")
 
+def exit_as_python_does(request):
+    status, interrupted = 0, False
+    try:
+        run(request)
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            status = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+            status = 1
+    except BaseException as e:
+        sys.excepthook(type(e), e, e.__traceback__)
+        status, interrupted = 1, isinstance(e, KeyboardInterrupt)
+    threading._shutdown()  # what Py_FinalizeEx does first, then atexit
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if interrupted:  # as python does: it ends by SIGINT
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    os._exit(status & 0xFF)
+
 for line in sys.stdin:
     request = json.loads(line)
     pid = os.fork()
     if pid == 0:
-        run(request)
-        sys.exit(0)
+        exit_as_python_does(request)
     print(pid, flush=True)
     print(os.waitpid(pid, 0)[1], flush=True)
 """
@@ -107,8 +134,12 @@ class ForkServer:
     def __init__(self):
         self.process, self.env = None, None
 
+    # read when used, not at import: torch writes its compile cache folder into os.environ at the first
+    # in-process compile, and a server that told that run from the others would serve no later run
+    READ_WHEN_USED = ("PYTHONPATH", "TORCHINDUCTOR_CACHE_DIR")
+
     def import_time(self, env):
-        return {k: v for k, v in env.items() if k.startswith(self.IMPORT_TIME) and k != "PYTHONPATH"}
+        return {k: v for k, v in env.items() if k.startswith(self.IMPORT_TIME) and k not in self.READ_WHEN_USED}
 
     def serves(self, env):
         if os.environ.get("OPENGPT_TESTS_FORK", "1") == "0":  # =0: every script in a fresh interpreter
