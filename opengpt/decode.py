@@ -14,7 +14,9 @@ once: no module calls, rotary angles and the weights as (in, out) matrices compu
 per product), the cache preallocated and read as bmm's operands, and attention a plain bmm-softmax-bmm over
 the cache (SDPA's dispatch costs more than its work at one query). Compiled (compiled=True), attention reads
 the whole cache with the rows not written yet masked: no shape depends on the position, so torch.compile
-makes one graph for every token, its fused kernels replacing most of the ops. On a CPU a step, and the draw
+makes one graph for every token, its fused kernels replacing most of the ops; its inputs are few (the
+weights packed in one buffer that the graph slices, each cache's keys and values once, no aliasing views),
+as each input costs guard and wrapper time at every call. On a CPU a step, and the draw
 after it, run on one thread (step_threads): their ops are too small to split. What is left of a token's
 time on a CPU is mostly the head's product (the (C, V) matrix streamed from memory) and top-k
 (logs/README.md#sampling-on-a-cpu).
@@ -22,6 +24,8 @@ tests/test_decode.py checks the step's tokens against the model's full forward.
 """
 import contextlib
 import functools
+import math
+import typing
 
 import torch
 from torch.nn import functional as F
@@ -86,32 +90,36 @@ class CachedDecoding:
             for cache in self.caches:
                 cache.k.zero_()
                 cache.v.zero_()
-        self.head = head_columns(model)
-        self.head_dim = config.n_embd // config.n_head
-        shape = batch * config.n_head, config.block_size, self.head_dim
+        self.cache_pairs = tuple((cache.k, cache.v) for cache in self.caches)
         transformer = model.transformer
-        # the tensors a step reads, looked up once: a module's attribute lookup costs as much as a tiny op.
-        # The cache is read as (batch * heads, block, head_dim) views, bmm's operands without reshapes.
-        self.layers = [(b.ln_1.weight, b.ln_1.bias, b.ln_1.eps, columns(b.attn.c_attn.weight), b.attn.c_attn.bias,
+        # the tensors a step reads, looked up once: a module's attribute lookup costs as much as a tiny op
+        layers = tuple((b.ln_1.weight, b.ln_1.bias, b.ln_1.eps, columns(b.attn.c_attn.weight), b.attn.c_attn.bias,
                         b.attn.scale, columns(b.attn.c_proj.weight), b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias,
                         b.ln_2.eps, columns(b.mlp.c_fc.weight), b.mlp.c_fc.bias, b.mlp.activation,
-                        columns(b.mlp.c_proj.weight), b.mlp.c_proj.bias, cache.k, cache.v, cache.k.view(shape),
-                        cache.v.view(shape)) for b, cache in zip(transformer.h, self.caches)]
-        self.ln_f = transformer.ln_f.weight, transformer.ln_f.bias, transformer.ln_f.eps
-        self.wte = transformer.wte.weight
-        self.wpe = None if config.rotary else transformer.wpe.weight
+                        columns(b.mlp.c_proj.weight), b.mlp.c_proj.bias) for b in transformer.h)
         self.positions = torch.arange(config.block_size, device=device)
-        # a step's inputs, in buffers of fixed shapes and strides: a compiled step's guards then always hold
-        self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
-        self.position = torch.zeros(1, dtype=torch.long, device=device)
-        self.rotation = None
+        rotation = None
         if config.rotary:
             # rotate(x) = x * cos2 + swap_halves(x) * sin2: model.rotate's pairs (first * cos - second *
             # sin, first * sin + second * cos), the same floats, in three ops for q and k together
-            cos, sin = rotation_angles(self.positions, self.head_dim)
-            self.rotation = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+            cos, sin = rotation_angles(self.positions, config.n_embd // config.n_head)
+            rotation = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+        ln_f = transformer.ln_f.weight, transformer.ln_f.bias, transformer.ln_f.eps
+        weights = rotation, layers, ln_f, head_columns(model)
+        self.wte = transformer.wte.weight
+        self.wpe = None if config.rotary else transformer.wpe.weight
+        # a step's inputs, in buffers of fixed shapes and strides: a compiled step's guards then always hold
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.compiled = compiled
-        self._forward = compiled_step(torch.device(device).type) if compiled else one_token_forward
+        if compiled:
+            # the weights copied into one buffer (per dtype) that the graph slices: Dynamo's guards and the
+            # graph's wrapper cost per input tensor, ~90 of them apart (logs/README.md#the-decode-steps-inputs)
+            self.buffers, layout = pack(weights)
+            self._compiled = compiled_step(torch.device(device).type, layout)
+            weights = unpack(self.buffers, layout)
+        self.weights = weights
+        self.head = weights[-1]
 
     @property
     def length(self):
@@ -133,18 +141,19 @@ class CachedDecoding:
         with step_threads(tokens.device):
             self.tokens.copy_(tokens)
             self.position.fill_(position)
-            return self._logits(None if self.compiled else position + 1)
+            if self.compiled:
+                return self._compiled(self.tokens, self.position, self.positions, self.wte, self.wpe, self.buffers,
+                                      self.cache_pairs)
+            return one_token_forward(self.tokens, self.position, self.positions, self.wte, self.wpe, *self.weights,
+                                     self.cache_pairs, position + 1)
 
-    def _logits(self, length):
-        return self._forward(self.tokens, self.position, self.positions, self.wte, self.wpe, self.rotation, self.layers,
-                             self.ln_f, self.head, length)
 
-
-def one_token_forward(tokens, position, positions, wte, wpe, rotation, layers, ln_f, head, length=None):
+def one_token_forward(tokens, position, positions, wte, wpe, rotation, layers, ln_f, head, caches, length=None):
     """Logits (B, vocab) of the token after tokens (B,) at position (a (1,) tensor), its key and value
-    written into each layer's cache. With length None attention reads the whole cache with the rows after
-    `position` masked, so no shape depends on the position: compiled, one graph serves every token.
-    Eager, length (position + 1) reads only the rows written: a mask costs more than it saves there."""
+    written into each layer's cache (caches: a (keys, values) pair per layer). With length None attention
+    reads the whole cache with the rows after `position` masked, so no shape depends on the position:
+    compiled, one graph serves every token. Eager, length (position + 1) reads only the rows written: a
+    mask costs more than it saves there."""
     B, C = tokens.size(0), wte.size(1)
     x = F.embedding(tokens, wte)
     if wpe is not None:
@@ -153,8 +162,8 @@ def one_token_forward(tokens, position, positions, wte, wpe, rotation, layers, l
         cos2, sin2 = rotation[0].index_select(0, position), rotation[1].index_select(0, position)
     later = positions > position if length is None else None  # masked: not yet written
     for (ln_1_w, ln_1_b, ln_1_eps, attn_w, attn_b, scale, attn_proj_w, attn_proj_b, ln_2_w, ln_2_b, ln_2_eps,
-         fc_w, fc_b, activation, mlp_proj_w, mlp_proj_b, cache_k, cache_v, keys, values) in layers:
-        H, D = cache_k.size(1), cache_k.size(3)  # the cache is (B, heads, block, head_dim)
+         fc_w, fc_b, activation, mlp_proj_w, mlp_proj_b), (cache_k, cache_v) in zip(layers, caches):
+        H, T, D = cache_k.shape[1:]  # the cache is (B, heads, block, head_dim)
         qkv = linear(F.layer_norm(x, (C,), ln_1_w, ln_1_b, ln_1_eps), attn_w, attn_b).view(B, 3, H, D)
         qk, v = qkv[:, :2], qkv[:, 2]
         if rotation is not None:
@@ -163,6 +172,7 @@ def one_token_forward(tokens, position, positions, wte, wpe, rotation, layers, l
         cache_k.index_copy_(2, position, qk[:, 1].unsqueeze(2).to(cache_k.dtype))  # autocast's dtype may differ
         cache_v.index_copy_(2, position, v.unsqueeze(2).to(cache_v.dtype))
         q = qk[:, 0].reshape(B * H, 1, D)
+        keys, values = cache_k.view(B * H, T, D), cache_v.view(B * H, T, D)  # bmm's operands, no copies
         if length is None:
             scores = (torch.bmm(q, keys.transpose(1, 2)) * scale).masked_fill_(later, float("-inf"))  # (B * H, 1, block)
         else:
@@ -176,12 +186,58 @@ def one_token_forward(tokens, position, positions, wte, wpe, rotation, layers, l
     return torch.mm(F.layer_norm(x, (C,), ln_f_w, ln_f_b, ln_f_eps), head)
 
 
+class Slot(typing.NamedTuple):
+    """Where pack put a tensor: buffers[buffer][offset:offset + its size], viewed as shape."""
+    buffer: int
+    offset: int
+    shape: tuple
+
+
+def pack(tree):
+    """(buffers, layout): the tensors of a nested tuple copied into one flat buffer per dtype, each at an
+    offset of 64 bytes' multiple (vector loads stay aligned), and the tuple with each tensor replaced by
+    its Slot; anything else in it (None, floats, functions) stays as it is. unpack undoes it."""
+    dtypes, parts, sizes = [], [], []
+
+    def slot(x):
+        if isinstance(x, tuple):
+            return tuple(slot(item) for item in x)
+        if not isinstance(x, torch.Tensor):
+            return x
+        if x.dtype not in dtypes:
+            dtypes.append(x.dtype)
+            parts.append([])
+            sizes.append(0)
+        i, align = dtypes.index(x.dtype), max(64 // x.element_size(), 1)
+        padding = -sizes[i] % align
+        parts[i] += [x.new_zeros(padding), x.reshape(-1)]
+        where = Slot(i, sizes[i] + padding, tuple(x.shape))
+        sizes[i] += padding + x.numel()
+        return where
+
+    layout = slot(tree)
+    with torch.no_grad():  # copies of the weights, for inference: never part of a graph that trains them
+        return tuple(torch.cat(part) for part in parts), layout
+
+
+def unpack(buffers, layout):
+    """The nested tuple pack was given, its tensors now views of the buffers."""
+    if isinstance(layout, Slot):
+        return buffers[layout.buffer][layout.offset:layout.offset + math.prod(layout.shape)].view(layout.shape)
+    if isinstance(layout, tuple):
+        return tuple(unpack(buffers, item) for item in layout)
+    return layout
+
+
 @functools.cache
-def compiled_step(device_type):
-    """one_token_forward compiled, made on first use per device type and shared by every CachedDecoding: a
-    model of the same shapes reuses its graph. On a CPU inductor's wrapper, which calls the step's ~50
-    kernels, is C++: its Python wrapper cost ~8% of a token (logs/README.md#the-decode-step-round-6)."""
-    return torch.compile(one_token_forward, dynamic=False, options={"cpp_wrapper": True} if device_type == "cpu" else None)
+def compiled_step(device_type, layout):
+    """one_token_forward compiled for the weights pack laid out so, made on first use per device type and
+    layout and shared by every CachedDecoding: a model of the same shapes reuses its graph. On a CPU
+    inductor's wrapper, which calls the step's ~50 kernels, is C++: its Python wrapper cost ~8% of a
+    token (logs/README.md#the-decode-step-round-6)."""
+    def one_token_step(tokens, position, positions, wte, wpe, buffers, caches):
+        return one_token_forward(tokens, position, positions, wte, wpe, *unpack(buffers, layout), caches)
+    return torch.compile(one_token_step, dynamic=False, options={"cpp_wrapper": True} if device_type == "cpu" else None)
 
 
 def draw(logits, temperature, top_k, generator):

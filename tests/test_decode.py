@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig, sample_next_token
-from opengpt import hardware
+from opengpt import decode, hardware
 from opengpt.cli import UserError
 from opengpt.decode import CachedDecoding, Decoder
 
@@ -112,20 +112,35 @@ def test_stream_leaves_grad_mode_and_autocast_to_the_caller_between_tokens():
     assert all(0 <= t < 320 for t in stream)  # the rest, drawn under bfloat16 autocast
 
 
-def test_a_step_runs_on_one_thread_and_gives_the_caller_back_its_thread_count():
+def test_a_step_runs_on_one_thread_and_gives_the_caller_back_its_thread_count(monkeypatch):
     model = tiny_gpt(rotary=True, activation="relu2", bias=False)
     idx = torch.randint(0, 320, (1, 6))
     previous = torch.get_num_threads()
     seen = []
+    real_forward = decode.one_token_forward
+    monkeypatch.setattr(decode, "one_token_forward", lambda *args: seen.append(torch.get_num_threads()) or real_forward(*args))
     torch.set_num_threads(2)
     try:
         with torch.no_grad():
             decoding = CachedDecoding(model, 1, "cpu")
             decoding.prefill(idx[:, :5])
-            real_logits = decoding._logits
-            decoding._logits = lambda *args: seen.append(torch.get_num_threads()) or real_logits(*args)
             logits = decoding.step(idx[:, 5])
         assert seen == [1] and torch.get_num_threads() == 2
         torch.testing.assert_close(logits, model.full_logits(idx)[:, -1], rtol=1e-5, atol=1e-5)
     finally:
         torch.set_num_threads(previous)
+
+
+def test_pack_puts_every_tensor_in_one_aligned_buffer_per_dtype_and_unpack_gives_views_of_them():
+    a, b, c = torch.randn(3, 5, requires_grad=True), torch.arange(7), torch.randn(2, 2, dtype=torch.float64)
+    tree = (a, (None, 1e-5, torch.relu, b), ((c, a[1:]),))
+    buffers, layout = decode.pack(tree)
+    assert [t.dtype for t in buffers] == [torch.float32, torch.int64, torch.float64]
+    assert not any(t.requires_grad for t in buffers)  # copies for inference, even of a parameter
+    hash(layout)  # compiled_step's cache key
+    out = decode.unpack(buffers, layout)
+    assert out[1][:3] == (None, 1e-5, torch.relu)
+    for got, want in ((out[0], a), (out[1][3], b), (out[2][0][0], c), (out[2][0][1], a[1:])):
+        assert torch.equal(got, want) and got.dtype == want.dtype
+        assert got.untyped_storage().data_ptr() in {t.untyped_storage().data_ptr() for t in buffers}  # a view, no copy
+        assert got.data_ptr() % 64 == 0  # vector loads stay aligned

@@ -74,7 +74,7 @@ def test_compiled_sampling_runs_compiled_code_for_every_token_and_samples_the_sa
         texts.append(capsys.readouterr().out)
     # hardware.check_compile_works compiles a lambda of its own; everything else is the model: the prompt's
     # forward, then decode.py's one-token step for each of the 5 tokens after the first (the sequence fits the block)
-    assert [name for name in compiled_calls if name != "<lambda>"] == ["hidden_states"] + ["one_token_forward"] * 5
+    assert [name for name in compiled_calls if name != "<lambda>"] == ["hidden_states"] + ["one_token_step"] * 5
     assert texts[0] == texts[1] and texts[0].startswith("浪花")
 
 
