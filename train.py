@@ -110,7 +110,8 @@ DEFAULTS = dict(
 
 def main(optimizer=None):
     """optimizer: the default --optimizer (train_adam.py and train_sophiag.py pass theirs); a config
-    file or --optimizer still wins."""
+    file or --optimizer still wins. A run of several processes (torchrun) ends its process here, once all
+    is saved and closed (see the end): what a caller would do after main() does not run."""
     # options: the defaults, then config files, then --key=value overrides (configurator.py)
     cfg = parse_args(DEFAULTS | ({"optimizer": optimizer} if optimizer is not None else {}), sys.argv[1:])
     check_config(cfg)
