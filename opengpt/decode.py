@@ -114,7 +114,8 @@ class CachedDecoding:
         self.compiled = compiled
         if compiled:
             # the weights copied into one buffer (per dtype) that the graph slices: Dynamo's guards and the
-            # graph's wrapper cost per input tensor, ~90 of them apart (logs/README.md#the-decode-steps-inputs)
+            # graph's wrapper cost per input tensor, 48 of them apart for 4 layers, 13 so
+            # (logs/README.md#the-decode-steps-inputs)
             self.buffers, layout = pack(weights)
             self._compiled = compiled_step(torch.device(device).type, layout)
             weights = unpack(self.buffers, layout)
