@@ -24,7 +24,7 @@ DEFAULTS = dict(
     seed=1337,  # each reply draws with seed + its number, so a chat replays the same for the same input
     device="auto",
     dtype="auto",
-    compile=False,  # torch.compile the one-token step: ~10 s to compile at the first reply, then faster tokens
+    compile=False,  # compile the one-token step at the first reply (on a CPU once per machine, ~15 s), then faster tokens
 )
 PROMPT = "> "
 

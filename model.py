@@ -364,7 +364,7 @@ class GPT(nn.Module):
         differently and the tokens may part (sample.py samples in float32 on CPUs). n_real_vocab
         keeps the padding rows of a padded vocabulary from ever being drawn. Each cached token takes
         opengpt/decode.py's one-token step, the blocks' forward without the modules' per-call overhead;
-        compiled=True runs that step through torch.compile.
+        compiled=True runs that step compiled (AOTInductor on a CPU, torch.compile elsewhere).
         """
         from opengpt.decode import CachedDecoding, draw, head_columns  # decode.py imports this module
 
@@ -413,7 +413,7 @@ def sample_next_token(logits, temperature, top_k, generator):
     logs/README.md#sampling-on-a-cpu)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits.float() if temperature == 1 else logits.float() / temperature  # x / 1 is x: one pass over the logits fewer
     indices = None
     if top_k is not None and top_k < logits.size(-1):
         logits, indices = torch.topk(logits, top_k)

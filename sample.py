@@ -28,7 +28,7 @@ DEFAULTS = dict(
     seed=1337,
     device="auto",
     dtype="auto",
-    compile=False,  # torch.compile the prompt's forward and the one-token step: ~10 s to compile, then faster tokens
+    compile=False,  # compile the prompt's forward and the one-token step (on a CPU once per machine, ~15 s), then faster tokens
     use_kv_cache=True,
 )
 

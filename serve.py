@@ -42,7 +42,7 @@ DEFAULTS = dict(
     top_k=200,  # when the request sets none; 0 = no top-k filtering
     device="auto",
     dtype="auto",
-    compile=False,  # torch.compile the one-token step: ~10 s to compile at the first reply, then faster tokens
+    compile=False,  # compile the one-token step at the first reply (on a CPU once per machine, ~15 s), then faster tokens
 )
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "opengpt", "chat_page.html")
 

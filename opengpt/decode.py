@@ -13,25 +13,36 @@ step is the blocks' forward written out with functional ops on the weights, pull
 once: no module calls, rotary angles and the weights as (in, out) matrices computed once (one mm or addmm
 per product), the cache preallocated and read as bmm's operands, and attention a plain bmm-softmax-bmm over
 the cache (SDPA's dispatch costs more than its work at one query). Compiled (compiled=True), attention reads
-the whole cache with the rows not written yet masked: no shape depends on the position, so torch.compile
-makes one graph for every token, its fused kernels replacing most of the ops; its inputs are few (the
-weights packed in one buffer that the graph slices, each cache's keys and values once, no aliasing views),
-as each input costs guard and wrapper time at every call. On a CPU a step, and the draw
+the whole cache with the rows not written yet masked: no shape depends on the position, so one compiled
+graph serves every token, its fused kernels replacing most of the ops; its inputs are few (the weights
+packed in one buffer that the graph slices, each cache's keys and values once, no aliasing views), as each
+input costs wrapper time at every call. On a CPU AOTInductor compiles it ahead of time, once per machine
+and shape (kept in inductor's cache folder), and it is called with no Python or guards between the call
+and its kernels; elsewhere torch.compile compiles it in each process. On a CPU a step, and the draw
 after it, run on one thread (step_threads): their ops are too small to split. What is left of a token's
 time on a CPU is mostly the head's product (the (C, V) matrix streamed from memory) and top-k
 (logs/README.md#sampling-on-a-cpu).
 tests/test_decode.py checks the step's tokens against the model's full forward.
 """
 import contextlib
-import functools
+import hashlib
+import io
 import math
+import os
+import pathlib
+import platform
+import sys
+import threading
 import typing
+import warnings
 
 import torch
 from torch.nn import functional as F
 
-from model import rotation_angles, sample_next_token
-from opengpt import hardware
+import model
+from model import ACTIVATIONS, rotation_angles, sample_next_token
+from opengpt import files, hardware
+from opengpt.cli import UserError
 
 
 def sampling_dtype(requested, device):
@@ -79,8 +90,8 @@ def step_threads(device):
 
 class CachedDecoding:
     """The model's keys and values for `batch` sequences, and its forward for one new token of each
-    (as in eval mode: no dropout). compiled=True runs each step through torch.compile: one graph for
-    every position, as the step's shapes do not change with it (see step)."""
+    (as in eval mode: no dropout). compiled=True runs each step compiled (compiled_step): one graph for
+    every position, as the step's shapes do not change with it, under the autocast in force here."""
 
     def __init__(self, model, batch, device, compiled=False):
         config = model.config
@@ -93,10 +104,11 @@ class CachedDecoding:
         self.cache_pairs = tuple((cache.k, cache.v) for cache in self.caches)
         transformer = model.transformer
         # the tensors a step reads, looked up once: a module's attribute lookup costs as much as a tiny op
-        layers = tuple((b.ln_1.weight, b.ln_1.bias, b.ln_1.eps, columns(b.attn.c_attn.weight), b.attn.c_attn.bias,
-                        b.attn.scale, columns(b.attn.c_proj.weight), b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias,
-                        b.ln_2.eps, columns(b.mlp.c_fc.weight), b.mlp.c_fc.bias, b.mlp.activation,
-                        columns(b.mlp.c_proj.weight), b.mlp.c_proj.bias) for b in transformer.h)
+        matrix = torch.Tensor.t if compiled else columns  # compiled, pack copies them contiguous: one copy, not two
+        layers = tuple((b.ln_1.weight, b.ln_1.bias, b.ln_1.eps, matrix(b.attn.c_attn.weight), b.attn.c_attn.bias,
+                        b.attn.scale, matrix(b.attn.c_proj.weight), b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias,
+                        b.ln_2.eps, matrix(b.mlp.c_fc.weight), b.mlp.c_fc.bias, b.mlp.activation,
+                        matrix(b.mlp.c_proj.weight), b.mlp.c_proj.bias) for b in transformer.h)
         self.positions = torch.arange(config.block_size, device=device)
         rotation = None
         if config.rotary:
@@ -105,20 +117,22 @@ class CachedDecoding:
             cos, sin = rotation_angles(self.positions, config.n_embd // config.n_head)
             rotation = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
         ln_f = transformer.ln_f.weight, transformer.ln_f.bias, transformer.ln_f.eps
-        weights = rotation, layers, ln_f, head_columns(model)
+        weights = rotation, layers, ln_f, matrix(model.lm_head.weight)
         self.wte = transformer.wte.weight
         self.wpe = None if config.rotary else transformer.wpe.weight
-        # a step's inputs, in buffers of fixed shapes and strides: a compiled step's guards then always hold
+        # a step's inputs, in buffers of fixed shapes and strides: the compiled step is made for them once
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.compiled = compiled
         if compiled:
-            # the weights copied into one buffer (per dtype) that the graph slices: Dynamo's guards and the
-            # graph's wrapper cost per input tensor, 48 of them apart for 4 layers, 13 so
-            # (logs/README.md#the-decode-steps-inputs)
-            self.buffers, layout = pack(weights)
-            self._compiled = compiled_step(torch.device(device).type, layout)
-            weights = unpack(self.buffers, layout)
+            # the weights copied into one buffer (per dtype) that the graph slices: a compiled step's wrapper
+            # costs per input tensor, 48 of them apart for 4 layers, 13 so (logs/README.md#the-decode-steps-inputs)
+            buffers, layout = pack(weights)
+            weights = unpack(buffers, layout)
+            self.step_inputs = (self.tokens, self.position, self.positions, self.wte, *(() if self.wpe is None else (self.wpe,)),
+                                *buffers, *(t for pair in self.cache_pairs for t in pair))
+            step = OneTokenStep(layout, self.wpe is not None, len(buffers), torch.device(device).type)
+            self._compiled = compiled_step(step, tuple(Spec.of(t) for t in self.step_inputs))
         self.weights = weights
         self.head = weights[-1]
 
@@ -143,8 +157,7 @@ class CachedDecoding:
             self.tokens.copy_(tokens)
             self.position.fill_(position)
             if self.compiled:
-                return self._compiled(self.tokens, self.position, self.positions, self.wte, self.wpe, self.buffers,
-                                      self.cache_pairs)
+                return self._compiled(self.step_inputs)
             return one_token_forward(self.tokens, self.position, self.positions, self.wte, self.wpe, *self.weights,
                                      self.cache_pairs, position + 1)
 
@@ -196,9 +209,10 @@ class Slot(typing.NamedTuple):
 
 def pack(tree):
     """(buffers, layout): the tensors of a nested tuple copied into one flat buffer per dtype, each at an
-    offset of 64 bytes' multiple (vector loads stay aligned), and the tuple with each tensor replaced by
-    its Slot; anything else in it (None, floats, functions) stays as it is. unpack undoes it."""
-    dtypes, parts, sizes = [], [], []
+    offset of 64 bytes' multiple (vector loads stay aligned; the padding is never read), and the tuple with
+    each tensor replaced by its Slot; anything else in it (None, floats, functions) stays as it is. A
+    tensor is copied once, strided or not (a transposed view becomes its contiguous transpose). unpack undoes it."""
+    dtypes, devices, sizes, placed = [], [], [], []
 
     def slot(x):
         if isinstance(x, tuple):
@@ -207,18 +221,20 @@ def pack(tree):
             return x
         if x.dtype not in dtypes:
             dtypes.append(x.dtype)
-            parts.append([])
+            devices.append(x.device)
             sizes.append(0)
         i, align = dtypes.index(x.dtype), max(64 // x.element_size(), 1)
-        padding = -sizes[i] % align
-        parts[i] += [x.new_zeros(padding), x.reshape(-1)]
-        where = Slot(i, sizes[i] + padding, tuple(x.shape))
-        sizes[i] += padding + x.numel()
+        where = Slot(i, sizes[i] + -sizes[i] % align, tuple(x.shape))
+        sizes[i] = where.offset + x.numel()
+        placed.append((x, where))
         return where
 
     layout = slot(tree)
+    buffers = tuple(torch.empty(size, dtype=dtype, device=device) for dtype, device, size in zip(dtypes, devices, sizes))
     with torch.no_grad():  # copies of the weights, for inference: never part of a graph that trains them
-        return tuple(torch.cat(part) for part in parts), layout
+        for x, where in placed:
+            unpack(buffers, where).copy_(x)
+    return buffers, layout
 
 
 def unpack(buffers, layout):
@@ -230,15 +246,119 @@ def unpack(buffers, layout):
     return layout
 
 
-@functools.cache
-def compiled_step(device_type, layout):
-    """one_token_forward compiled for the weights pack laid out so, made on first use per device type and
-    layout and shared by every CachedDecoding: a model of the same shapes reuses its graph. On a CPU
-    inductor's wrapper, which calls the step's ~50 kernels, is C++: its Python wrapper cost ~8% of a
-    token (logs/README.md#the-decode-step-round-6)."""
-    def one_token_step(tokens, position, positions, wte, wpe, buffers, caches):
-        return one_token_forward(tokens, position, positions, wte, wpe, *unpack(buffers, layout), caches)
-    return torch.compile(one_token_step, dynamic=False, options={"cpp_wrapper": True} if device_type == "cpu" else None)
+class OneTokenStep(torch.nn.Module):
+    """one_token_forward as a function of tensors alone, what torch.export takes: CachedDecoding.step_inputs
+    are the token, its position, the positions, wte, wpe (absolute positions only), the packed weights'
+    buffers, then each layer's keys and values. It runs under the autocast in force when it was made, as
+    the compiled code will whatever the caller's is."""
+
+    def __init__(self, layout, has_wpe, n_buffers, device_type):
+        super().__init__()
+        self.layout, self.has_wpe, self.n_buffers, self.device_type = layout, has_wpe, n_buffers, device_type
+        self.autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+    def forward(self, *step_inputs):
+        tokens, position, positions, wte = step_inputs[:4]
+        wpe = step_inputs[4] if self.has_wpe else None
+        buffers = step_inputs[4 + self.has_wpe:4 + self.has_wpe + self.n_buffers]
+        caches = step_inputs[4 + self.has_wpe + self.n_buffers:]
+        with torch.autocast(self.device_type, dtype=self.autocast, enabled=self.autocast is not None):
+            return one_token_forward(tokens, position, positions, wte, wpe, *unpack(buffers, self.layout),
+                                     tuple(zip(caches[::2], caches[1::2])))
+
+    def key(self):
+        """What the step computes, besides its inputs' shapes: equal keys, the same compiled code."""
+        return described(self.layout), self.has_wpe, self.n_buffers, self.device_type, str(self.autocast)
+
+
+class Spec(typing.NamedTuple):
+    """An input tensor as compiled code sees it, without its values."""
+    shape: tuple
+    stride: tuple
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, tensor):
+        return cls(tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+
+
+def described(layout):
+    """The layout with each activation function by its name in model.ACTIVATIONS: a key that means the
+    same in every process."""
+    if isinstance(layout, tuple) and not isinstance(layout, Slot):
+        return tuple(described(item) for item in layout)
+    if callable(layout):
+        return next(name for name, activation in ACTIVATIONS.items() if activation is layout)
+    return layout
+
+
+_compiled_steps, _compiling = {}, threading.Lock()
+# the code a compiled step runs (this module's and model.py's activations), read once: part of its key on disk
+SOURCES = hashlib.sha256(b"".join(pathlib.Path(module.__file__).read_bytes()
+                                  for module in (model, sys.modules[__name__]))).hexdigest()
+
+
+def compiled_step(step, specs):
+    """A function of step_inputs that returns the logits: `step` (a OneTokenStep) compiled for inputs of
+    these specs, made on first use and shared by every CachedDecoding of the same key and specs. On a CPU
+    AOTInductor compiles it ahead of time (ahead_of_time_step); elsewhere, or without AOTInductor,
+    torch.compile does (dynamo_step)."""
+    key = step.key(), specs
+    with _compiling:  # a server's threads: one compile each, not one per thread
+        if key not in _compiled_steps:
+            ahead = step.device_type == "cpu" and hasattr(torch._inductor, "aoti_load_package")
+            _compiled_steps[key] = ahead_of_time_step(step, specs) if ahead else dynamo_step(step)
+        return _compiled_steps[key]
+
+
+def dynamo_step(step):
+    """The step through torch.compile: Dynamo checks its guards on every input at each call, then the graph
+    runs. On a CPU inductor's wrapper, which calls the step's ~50 kernels, is C++: its Python wrapper cost
+    ~8% of a token (logs/README.md#the-decode-step-round-6)."""
+    options = {"cpp_wrapper": True} if step.device_type == "cpu" else None
+
+    def one_token_step(*step_inputs):
+        return step(*step_inputs)
+    compiled = torch.compile(one_token_step, dynamic=False, options=options)
+    return lambda step_inputs: compiled(*step_inputs)
+
+
+def ahead_of_time_step(step, specs):
+    """The step exported and compiled ahead of time by AOTInductor into a library that takes its inputs in
+    C++: no guards, no Python between the call and the kernels; 1.33x torch.compile's step for the same
+    tokens (logs/README.md#the-decode-step-ahead-of-time). The compile (~15 s) is kept on disk, in
+    inductor's cache folder, under a key of everything that shapes the code: a later process loads it
+    in milliseconds. Nothing checks the inputs at a call: compiled_step's key did, once."""
+    path = package_path(step, specs)
+    if not os.path.exists(path):
+        examples = tuple(torch.empty_strided(spec.shape, spec.stride, dtype=spec.dtype) for spec in specs)
+        package = io.BytesIO()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "`isinstance\\(treespec, LeafSpec\\)` is deprecated", FutureWarning)  # torch's own
+            torch._inductor.aoti_compile_and_package(torch.export.export(step, examples), package_path=package)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            files.write_atomically(path, lambda temp_path: pathlib.Path(temp_path).write_bytes(package.getvalue()))
+        except OSError as e:
+            raise UserError(f"could not keep the compiled decode step in {os.path.dirname(path)} ({e.strerror or e}, "
+                            f"{files.space_left(path)}); free space there, set TORCHINDUCTOR_CACHE_DIR to a folder you can "
+                            f"write, or use --compile=False") from None
+    loader = torch._inductor.aoti_load_package(path).loader
+    run = getattr(loader, "boxed_run", loader.run)  # boxed_run (newer torch) takes the list it is given
+    return lambda step_inputs: run(list(step_inputs))[0]
+
+
+def package_path(step, specs):
+    """Where ahead_of_time_step keeps `step` compiled for inputs of these specs: a file named by a hash of
+    everything that shapes the compiled code, so that no process loads code made for other inputs."""
+    key = repr((step.key(), specs, torch.__version__, torch.backends.cpu.get_cpu_capability(), platform.machine(), SOURCES))
+    return os.path.join(ahead_of_time_folder(), hashlib.sha256(key.encode()).hexdigest()[:32] + ".pt2")
+
+
+def ahead_of_time_folder():
+    """Where ahead_of_time_step keeps its compiles: in inductor's cache folder, where torch.compile keeps its own."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    return os.path.join(cache_dir(), "opengpt_decode")
 
 
 def draw(logits, temperature, top_k, generator):

@@ -1,5 +1,7 @@
 """opengpt/decode.py: the KV-cached one-token step computes the model's own logits, and Decoder.stream
 draws exactly the tokens of a loop that reruns the whole sequence through the model for every token."""
+import errno
+
 import pytest
 import torch
 
@@ -55,15 +57,15 @@ def test_stream_draws_the_tokens_of_the_uncached_reference(architecture, tempera
         assert generated[0, len(prompt):].tolist() == tokens
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_the_compiled_step_computes_the_full_forwards_logits_and_draws_the_references_tokens(architecture):
+def skip_without_compile():
     try:
         hardware.check_compile_works("cpu")
     except UserError as e:
         pytest.skip(str(e))
-    torch._dynamo.reset()  # a fresh count of compiles: past dynamo's limit a function would run eagerly
-    torch._dynamo.utils.counters.clear()
-    model = tiny_gpt(**architecture)
+
+
+def assert_compiled_step_matches_the_references(model):
+    """The compiled step's logits are the full forward's, and Decoder draws the uncached reference's tokens."""
     idx = torch.randint(0, 320, (1, 16))
     with torch.no_grad():
         decoding = CachedDecoding(model, 1, "cpu", compiled=True)
@@ -73,6 +75,67 @@ def test_the_compiled_step_computes_the_full_forwards_logits_and_draws_the_refer
     for temperature, top_k in [(0.0, None), (1.0, 5)]:
         tokens = list(Decoder(model, "cpu", compiled=True).stream(prompt, 12, temperature=temperature, top_k=top_k, seed=7))
         assert tokens == reference_tokens(model, prompt, 12, temperature, top_k, seed=7)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES[:2])  # the third differs from the first by a float only
+def test_the_ahead_of_time_step_computes_the_full_forwards_logits_and_is_compiled_once_per_machine(architecture, tmp_path,
+                                                                                                   monkeypatch):
+    skip_without_compile()
+    monkeypatch.setattr(decode, "ahead_of_time_folder", lambda: str(tmp_path))
+    monkeypatch.setattr(decode, "_compiled_steps", {})
+    model = tiny_gpt(**architecture)
+    assert_compiled_step_matches_the_references(model)
+    assert len(list(tmp_path.glob("*.pt2"))) == 1 and not list(tmp_path.glob(".*"))  # one package, no temp file left
+    # a later process finds it on disk: loaded, not compiled again, the same logits
+    monkeypatch.setattr(decode, "_compiled_steps", {})
+    with monkeypatch.context() as loading_only:
+        loading_only.setattr(torch._inductor, "aoti_compile_and_package", lambda *args, **kwargs: pytest.fail("compiled again"))
+        assert_compiled_step_matches_the_references(model)
+
+
+def test_a_package_is_named_by_everything_that_shapes_its_code():
+    model = tiny_gpt(rotary=True, activation="relu2", bias=False)
+
+    def path_of(model, batch=1, autocast=False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            decoding = CachedDecoding(model, batch, "cpu")  # eager: nothing compiled; its inputs laid out as compiled
+            buffers, layout = decode.pack(decoding.weights)
+            step = decode.OneTokenStep(layout, decoding.wpe is not None, len(buffers), "cpu")
+        specs = tuple(decode.Spec.of(t) for t in (decoding.tokens, decoding.position, decoding.positions, decoding.wte,
+                                                  *buffers, *(t for pair in decoding.cache_pairs for t in pair)))
+        return decode.package_path(step, specs)
+
+    same = path_of(model)
+    assert path_of(tiny_gpt(rotary=True, activation="relu2", bias=False)) == same  # other weights, same code
+    others = [path_of(model, batch=2), path_of(model, autocast=True), path_of(tiny_gpt(rotary=True, bias=False)),
+              path_of(tiny_gpt(rotary=True, activation="relu2", bias=False, n_layer=3))]
+    assert len({same, *others}) == 5
+
+
+def test_the_ahead_of_time_step_runs_under_the_autocast_it_was_made_with(tmp_path, monkeypatch):
+    skip_without_compile()
+    monkeypatch.setattr(decode, "ahead_of_time_folder", lambda: str(tmp_path))
+    monkeypatch.setattr(decode, "_compiled_steps", {})
+    model = tiny_gpt(rotary=True, activation="relu2", bias=False)
+    idx = torch.randint(0, 320, (1, 8))
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            eager, compiled = CachedDecoding(model, 1, "cpu"), CachedDecoding(model, 1, "cpu", compiled=True)
+            expected = [eager.prefill(idx[:, :3])] + [eager.step(idx[:, t]) for t in range(3, 8)]
+            got = [compiled.prefill(idx[:, :3])] + [compiled.step(idx[:, t]) for t in range(3, 7)]
+        got.append(compiled.step(idx[:, 7]))  # outside autocast: still the bfloat16 step it was compiled as
+    assert all(t.dtype == torch.bfloat16 for t in got)
+    torch.testing.assert_close(torch.stack(got).float(), torch.stack(expected).float(), rtol=0.05, atol=0.05)
+
+
+def test_the_dynamo_step_the_gpus_take_computes_the_full_forwards_logits_in_one_graph(monkeypatch):
+    """Off the CPU the step goes through torch.compile (AOTInductor is used on CPUs only): tested here on the CPU."""
+    skip_without_compile()
+    monkeypatch.setattr(decode, "ahead_of_time_step", lambda step, specs: decode.dynamo_step(step))
+    monkeypatch.setattr(decode, "_compiled_steps", {})
+    torch._dynamo.reset()  # a fresh count of compiles: past dynamo's limit a function would run eagerly
+    torch._dynamo.utils.counters.clear()
+    assert_compiled_step_matches_the_references(tiny_gpt(rotary=True, activation="relu2", bias=False))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph for every position
 
 
@@ -144,3 +207,18 @@ def test_pack_puts_every_tensor_in_one_aligned_buffer_per_dtype_and_unpack_gives
         assert torch.equal(got, want) and got.dtype == want.dtype
         assert got.untyped_storage().data_ptr() in {t.untyped_storage().data_ptr() for t in buffers}  # a view, no copy
         assert got.data_ptr() % 64 == 0  # vector loads stay aligned
+
+
+def test_a_compiled_step_that_cannot_be_kept_on_disk_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(decode, "ahead_of_time_folder", lambda: str(tmp_path))
+    monkeypatch.setattr(decode, "_compiled_steps", {})
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda exported, package_path: package_path.write(b"pt2"))
+
+    def full_disk(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(decode.files, "write_atomically", full_disk)
+    with pytest.raises(UserError, match=f"could not keep the compiled decode step in {tmp_path} \\(No space left on device, "
+                                        ".* MB free there\\); free space there, .* or use --compile=False"):
+        with torch.no_grad():
+            CachedDecoding(tiny_gpt(), 1, "cpu", compiled=True)
+    assert list(tmp_path.iterdir()) == []

@@ -47,24 +47,26 @@ def test_same_seed_gives_the_same_samples_with_and_without_kv_cache(trained_run)
     assert runs[0].returncode == 0 and runs[0].stdout == runs[1].stdout
 
 
-def test_compiled_sampling_runs_compiled_code_for_every_token_and_samples_the_same(trained_run, monkeypatch, capsys, request):
+def test_compiled_sampling_runs_compiled_code_for_every_token_and_samples_the_same(trained_run, monkeypatch, capsys):
     try:
         hardware.check_compile_works("cpu")
     except UserError as e:
         pytest.skip(str(e))
-    real_compile, compiled_calls = torch.compile, []
+    real_compile, real_ahead_of_time_step, compiled_calls = torch.compile, decode.ahead_of_time_step, []
 
-    def counting_compile(fn, **kwargs):
-        compiled = real_compile(fn, **kwargs)
+    def counting(compile_function, name_of):
+        def counting_compile(fn, *args, **kwargs):
+            compiled = compile_function(fn, *args, **kwargs)
 
-        def call(*args, **call_kwargs):
-            compiled_calls.append(getattr(fn, "__name__", ""))
-            return compiled(*args, **call_kwargs)
-        return call
+            def call(*call_args, **call_kwargs):
+                compiled_calls.append(name_of(fn))
+                return compiled(*call_args, **call_kwargs)
+            return call
+        return counting_compile
 
-    monkeypatch.setattr(torch, "compile", counting_compile)
-    decode.compiled_step.cache_clear()  # compiled afresh, through counting_compile, and not kept after
-    request.addfinalizer(decode.compiled_step.cache_clear)
+    monkeypatch.setattr(torch, "compile", counting(real_compile, lambda fn: getattr(fn, "__name__", "")))
+    monkeypatch.setattr(decode, "ahead_of_time_step", counting(real_ahead_of_time_step, lambda step: "ahead_of_time_step"))
+    monkeypatch.setattr(decode, "_compiled_steps", {})  # compiled afresh, through the counters, and not kept after
     texts = []
     for compile_model in (False, True):
         monkeypatch.setattr(sys, "argv", ["sample.py", f"--out_dir={trained_run}", "--start=浪花", "--num_samples=1",
@@ -72,9 +74,10 @@ def test_compiled_sampling_runs_compiled_code_for_every_token_and_samples_the_sa
                                           "--dtype=float32"])  # bfloat16 would round compiled and eager differently
         sample.main()
         texts.append(capsys.readouterr().out)
-    # hardware.check_compile_works compiles a lambda of its own; everything else is the model: the prompt's
-    # forward, then decode.py's one-token step for each of the 5 tokens after the first (the sequence fits the block)
-    assert [name for name in compiled_calls if name != "<lambda>"] == ["hidden_states"] + ["one_token_step"] * 5
+    # hardware.check_compile_works compiles a lambda of its own; everything else is the model: the prompt's forward
+    # (torch.compile), then decode.py's one-token step, compiled ahead of time on a CPU, for each of the 5 tokens after
+    # the first (the sequence fits the block)
+    assert [name for name in compiled_calls if name != "<lambda>"] == ["hidden_states"] + ["ahead_of_time_step"] * 5
     assert texts[0] == texts[1] and texts[0].startswith("浪花")
 
 
