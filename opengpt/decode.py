@@ -301,13 +301,22 @@ SOURCES = hashlib.sha256(b"".join(pathlib.Path(module.__file__).read_bytes()
 def compiled_step(step, specs):
     """A function of step_inputs that returns the logits: `step` (a OneTokenStep) compiled for inputs of
     these specs, made on first use and shared by every CachedDecoding of the same key and specs. On a CPU
-    AOTInductor compiles it ahead of time (ahead_of_time_step); elsewhere, or without AOTInductor,
-    torch.compile does (dynamo_step)."""
+    AOTInductor compiles it ahead of time (ahead_of_time_step); elsewhere, or where AOTInductor is missing
+    or fails (said in a line on stderr), torch.compile does (dynamo_step)."""
     key = step.key(), specs
     with _compiling:  # a server's threads: one compile each, not one per thread
         if key not in _compiled_steps:
-            ahead = step.device_type == "cpu" and hasattr(torch._inductor, "aoti_load_package")
-            _compiled_steps[key] = ahead_of_time_step(step, specs) if ahead else dynamo_step(step)
+            compiled = None
+            if step.device_type == "cpu" and hasattr(torch._inductor, "aoti_load_package"):
+                try:
+                    compiled = ahead_of_time_step(step, specs)
+                except UserError:
+                    raise
+                except Exception as e:  # a platform AOTInductor does not serve: torch.compile may, and the run goes on
+                    first_line = (str(e).strip().splitlines() or [""])[0][:160]
+                    print(f"note: AOTInductor could not compile the decode step ({type(e).__name__}: {first_line}); "
+                          f"using torch.compile", file=sys.stderr)
+            _compiled_steps[key] = compiled or dynamo_step(step)
         return _compiled_steps[key]
 
 

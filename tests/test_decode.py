@@ -222,3 +222,17 @@ def test_a_compiled_step_that_cannot_be_kept_on_disk_is_one_line(tmp_path, monke
         with torch.no_grad():
             CachedDecoding(tiny_gpt(), 1, "cpu", compiled=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_where_ahead_of_time_compiling_fails_the_step_says_so_and_takes_torch_compile(tmp_path, monkeypatch, capsys):
+    skip_without_compile()
+    monkeypatch.setattr(decode, "ahead_of_time_folder", lambda: str(tmp_path))
+    monkeypatch.setattr(decode, "_compiled_steps", {})
+
+    def unsupported(exported, package_path):
+        raise RuntimeError("AOTInductor does not support this platform\nmore detail")
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", unsupported)
+    assert_compiled_step_matches_the_references(tiny_gpt(rotary=True, activation="relu2", bias=False))
+    assert capsys.readouterr().err.count("note: AOTInductor could not compile the decode step (RuntimeError: AOTInductor "
+                                         "does not support this platform); using torch.compile\n") == 1
+    assert list(tmp_path.iterdir()) == []
