@@ -142,7 +142,10 @@ class CachedDecoding:
         return self.caches[0].length
 
     def prefill(self, idx):
-        """Logits (B, vocab) of the token after idx (B, T), its keys and values now in the cache."""
+        """Logits (B, vocab) of the token after idx (B, T), its keys and values now in the cache. A prompt of
+        one token (sample.py's default: <|endoftext|>) is a step, which costs a fraction of the modules' forward."""
+        if idx.size(1) == 1:
+            return self.step(idx[:, 0])
         x = self.model.hidden_states(idx, self.caches)
         return x[:, -1, :] @ self.head
 

@@ -40,7 +40,9 @@ def test_one_token_step_computes_the_logits_of_the_full_forward(architecture):
         logits = [decoding.prefill(idx[:, :3])] + [decoding.step(idx[:, t]) for t in range(3, 16)]
         with pytest.raises(ValueError, match="exceeds block_size 16"):
             decoding.step(idx[:, 0])
+        one_token_prompt = CachedDecoding(model, 2, "cpu").prefill(idx[:, :1])  # taken as a step
     torch.testing.assert_close(torch.stack(logits, dim=1), expected[:, 2:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(one_token_prompt, expected[:, 0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
