@@ -297,8 +297,7 @@ def described(layout):
 
 _compiled_steps, _compiling = {}, threading.Lock()
 # the code a compiled step runs (this module's and model.py's activations), read once: part of its key on disk
-SOURCES = hashlib.sha256(b"".join(pathlib.Path(module.__file__).read_bytes()
-                                  for module in (model, sys.modules[__name__]))).hexdigest()
+SOURCES = hashlib.sha256(pathlib.Path(model.__file__).read_bytes() + pathlib.Path(__file__).read_bytes()).hexdigest()
 
 
 def compiled_step(step, specs):
