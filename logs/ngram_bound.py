@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from configurator import parse_args
+from opengpt.cli import run
 from opengpt.data import TokenData
 
 BOUNDARY = 0  # the <|endoftext|> between documents, as a character of its own
@@ -122,4 +123,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
