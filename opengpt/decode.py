@@ -252,8 +252,8 @@ def unpack(buffers, layout):
 class OneTokenStep(torch.nn.Module):
     """one_token_forward as a function of tensors alone, what torch.export takes: CachedDecoding.step_inputs
     are the token, its position, the positions, wte, wpe (absolute positions only), the packed weights'
-    buffers, then each layer's keys and values. It runs under the autocast in force when it was made, as
-    the compiled code will whatever the caller's is."""
+    buffers, then each layer's keys and values. It runs under the autocast in force when it was made,
+    whatever the caller's is later: compiled code could not follow the caller's."""
 
     def __init__(self, layout, has_wpe, n_buffers, device_type):
         super().__init__()
