@@ -1,4 +1,4 @@
-"""What a GPU does with this project, in one command and under 8 minutes, in a report to commit.
+"""What a GPU does with this project, in one command and under 9 minutes, in a report to commit.
 
     python gpu_check.py                  # on a CUDA GPU: prints the report and writes logs/gpu_check.txt
     python gpu_check.py --dry_run=True --data_dir=data/zh_default --out=/tmp/gpu_check.txt
@@ -11,6 +11,9 @@
 3. The default Chinese recipe for `zh_seconds` of wall-clock: prepare.py, then train.py with
    `zh_config` on the GPU and --max_minutes (the schedule fits the budget, and the run ends with an
    evaluation); should it overrun, SIGTERM stops it (it saves a checkpoint and exits).
+4. Sampling, the recipe's model at vocabulary 8,192 and block 256: bench.py --section=sample, without
+   the KV cache, with it, and with decode.py's one-token step eager and compiled (torch.compile on a
+   GPU), in float32; it checks that every path draws the same tokens.
 Every part runs in its own process under a time limit; one that fails or runs out of time is
 reported as such and the others still run. The report is rewritten after every part, so even an
 interrupted check leaves what it measured.
@@ -46,8 +49,8 @@ DEFAULTS = dict(
 )
 GPT2_SMALL = "config/train_gpt2_small_adam.py"
 # Time limits in seconds. The compiles take most of the first two parts (the second reuses the first's
-# compiled graphs from inductor's cache); with zh_seconds=120 the limits add up to about 8 minutes.
-LIMITS = dict(train_step=150, sophia=120, prepare=60, zh_startup=25, zh_grace=20)
+# compiled graphs from inductor's cache); with zh_seconds=120 the limits add up to about 9 minutes.
+LIMITS = dict(train_step=150, sophia=120, prepare=60, zh_startup=25, zh_grace=20, sample=60)
 # A model small enough for the dry run to finish in seconds on a CPU. Not the tests' TINY_MODEL_ARGS:
 # bench.py takes these too, and the check sets --device and --dtype itself, per part.
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=2"]
@@ -197,6 +200,21 @@ def chinese_recipe_part(report, cfg, device):
                                        for e in evals))
 
 
+def sampling_part(report, cfg, device):
+    tokens = 8 if cfg["dry_run"] else 200
+    report.say(f"\n## 4. Sampling: bench.py --section=sample, {tokens} new tokens, batch 1, top-k 200, float32")
+    model = [*TINY, "--compile=False"] if cfg["dry_run"] else [cfg["zh_config"], "--vocab_size=8192", "--block_size=256",
+                                                               "--compile=True"]
+    status, stopped, lines = run_part(report, [sys.executable, "bench.py", *model, "--section=sample", f"--sample_tokens={tokens}",
+                                               f"--device={device}"], LIMITS["sample"])
+    speeds = [line for line in lines if line.strip().startswith(f"{tokens} new tokens:")]
+    if status != 0 or not speeds:
+        report.say(f"RESULT: sampling {'ran out of time' if stopped else 'failed'}")
+        return
+    paths = re.findall(r"(without KV cache|decode.py step(?:, compiled)?) [\d.]+ ms \(([\d,]+) tokens/s\)", speeds[0])
+    report.say("RESULT: the same tokens on every path; tokens/s " + ", ".join(f"{name} {speed}" for name, speed in paths))
+
+
 def events_of(out_dir, kind):
     """The run's metrics.jsonl events of one kind, also while it is being written (a line cut short)."""
     try:
@@ -220,7 +238,7 @@ def main():
     started = time.monotonic()
     header(report, cfg, device, dtype)
     for part in (lambda: train_step_part(report, cfg, device, dtype), lambda: sophia_part(report, cfg, device, dtype),
-                 lambda: chinese_recipe_part(report, cfg, device)):
+                 lambda: chinese_recipe_part(report, cfg, device), lambda: sampling_part(report, cfg, device)):
         report.save()
         part()
     report.say(f"\ngpu_check.py took {time.monotonic() - started:.0f} s")

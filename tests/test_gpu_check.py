@@ -1,5 +1,6 @@
 """gpu_check.py's dry run goes through every part of the GPU check on the CPU with a tiny model
 (what it measures here means nothing; that every part runs, reports and is written out does)."""
+import re
 import signal
 import sys
 
@@ -14,10 +15,12 @@ def test_the_dry_run_reports_every_part_and_writes_what_it_printed(tiny_data, tm
     assert result.returncode == 0, result.stdout + result.stderr
     assert report.read_text(encoding="utf-8") == result.stdout
     results = [line for line in result.stdout.splitlines() if line.startswith("RESULT:")]
-    assert len(results) == 3, result.stdout
+    assert len(results) == 4, result.stdout
     assert "ms/step" in results[0] and "MFU" in results[0]
     assert "per iteration against AdamW" in results[1]
     assert "4 steps (finished)" in results[2] and "bits/char) @4" in results[2]
+    assert re.fullmatch(r"RESULT: the same tokens on every path; tokens/s without KV cache [\d,]+, decode.py step [\d,]+",
+                        results[3])
     assert (tmp_path / "zh" / "ckpt.pt").exists()
 
 
