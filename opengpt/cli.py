@@ -13,6 +13,11 @@ class UserError(Exception):
     """A problem with the user's input, files or machine, worded for the user."""
 
 
+def first_line(error):
+    """An exception's message cut to its first line (at most 160 characters), for a one-line error."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+
+
 def run(main):
     """Call main(); turn user errors into one line and exit status 2."""
     script = os.path.basename(sys.argv[0]) or "python"

@@ -42,7 +42,7 @@ from torch.nn import functional as F
 import model
 from model import ACTIVATIONS, rotation_angles, sample_next_token
 from opengpt import files, hardware
-from opengpt.cli import UserError
+from opengpt.cli import UserError, first_line
 
 
 def sampling_dtype(requested, device):
@@ -315,8 +315,7 @@ def compiled_step(step, specs):
                 except UserError:
                     raise
                 except Exception as e:  # a platform AOTInductor does not serve: torch.compile may, and the run goes on
-                    first_line = (str(e).strip().splitlines() or [""])[0][:160]
-                    print(f"note: AOTInductor could not compile the decode step ({type(e).__name__}: {first_line}); "
+                    print(f"note: AOTInductor could not compile the decode step ({type(e).__name__}: {first_line(e)}); "
                           f"using torch.compile", file=sys.stderr)
             _compiled_steps[key] = compiled or dynamo_step(step)
         return _compiled_steps[key]

@@ -8,7 +8,7 @@ from functools import lru_cache
 
 import torch
 
-from opengpt.cli import UserError
+from opengpt.cli import UserError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -223,5 +223,5 @@ def check_compile_works(device):
     try:
         torch.compile(lambda x: x * 2 + 1)(torch.ones(4, device=device))
     except Exception as e:  # any backend failure means the same thing to the user
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise UserError(f"torch.compile does not work on this machine ({type(e).__name__}: {first_line}); use --compile=False") from None
+        raise UserError(f"torch.compile does not work on this machine ({type(e).__name__}: {first_line(e)}); "
+                        f"use --compile=False") from None

@@ -16,7 +16,7 @@ import stat
 
 import torch
 
-from opengpt.cli import UserError
+from opengpt.cli import UserError, first_line
 
 # What GPT.from_pretrained reads, and transformers' class for each.
 MODEL_CLASSES = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM"}
@@ -164,7 +164,3 @@ def check_declared_sizes(folder, config, shapes):
     if wanted > held_values:
         raise UserError(f"{folder}: weights missing for {missing[:3]} (config.json declares {wanted:,} values, the "
                         f"weights hold {held_values:,}); the folder is damaged or incomplete")
-
-
-def first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
