@@ -95,17 +95,15 @@ def test_the_ahead_of_time_step_computes_the_full_forwards_logits_and_is_compile
         assert_compiled_step_matches_the_references(model)
 
 
-def test_a_package_is_named_by_everything_that_shapes_its_code():
+def test_a_package_is_named_by_everything_that_shapes_its_code(monkeypatch):
     model = tiny_gpt(rotary=True, activation="relu2", bias=False)
+    paths = []
+    monkeypatch.setattr(decode, "compiled_step", lambda step, specs: paths.append(decode.package_path(step, specs)))
 
     def path_of(model, batch=1, autocast=False):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            decoding = CachedDecoding(model, batch, "cpu")  # eager: nothing compiled; its inputs laid out as compiled
-            buffers, layout = decode.pack(decoding.weights)
-            step = decode.OneTokenStep(layout, decoding.wpe is not None, len(buffers), "cpu")
-        specs = tuple(decode.Spec.of(t) for t in (decoding.tokens, decoding.position, decoding.positions, decoding.wte,
-                                                  *buffers, *(t for pair in decoding.cache_pairs for t in pair)))
-        return decode.package_path(step, specs)
+            CachedDecoding(model, batch, "cpu", compiled=True)  # its step and inputs, named, not compiled
+        return paths[-1]
 
     same = path_of(model)
     assert path_of(tiny_gpt(rotary=True, activation="relu2", bias=False)) == same  # other weights, same code
