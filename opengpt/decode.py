@@ -343,16 +343,20 @@ def ahead_of_time_step(step, specs):
     if not os.path.exists(path):
         examples = tuple(torch.empty_strided(spec.shape, spec.stride, dtype=spec.dtype) for spec in specs)
         package = io.BytesIO()
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "`isinstance\\(treespec, LeafSpec\\)` is deprecated", FutureWarning)  # torch's own
-            torch._inductor.aoti_compile_and_package(torch.export.export(step, examples), package_path=package)
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "`isinstance\\(treespec, LeafSpec\\)` is deprecated", FutureWarning)  # torch's own
+                torch._inductor.aoti_compile_and_package(torch.export.export(step, examples), package_path=package)
+        except Exception as e:  # inductor writes its build files in the cache folder too
+            unwritable = hardware.unwritable_folder_error(e)
+            if unwritable is None:
+                raise
+            raise hardware.compile_cache_error("could not compile the decode step", unwritable) from None
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             files.write_atomically(path, lambda temp_path: pathlib.Path(temp_path).write_bytes(package.getvalue()))
         except OSError as e:
-            raise UserError(f"could not keep the compiled decode step in {os.path.dirname(path)} ({e.strerror or e}, "
-                            f"{files.space_left(path)}); free space there, set TORCHINDUCTOR_CACHE_DIR to a folder you can "
-                            f"write, or use --compile=False") from None
+            raise hardware.compile_cache_error("could not keep the compiled decode step", e, os.path.dirname(path)) from None
     loader = torch._inductor.aoti_load_package(path).loader
     run = getattr(loader, "boxed_run", loader.run)  # boxed_run (newer torch) takes the list it is given
     return lambda step_inputs: run(list(step_inputs))[0]

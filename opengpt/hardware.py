@@ -1,5 +1,6 @@
 """The device side of the scripts: which device and dtype to use, autocast, and the device's peak
 FLOP/s for model FLOPs utilisation (MFU)."""
+import errno
 import os
 import re
 import time
@@ -8,6 +9,7 @@ from functools import lru_cache
 
 import torch
 
+from opengpt import files
 from opengpt.cli import UserError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -184,8 +186,9 @@ def measured_matmul_flops(device, dtype, seconds=0.3):
 
 def allow_tf32(device):
     """float32 matmuls on TensorFloat-32 tensor cores (CUDA, Ampere and newer), as nanoGPT does: inputs
-    rounded to 10 significand bits, float32 accumulation, several times the FP32 rate. Nothing
-    changes elsewhere (the setting is CUDA's only), so CPU runs keep their exact float32."""
+    rounded to 10 significand bits, float32 accumulation, several times the FP32 rate. Set for CUDA
+    only: the same setting also lets oneDNN round a CPU's float32 matmuls to TF32
+    (torch.backends.mkldnn.matmul.fp32_precision becomes "tf32"), and CPU runs keep their exact float32."""
     if device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")
 
@@ -223,5 +226,41 @@ def check_compile_works(device):
     try:
         torch.compile(lambda x: x * 2 + 1)(torch.ones(4, device=device))
     except Exception as e:  # any backend failure means the same thing to the user
+        unwritable = unwritable_folder_error(e)
+        if unwritable is not None:
+            raise compile_cache_error("torch.compile could not write its compiled code", unwritable) from None
         raise UserError(f"torch.compile does not work on this machine ({type(e).__name__}: {first_line(e)}); "
                         f"use --compile=False") from None
+
+
+UNWRITABLE = errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT
+FULL = errno.ENOSPC, errno.EDQUOT
+
+
+def unwritable_folder_error(e):
+    """The OSError in e's chain of causes that says a folder cannot be written (read-only, not ours, full),
+    or None: compiling fails so where torch's compile cache folder cannot take the code. A compiler run
+    (inductor's CppCompileError) reports it in its output: `ld: final link failed: No space left on device`."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in UNWRITABLE:
+            return e
+        output = getattr(e, "output", None)
+        for code in FULL if isinstance(output, str) else ():  # a read-only folder fails before any compiler runs
+            if os.strerror(code) in output:
+                return OSError(code, os.strerror(code))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def compile_cache_error(what, e, folder=None):
+    """The one-line error for compiled code that torch's compile cache folder (or `folder` in it) could not
+    take: e, an OSError, says why."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    folder = folder or cache_dir()
+    full = e.errno in FULL
+    return UserError(f"{what} in {folder} ({e.strerror or e}{', ' + files.space_left(folder) if full else ''}); "
+                     f"{'free space there, ' if full else ''}set TORCHINDUCTOR_CACHE_DIR to a folder you can write, "
+                     f"or use --compile=False")

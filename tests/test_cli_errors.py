@@ -1,6 +1,7 @@
 """Every row of the bad-input table (tests/BAD_INPUT.md): one line naming the problem, exit status
 2, no traceback, nothing half-written."""
 import argparse
+import errno
 import json
 import shutil
 
@@ -206,6 +207,53 @@ def test_compile_where_it_does_not_work_is_one_line(monkeypatch):
         return call
     monkeypatch.setattr(torch, "compile", broken_compile)
     with pytest.raises(cli.UserError, match=r"torch.compile does not work on this machine \(RuntimeError: Compiler: cl is not found.\); use --compile=False"):
+        hardware.check_compile_works("cpu")
+
+
+def test_compile_errors_that_are_an_unwritable_cache_folder():
+    from opengpt import hardware
+
+    def chained(outer, inner):
+        try:
+            raise inner
+        except Exception:
+            try:
+                raise outer  # implicitly chained, as inductor's InductorError is to the OSError
+            except Exception as e:
+                return e
+    read_only = chained(RuntimeError("InductorError"), OSError(errno.EROFS, "Read-only file system"))
+    assert hardware.unwritable_folder_error(read_only).errno == errno.EROFS
+    linker = RuntimeError("C++ compile error")
+    linker.output = "/usr/bin/ld: final link failed: No space left on device"
+    assert hardware.unwritable_folder_error(RuntimeError("plain")) is None
+    outer = RuntimeError("outer")
+    outer.__cause__ = linker
+    assert hardware.unwritable_folder_error(outer).errno == errno.ENOSPC
+    # a missing compiler is not a folder's fault, nor is "Permission denied" in a compiler's output
+    assert hardware.unwritable_folder_error(chained(RuntimeError("x"), FileNotFoundError(errno.ENOENT, "g++"))) is None
+    linker.output = "g++: error: cannot execute 'cc1plus': Permission denied"
+    assert hardware.unwritable_folder_error(outer) is None
+    loop = RuntimeError("a")
+    loop.__context__ = RuntimeError("b")
+    loop.__context__.__context__ = loop
+    assert hardware.unwritable_folder_error(loop) is None
+
+
+def test_compile_with_a_full_compile_cache_folder_is_one_line(monkeypatch, tmp_path):
+    from opengpt import cli
+    from opengpt import hardware
+
+    def full_cache(fn, **kwargs):
+        def call(*args):
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError:
+                raise RuntimeError("InductorError: OSError") from None  # the OSError stays as __context__
+        return call
+    monkeypatch.setattr(torch, "compile", full_cache)
+    monkeypatch.setattr("torch._inductor.runtime.cache_dir_utils.cache_dir", lambda: str(tmp_path))
+    with pytest.raises(cli.UserError, match=f"torch.compile could not write its compiled code in {tmp_path} \\(No space left "
+                                            "on device, .* MB free there\\); free space there, set TORCHINDUCTOR_CACHE_DIR"):
         hardware.check_compile_works("cpu")
 
 

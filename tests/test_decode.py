@@ -224,6 +224,24 @@ def test_a_compiled_step_that_cannot_be_kept_on_disk_is_one_line(tmp_path, monke
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_compile_cache_folder_that_fills_during_the_compile_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(decode, "ahead_of_time_folder", lambda: str(tmp_path))
+    monkeypatch.setattr(decode, "_compiled_steps", {})
+
+    def linker_out_of_space(exported, package_path):  # as inductor reports a compiler run that failed
+        error = RuntimeError("C++ compile error")
+        error.output = "/usr/bin/ld: final link failed: No space left on device\ncollect2: error: ld returned 1 exit status"
+        raise RuntimeError("InductorError: CppCompileError: C++ compile error") from error
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", linker_out_of_space)
+    monkeypatch.setattr("torch._inductor.runtime.cache_dir_utils.cache_dir", lambda: str(tmp_path))  # where inductor builds
+    with pytest.raises(UserError, match=f"could not compile the decode step in {tmp_path} \\(No space left on device, "
+                                        ".* MB free there\\); free space there, .* or use --compile=False"):
+        with torch.no_grad():
+            CachedDecoding(tiny_gpt(), 1, "cpu", compiled=True)
+    assert capsys.readouterr().err == ""  # no fallback to torch.compile, which would fail the same way
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_where_ahead_of_time_compiling_fails_the_step_says_so_and_takes_torch_compile(tmp_path, monkeypatch, capsys):
     skip_without_compile()
     monkeypatch.setattr(decode, "ahead_of_time_folder", lambda: str(tmp_path))

@@ -92,6 +92,15 @@ def test_characters_split_across_tokens_decode_cleanly():
     assert sample.decode_clean(encoding, encoding.encode("江") + cut) == "江"
 
 
+def test_compiled_sampling_with_a_read_only_compile_cache_is_one_line(trained_run, read_only_folder):
+    result = run_script("sample.py", f"--out_dir={trained_run}", "--compile=True", "--max_new_tokens=5",
+                        env=dict(TORCHINDUCTOR_CACHE_DIR=str(read_only_folder)))
+    assert_user_error(result, f"torch.compile could not write its compiled code in {read_only_folder} (",
+                      "set TORCHINDUCTOR_CACHE_DIR to a folder you can write, or use --compile=False")
+    assert "free space" not in result.stderr  # the folder is not full: that fix would not help
+    assert list(read_only_folder.iterdir()) == []
+
+
 def test_start_file_that_is_missing_or_a_folder(trained_run, tmp_path):
     assert_user_error(run_script("sample.py", f"--out_dir={trained_run}", f"--start=FILE:{tmp_path / 'none.txt'}"),
                       "prompt file", "not found")
