@@ -96,7 +96,7 @@ class Training:
 class StepResult:
     loss: torch.Tensor  # this rank's mean loss over the step's micro-batches, on the device
     grad_norm: torch.Tensor  # before clipping; zero when clipping is off
-    faulty: bool  # the loss or gradient was not finite (a float16 overflow the GradScaler handles is not a fault)
+    faulty: bool  # the loss or gradient was not finite (in float16 not an overflow the GradScaler skips at a scale of 1 or more)
     stop: bool = False  # some rank was asked to stop (SIGTERM/SIGINT): every rank knows it at the same step
 
 
@@ -129,8 +129,13 @@ def train_step(t, iter_num, track_stats=False, stop_requested=False):
         t.scaler.update()
     t.optimizer.zero_grad(set_to_none=True)
     t.pass_statistics.update(t.spec.after_step(t, iter_num))
-    return StepResult(loss, grad_norm, faulty=not (step_is_finite or (t.scaler.is_enabled() and loss_is_finite)),
-                      stop=not nobody_stops)
+    if t.scaler.is_enabled():
+        # an overflow is a fault once the scaler, which halves its scale at each, is below 1: the gradients
+        # are then not finite unscaled either (and without clipping grad_norm is no test of them)
+        faulty = not loss_is_finite or t.scaler.get_scale() < 1
+    else:
+        faulty = not step_is_finite
+    return StepResult(loss, grad_norm, faulty=faulty, stop=not nobody_stops)
 
 
 @torch.no_grad()
@@ -163,7 +168,7 @@ def evaluate_split(model, data, split, batch_size, max_batches, device, autocast
     n_bytes = torch.zeros(n_buckets, dtype=torch.int64)
     for x, y, sources in data.eval_batches(split, batch_size, max_batches):
         with autocast:
-            losses = model.token_losses(x.to(device), y.to(device)).double().cpu()
+            losses = model.token_losses(x.to(device), y.to(device)).cpu().double()  # MPS has no float64
         learnt = y != IGNORED_TARGET
         buckets = (sources if sources is not None else torch.zeros_like(y))[learnt]
         loss_sums += torch.bincount(buckets, weights=losses[learnt], minlength=n_buckets)

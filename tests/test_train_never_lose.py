@@ -247,3 +247,31 @@ def test_an_error_in_a_folder_of_the_users_leaves_it_as_it_was(tiny_data, tmp_pa
     args = train_args(tiny_data, out, "--max_iters=20", "--lr_decay_iters=20", "--eval_interval=10", "--warmup_iters=12")
     assert_user_error(run_script("train.py", *args, "--max_minutes=0.001"), "give more minutes")
     assert checksums(out) == before
+
+
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
+def test_float16_gradients_that_stay_non_finite_are_faults_once_the_scaler_runs_out_of_scale(grad_clip):
+    """A float16 overflow is routine: the GradScaler skips the step and halves its scale. A gradient that is
+    not finite at any scale (NaN) must still end the run as divergence does in other dtypes, not skip
+    every step from then on while checkpoints go on being saved."""
+    import torch
+    import bench
+    from configurator import parse_args
+    from opengpt.training import train_step
+
+    cfg = parse_args(bench.DEFAULTS, ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=8", "--batch_size=2",
+                                      "--vocab_size=64", "--dropout=0.0", f"--grad_clip={grad_clip}"])
+    t = bench.build_training(cfg, "cpu", "adamw", "float16")
+    bias = t.raw_model.transformer.h[0].mlp.c_fc.bias
+    broken = [1]  # steps whose gradient is NaN: the first only (an overflow), then every one
+    bias.register_hook(lambda grad: grad * float("nan") if broken[0] else grad)
+    first = train_step(t, 0)
+    assert not first.faulty and t.scaler.get_scale() == 2.0**15  # skipped, the scale halved from 2**16
+    broken[0] = 0
+    assert not train_step(t, 1).faulty and t.scaler.get_scale() == 2.0**15  # a clean step: stepped
+    broken[0] = 1
+    weights = bias.detach().clone()
+    faulty = [train_step(t, i).faulty for i in range(2, 22)]
+    # skipped at 2**14, ..., 2**0 (not faults), then 2**-1 and below: faults, the weights never touched
+    assert faulty == [False] * 15 + [True] * 5
+    assert torch.equal(bias.detach(), weights)
