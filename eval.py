@@ -65,7 +65,8 @@ def text_bits(model, tokenizer, text, batch_size, device, autocast):
     batches += [w[None] for w in windows if len(w) < block + 1]  # the last, shorter window
     for batch in batches:
         with autocast:
-            nats += model.token_losses(batch[:, :-1].to(device), batch[:, 1:].to(device)).double().sum().item()
+            losses = model.token_losses(batch[:, :-1].to(device), batch[:, 1:].to(device))
+            nats += losses.cpu().double().sum().item()  # on the CPU: MPS has no float64
     return nats / math.log(2)
 
 

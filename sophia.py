@@ -196,7 +196,8 @@ def ratio_quantiles(counts):
     """For each of RATIO_QUANTILES, the upper edge of the first bin of the histogram `counts` at
     which the cumulative count reaches that fraction: a value at most one bin above the quantile."""
     low, high = LOG10_RATIO_RANGE
+    counts = counts.cpu()  # a few hundred counts, summed in float64, which MPS does not have
     cumulative = counts.cumsum(0).double() / counts.sum()
-    first_bins = torch.searchsorted(cumulative, torch.tensor(RATIO_QUANTILES, dtype=torch.float64, device=counts.device))
+    first_bins = torch.searchsorted(cumulative, torch.tensor(RATIO_QUANTILES, dtype=torch.float64))
     first_bins = first_bins.clamp(max=LOG10_RATIO_BINS - 1)
     return [10 ** (low + (i + 1) * (high - low) / LOG10_RATIO_BINS) for i in first_bins.tolist()]
