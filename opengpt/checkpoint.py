@@ -309,6 +309,8 @@ def check_same_tokenizer(checkpoint, data_tokenizer, data_dir):
 def pretrained_tokenizer(name_or_dir):
     """The tokenizer of transformers weights: a folder's own tokenizer.json, else GPT-2's."""
     check_not_a_file(name_or_dir)
+    if os.path.isdir(name_or_dir):  # a folder that is no model says so before its tokenizer is guessed
+        check_model_folder(name_or_dir)
     path = os.path.join(name_or_dir, tok.TOKENIZER_FILE)
     try:
         # lexists: a tokenizer.json that is a pipe or a dangling link is refused, not replaced by GPT-2's
@@ -337,7 +339,10 @@ def tokens_to_add(name_or_dir, weights_tokenizer, data_tokenizer, data_dir):
     from ids of another, so any other difference is a UserError naming both tokenizers."""
     added = chat_tokens_added(weights_tokenizer, data_tokenizer)
     if added is None:
-        raise UserError(f"--init_from={name_or_dir} was trained with the {weights_tokenizer.kind} tokenizer "
+        # a path that is no folder here (mistyped, or on another node) is taken for a hub name: say so
+        missing = "" if os.path.isdir(name_or_dir) else (" (no folder of that name here, so a model on the Hugging Face "
+                                                         "hub; if you meant a run's out_dir or a model folder, check the path)")
+        raise UserError(f"--init_from={name_or_dir}{missing} was trained with the {weights_tokenizer.kind} tokenizer "
                         f"({weights_tokenizer.n_vocab} tokens) but {data_dir} holds {data_tokenizer.kind} tokens "
                         f"({data_tokenizer.n_vocab}); prepare the data with that tokenizer "
                         f"(python prepare.py --tokenizer={'gpt2' if weights_tokenizer.kind == 'gpt2' else name_or_dir}, "

@@ -209,6 +209,9 @@ def build_model(cfg, data, data_dir, tokenizer):
         model = GPT(GPTConfig(**model_args))
     elif cfg["init_from"] == "resume":
         checkpoint_path = os.path.join(cfg["out_dir"], ckpt.FILENAME)
+        if os.environ.get("RANK", "0") != os.environ.get("LOCAL_RANK", "0") and not os.path.lexists(checkpoint_path):
+            raise UserError(f"{checkpoint_path} is not on this node (rank {os.environ['RANK']}): rank 0 alone writes "
+                            f"checkpoints, so with several nodes --out_dir must be a folder every node sees (a shared filesystem)")
         checkpoint = ckpt.load(checkpoint_path)
         ckpt.check_same_tokenizer(checkpoint, tokenizer, data_dir)
         check_resume_matches(cfg, checkpoint, checkpoint_path)

@@ -93,6 +93,18 @@ def test_gpt2_weights_on_data_with_another_vocabulary_is_one_line(tiny_bpe_data,
     assert_user_error(result, "gpt2 tokenizer", "--tokenizer=gpt2")
 
 
+def test_a_mistyped_run_folder_as_init_from_is_named_as_missing(tiny_bpe_data, tmp_path):
+    """A path that is no folder here is taken for a hub name, with GPT-2's tokenizer: the message says so
+    beside GPT-2's fix. An empty folder is no model folder, said before any tokenizer is guessed."""
+    typo = tmp_path / "out-typo"
+    for init_from, words in ((typo, [f"--init_from={typo} (no folder of that name here, so a model on the Hugging Face hub; "
+                                     "if you meant a run's out_dir or a model folder, check the path)", "--tokenizer=gpt2"]),
+                             (tmp_path, [f"{tmp_path} has no config.json"])):
+        result = run_script("train.py", f"--data_dir={tiny_bpe_data}", f"--out_dir={tmp_path / 'out'}", *TINY_MODEL_ARGS,
+                            f"--init_from={init_from}", "--max_iters=1")
+        assert_user_error(result, *words)
+
+
 def test_data_folder_whose_tokenizer_was_replaced_is_one_line(tiny_bpe_data, tmp_path):
     folder = tmp_path / "data"
     shutil.copytree(tiny_bpe_data, folder)

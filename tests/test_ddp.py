@@ -195,3 +195,23 @@ def test_two_nodes_train_like_two_processes_on_one_node(runs):
     assert_same_training(nodes, runs(two_processes, "sophiag"))
     assert_same_training(nodes, runs(one_process, "sophiag", accumulation=2))
     assert_only_rank0_wrote(nodes, world_size=2)
+
+
+def test_resuming_on_a_node_that_does_not_see_the_checkpoint_says_why(tmp_path, monkeypatch):
+    """Rank 0 alone writes ckpt.pt: a node whose --out_dir is its own local folder has none to resume."""
+    from types import SimpleNamespace
+
+    import train
+    from opengpt import run_setup
+    from opengpt.cli import UserError
+
+    monkeypatch.setenv("RANK", "8")  # the first process of the second node of 8 processes each
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    cfg = train.DEFAULTS | dict(init_from="resume", out_dir=str(tmp_path))
+    with pytest.raises(UserError, match=f"{tmp_path / 'ckpt.pt'} is not on this node \\(rank 8\\): rank 0 alone writes "
+                                        "checkpoints, so with several nodes --out_dir must be a folder every node sees"):
+        run_setup.build_model(cfg, SimpleNamespace(padded_vocab_size=64), "data", SimpleNamespace(eot_token=0))
+    monkeypatch.setenv("RANK", "3")  # a process of the first node: the usual message, as in one process
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    with pytest.raises(UserError, match="not found"):
+        run_setup.build_model(cfg, SimpleNamespace(padded_vocab_size=64), "data", SimpleNamespace(eot_token=0))
