@@ -235,8 +235,11 @@ def sophia_section(cfg, device):
 
 
 # What the step section replays apart: the matrix products, and SDPA's attention kernels, whose work
-# is mostly products done inside the kernel (on a CPU the recipe's float32 attention runs there).
-GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
+# is mostly products done inside the kernel (on a CPU the recipe's float32 attention runs there; on a
+# GPU flash, memory-efficient or cuDNN attention, whichever SDPA picks).
+SDPA_KERNELS = [f"aten::_scaled_dot_product_{kernel}_attention{suffix}" for kernel in ("flash", "efficient", "cudnn")
+                for suffix in ("", "_backward")]
+GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", *SDPA_KERNELS,
             "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention_for_cpu_backward"}
 
 
@@ -253,7 +256,7 @@ class GemmRecorder(TorchDispatchMode):
         if func._schema.name in GEMM_OPS:
             tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
             part = self.part
-            if part == "body" and "flash_attention" in func._schema.name:
+            if part == "body" and func._schema.name.startswith("aten::_scaled_dot_product_"):
                 part = "attention"
             elif part == "body" and any(self.vocab_size in t.shape for t in tensors):
                 part = "head"
@@ -406,7 +409,13 @@ def sample_section(cfg, device):
             paths["decode.py step, compiled"] = functools.partial(model.generate, prompt, n, use_cache=True, compiled=True, **sampling)
         with torch.no_grad():
             tokens = {name: path(generator=torch.Generator(device).manual_seed(0)) for name, path in paths.items()}
-            assert all(torch.equal(t, tokens["without KV cache"]) for t in tokens.values()), "the paths drew different tokens"
+            parted = [name for name, t in tokens.items() if not torch.equal(t, tokens["without KV cache"])]
+            # on a CPU the paths' float32 logits agree to ~1e-6 and every draw with them (tested); a GPU's kernels for
+            # a block and for one token may round apart by more, and one draw that differs changes the rest
+            assert not parted or device != "cpu", f"the paths drew different tokens: {parted}"
+            if parted:
+                say(f"note: {', '.join(parted)} drew other tokens than the path without the cache (float32 kernels "
+                    f"round apart on {device}); each path still times {n} new tokens")
             results = timed_in_alternation({name: functools.partial(path, generator=torch.Generator(device).manual_seed(0))
                                             for name, path in paths.items()}, device, 0, 5)  # the run above warmed up
         speeds = ", ".join(f"{name} {results[name] * 1000:.1f} ms ({n / results[name]:,.0f} tokens/s)" for name in paths)

@@ -55,6 +55,14 @@ def test_the_recorded_matrix_products_are_the_steps_by_part():
     bench.replayer(calls)()  # runs again on inputs of the recorded shapes
 
 
+def test_the_recorded_ops_are_torchs_own_names():
+    """The GPU's attention kernels cannot run here: their names at least are the ones torch dispatches."""
+    import torch
+    import bench
+    for name in bench.GEMM_OPS:
+        assert getattr(torch.ops.aten, name.removeprefix("aten::")).default._schema.name == name
+
+
 def test_an_unknown_section_is_a_one_line_error():
     assert_user_error(run_script("bench.py", "--section=gpu"), "unknown --section=gpu")
 
