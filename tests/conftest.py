@@ -17,6 +17,11 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+# A suite a script starts in the background (`pytest ... &`) inherits SIGINT ignored, as would the scripts it
+# runs, and their Ctrl-C tests would wait for an exit that never comes: a handler set here ends at their exec
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 # A model this small trains in seconds on a CPU; the data still uses the real GPT-2 vocabulary.
 TINY_MODEL_ARGS = [
     "--device=cpu", "--dtype=float32", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16",
