@@ -411,9 +411,13 @@ def sample_next_token(logits, temperature, top_k, generator):
     probability p_i (the Gumbel-max trick in another form). Three vector ops instead of
     torch.multinomial, slower on a CPU, where a small model's token is cheap (see
     logs/README.md#sampling-on-a-cpu)."""
-    if temperature == 0:
+    if temperature < torch.finfo(torch.float32).tiny:  # 0, or below what a float32 holds (1e-300 is 0 there): greedy
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() if temperature == 1 else logits.float() / temperature  # x / 1 is x: one pass over the logits fewer
+    logits = logits.float()
+    if temperature != 1:  # x / 1 is x: one pass over the logits fewer
+        # the largest logit subtracted first (softmax does not change): 10 / 1e-38 overflows to inf, and inf - inf
+        # is NaN, where (x - max) / 1e-38 is 0 for the largest and -inf for the rest, as greedy as it asks
+        logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     indices = None
     if top_k is not None and top_k < logits.size(-1):
         logits, indices = torch.topk(logits, top_k)

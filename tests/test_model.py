@@ -346,3 +346,14 @@ def test_sampler_draws_each_token_with_its_softmax_probability(top_k):
     assert torch.all(frequencies[expected == 0] == 0)  # a token of probability 0 is never drawn
     # the standard deviation of each frequency is at most 0.0025 with 40,000 draws
     assert (frequencies - expected).abs().max() < 0.01, (frequencies, expected)
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-38, 1e-42, 1e-300])
+def test_a_temperature_near_zero_draws_as_greedy_does(temperature):
+    """x / T overflows float32 for large logits and tiny T (inf - inf is NaN in the softmax); 1e-300 is 0 there."""
+    from model import sample_next_token
+
+    logits = torch.randn(64, 500, generator=torch.Generator().manual_seed(0)) * 30
+    for top_k in (None, 50):
+        tokens = sample_next_token(logits, temperature, top_k, torch.Generator().manual_seed(0))
+        assert torch.equal(tokens, logits.argmax(dim=-1, keepdim=True))
