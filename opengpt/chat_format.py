@@ -162,6 +162,15 @@ def encode_conversations(tokenizer, conversations):
     return encoded
 
 
+def message_lengths(tokenizer, messages):
+    """How many of encode_conversation's ids each message takes (0 for an empty system message, which the
+    template leaves out): a message's ids do not depend on its neighbours', so a conversation's are their sum."""
+    kept = rendered_messages(messages)
+    pieces, rendered = iter(tokenizer.encode_batch([f"{m['role']}\n{m['content']}" for m in kept])), {id(m) for m in kept}
+    frame = 2 + len(tokenizer.encode("\n"))  # <|im_start|>, <|im_end|>, the newline after it
+    return [frame + len(next(pieces)) if id(m) in rendered else 0 for m in messages]
+
+
 def reply_start(piece, header_bytes, token_bytes):
     """The index of the first token of piece ("{role}\\n{content}") that starts at or after the
     header's header_bytes bytes: the first of the reply's own tokens."""

@@ -129,6 +129,17 @@ def test_batch_encoding_gives_each_conversation_alone(chat):
     assert cf.encode_conversations(chat, conversations) == [cf.encode_conversation(chat, m) for m in conversations]
 
 
+def test_message_lengths_add_up_to_the_conversations_ids(chat):
+    """What ChatModel.fit subtracts as it drops turns: each message's share of encode_conversation's ids."""
+    messages = [{"role": "system", "content": " "}, user("滚滚长江东逝水"), assistant("浪花淘尽英雄。\n\n是非成败"),
+                user("hello 世界 ✓"), assistant("转头空")]
+    lengths = cf.message_lengths(chat, messages)
+    assert lengths[0] == 0  # an empty system message is not rendered
+    for end in range(1, len(messages) + 1):
+        assert sum(lengths[:end]) == len(cf.encode_conversation(chat, messages[:end])[0])
+        assert sum(lengths[:end]) + len(cf.prompt_ids(chat, [])) == len(cf.prompt_ids(chat, messages[:end]))
+
+
 def test_prompt_ids_continue_with_the_assistant_header(chat):
     messages = [SYSTEM, user("一加一？"), assistant("二。"), user("再加一？")]
     text = cf.render_conversation(messages, add_generation_prompt=True)
