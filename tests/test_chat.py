@@ -136,6 +136,17 @@ def test_piped_chat_keeps_the_conversation_and_drops_the_oldest_turns_when_full(
         assert len(said) == 1 and said[0].strip()
 
 
+@pytest.mark.parametrize("encoding", ["utf-8:strict", "utf-8:surrogateescape"])  # a UTF-8 locale's stdin, and C.UTF-8's
+def test_a_piped_line_that_is_not_utf8_is_left_out_and_the_chat_goes_on(chat_dir, encoding):
+    gbk = "你好".encode("gbk")
+    result = subprocess.run([sys.executable, os.path.join(REPO, "chat.py"), f"--out_dir={chat_dir}", "--max_new_tokens=4",
+                             *SAMPLING_ARGS], input=b"hello?\n" + gbk + b"\nand then?\n", capture_output=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING=encoding))
+    assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr
+    out = result.stdout.decode("utf-8")
+    assert out.count("(that line is not UTF-8 text; it is left out)") == 1 and "and then?" in out
+
+
 def test_ctrl_c_at_the_prompt_ends_the_chat_without_a_traceback(chat_dir):
     process = subprocess.Popen([sys.executable, os.path.join(REPO, "chat.py"), f"--out_dir={chat_dir}", *SAMPLING_ARGS],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -164,3 +175,34 @@ def test_a_base_model_is_one_line(tmp_path):
 
 def test_bad_flags_are_one_line(chat_dir):
     assert_user_error(run_script("chat.py", f"--out_dir={chat_dir}", "--max_new_tokens=0"), "--max_new_tokens")
+
+
+class FakeReply:
+    """A Reply's interface: its pieces, finish_reason, completion_tokens."""
+
+    def __init__(self, pieces):
+        self.pieces, self.finish_reason, self.completion_tokens, self.closed = pieces, "length", 0, False
+
+    def __iter__(self):
+        try:
+            for piece in self.pieces:
+                self.completion_tokens += 1
+                yield piece
+        finally:
+            self.closed = True
+
+
+@pytest.mark.parametrize("pieces, stops, text, stopped", [
+    (["滚滚", "长江", "东逝水"], ["江东"], "滚滚长", True),  # across two pieces
+    (["ab", "c", "abd", "e"], ["abde", "cab"], "ab", True),  # the first to occur wins, wherever it starts
+    (["ab", "c", "ab", "d"], ["abd!", "cabz"], "abcabd", False),  # held back as a possible start, then let go
+    (["x", "<|", "end"], ["<|end|>"], "x<|end", False),  # held to the end of the reply, then given out
+    (["stop", "here"], ["stop"], "", True),
+    (["a", "b"], [], "ab", False),
+])
+def test_until_stop_cuts_before_the_first_stop_string_and_loses_no_other_text(pieces, stops, text, stopped):
+    reply = FakeReply(pieces)
+    cut = chat_model.UntilStop(reply, stops)
+    given = list(cut)
+    assert "".join(given) == text and all(given)  # no empty pieces
+    assert cut.finish_reason == ("stop" if stopped else "length") and reply.closed  # the drawing ends with it

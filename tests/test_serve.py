@@ -99,6 +99,10 @@ BAD_REQUESTS = [
     ({"model": "M", "messages": QUESTION, "n": 2}, 400, "n", "n"),
     ({"model": "M", "messages": QUESTION, "stream": "sometimes"}, 400, "stream", "stream"),
     ({"model": "M", "messages": [{"role": "user", "content": "x" * 200}]}, 400, "no room for a reply", "messages"),
+    ({"model": "M", "messages": QUESTION, "seed": 2**64}, 400, "seed", "seed"),  # past what torch takes: was a 500
+    ({"model": "M", "messages": QUESTION, "seed": -2**63 - 1}, 400, "seed", "seed"),
+    ({"model": "M", "messages": QUESTION, "stop": ""}, 400, "stop", None),
+    ({"model": "M", "messages": QUESTION, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
     ({"model": "gpt-4o", "messages": QUESTION}, 404, "'gpt-4o' does not exist", "model"),
 ]
 
@@ -114,6 +118,41 @@ def test_a_bad_request_is_an_openai_error_and_the_server_goes_on(server, body, s
     if param is not None:
         assert error["param"] == param
     assert set(error) == {"message", "type", "param", "code"}
+
+
+def test_a_request_addressed_to_another_machine_is_refused(server):
+    """DNS rebinding: a web page whose name now points at 127.0.0.1 sends its own name as the Host."""
+    for host, status in ((f"attacker.example:{server.port}", 400), ("evil.com", 400), ("127.0.0.1.evil.com", 400),
+                         (f"localhost:{server.port}", 200), (f"127.0.0.1:{server.port}", 200), ("localhost", 200)):
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        connection.request("GET", "/v1/models", headers={"Host": host})
+        response = connection.getresponse()
+        answer = json.loads(response.read().decode())
+        connection.close()
+        assert response.status == status, (host, answer)
+        if status == 400:
+            assert answer["error"]["code"] == "invalid_host" and repr(host) in answer["error"]["message"]
+
+
+def test_what_the_openai_client_may_send_as_none_is_the_default(server):
+    status, answer = request(server, "POST", "/v1/chat/completions",
+                             body={"model": server.model_id, "messages": QUESTION, "max_tokens": 3, "n": None, "stream": None})
+    assert status == 200 and answer["object"] == "chat.completion" and answer["usage"]["completion_tokens"] == 3
+
+
+def test_a_stop_string_ends_the_reply_before_it_streamed_or_not(server, client):
+    ask = dict(model=server.model_id, messages=QUESTION, max_tokens=12, seed=5, temperature=1.0)
+    whole = client.chat.completions.create(**ask).choices[0].message.content
+    stop = whole[3:5]
+    cut = whole[:whole.index(stop)]
+    for stops in (stop, [stop, "never in it"]):
+        answer = client.chat.completions.create(**ask, stop=stops).choices[0]
+        assert answer.message.content == cut and answer.finish_reason == "stop"
+        chunks = list(client.chat.completions.create(**ask, stop=stops, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == cut
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    unmatched = client.chat.completions.create(**ask, stop="never in it").choices[0]
+    assert unmatched.message.content == whole and unmatched.finish_reason == "length"
 
 
 def test_unknown_paths_and_methods_are_openai_errors(server, client):
