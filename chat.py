@@ -98,6 +98,10 @@ def main():
     cfg = parse_args(DEFAULTS, sys.argv[1:])
     chat_model.check_sampling_options(cfg)
     model = chat_model.load(cfg["out_dir"], cfg["device"], cfg["dtype"], compiled=cfg["compile"])
+    # under a UTF-8 locale a byte that is no UTF-8 (a piped GBK file) would end the chat in a traceback;
+    # escaped, it comes in as a lone surrogate, and read_message leaves its line out
+    if hasattr(sys.stdin, "reconfigure"):  # not where stdin is closed (None)
+        sys.stdin.reconfigure(errors="surrogateescape")
     if sys.stdin.isatty():
         try:
             import readline  # noqa: F401  (line editing and history in input(); absent on Windows)
