@@ -414,10 +414,10 @@ def sample_next_token(logits, temperature, top_k, generator):
     if temperature < torch.finfo(torch.float32).tiny:  # 0, or below what a float32 holds (1e-300 is 0 there): greedy
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float()
+    if temperature < 1e-30:  # x / T could pass float32's 3.4e38 (10 / 1e-38 is inf, and inf - inf NaN): the
+        logits = logits - logits.amax(dim=-1, keepdim=True)  # largest subtracted first, which softmax does not see
     if temperature != 1:  # x / 1 is x: one pass over the logits fewer
-        # the largest logit subtracted first (softmax does not change): 10 / 1e-38 overflows to inf, and inf - inf
-        # is NaN, where (x - max) / 1e-38 is 0 for the largest and -inf for the rest, as greedy as it asks
-        logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+        logits = logits / temperature
     indices = None
     if top_k is not None and top_k < logits.size(-1):
         logits, indices = torch.topk(logits, top_k)
