@@ -144,9 +144,14 @@ def earlier_run_refusal(cfg):
     """Why this run may not start in out_dir, or None: a new run would replace the checkpoint an
     earlier run left there, or truncate its log. A resumed run continues that run; an evaluation
     (--eval_only) only adds lines to its log."""
-    if cfg["init_from"] == "resume" or cfg["eval_only"] or cfg["overwrite_out_dir"]:
+    out_dir, init_from = cfg["out_dir"], cfg["init_from"]
+    if cfg["init_from"] == "resume" or cfg["eval_only"]:
         return None
-    out_dir = cfg["out_dir"]
+    if os.path.isdir(init_from) and os.path.isdir(out_dir) and os.path.samefile(init_from, out_dir):
+        return (f"--init_from={init_from} is --out_dir itself: a new run there would replace the weights it starts "
+                f"from, even before its first save; give another --out_dir, or continue that run with --init_from=resume")
+    if cfg["overwrite_out_dir"]:
+        return None
     found = [name for name in EARLIER_RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
     if not found:
         return None

@@ -70,6 +70,17 @@ def test_a_diverging_run_never_replaces_the_good_checkpoint(tiny_data, copy_of_g
     assert checksums(out) == before  # the checkpoint, and the log without the failed run's lines
 
 
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_fine_tuning_a_run_into_its_own_folder_is_refused_and_keeps_it(tiny_data, copy_of_good_run, overwrite):
+    """--overwrite_out_dir=True removed the earlier run's files before the new run's first save: the weights
+    it was starting from. An error before that save (here too few minutes) lost them."""
+    before = checksums(copy_of_good_run)
+    result = run_script("train.py", *train_args(tiny_data, copy_of_good_run, f"--init_from={copy_of_good_run}",
+                                                f"--overwrite_out_dir={overwrite}", "--max_minutes=0.001", "--warmup_iters=12"))
+    assert_user_error(result, "is --out_dir itself", "--init_from=resume")
+    assert checksums(copy_of_good_run) == before
+
+
 def test_the_issues_diverging_run_stops_on_non_finite_losses(tiny_data, tmp_path):
     """The issue's own shape, whose blown-up weights give NaN losses: that evaluation is not saved
     over the good checkpoint, and the run does not exit 0."""
