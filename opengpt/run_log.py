@@ -28,6 +28,8 @@ class RunLog:
         # one; a new run starts a new one (train.py refuses a folder that holds another run's log)
         appending = config["init_from"] == "resume" or config.get("eval_only", False)
         self.path = os.path.join(config["out_dir"], FILENAME)
+        if appending:  # a line an earlier process left half written (a full disk, kill -9) would join this run's first
+            cut_to_last_line(self.path)
         try:
             self.size_before = os.path.getsize(self.path) if appending and os.path.exists(self.path) else None
             self.file = open(self.path, "a" if appending else "w", encoding="utf-8", buffering=1)
@@ -72,6 +74,7 @@ class RunLog:
             except OSError:
                 pass
             self.file = None
+            cut_to_last_line(self.path)  # the line the disk had no room for, part of it written
             raise UserError(f"could not write {self.path} ({e.strerror or e}, {space_left(self.path)}); "
                             f"free space, then rerun (with --init_from=resume if a checkpoint was saved)") from None
 
@@ -101,6 +104,23 @@ class RunLog:
         if self.wandb is not None:
             self.wandb.finish()
         self.tensorboard = self.wandb = None
+
+
+def cut_to_last_line(path):
+    """Truncate a regular file to the end of its last whole line; anything else is left as it is."""
+    if not os.path.isfile(path):
+        return
+    with contextlib.suppress(OSError), open(path, "rb+") as f:
+        end = f.seek(0, os.SEEK_END)
+        while end > 0:
+            start = max(0, end - 65536)
+            f.seek(start)
+            newline = f.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                f.truncate(start + newline + 1)
+                return
+            end = start
+        f.truncate(0)
 
 
 def read_events(out_dir):

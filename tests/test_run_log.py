@@ -76,3 +76,26 @@ def test_a_full_disk_stops_the_run_with_one_line(tmp_path):
     (tmp_path / "metrics.jsonl").symlink_to("/dev/full")  # writes fail with ENOSPC, like a full filesystem
     with pytest.raises(UserError, match=r"could not write .*metrics.jsonl \(No space left on device, .* MB free there\)"):
         RunLog(config(tmp_path, init_from="resume"), enabled=True)
+
+
+def test_a_line_the_disk_had_no_room_for_is_taken_back_and_a_resume_appends_whole_lines(tmp_path):
+    log = RunLog(config(tmp_path), enabled=True)
+    log.event("train", iter=0, loss=3.5)
+    real = log.file
+
+    class HalfWritten:  # as a filesystem that fills up part way through a line
+        def write(self, text):
+            real.write(text[:len(text) // 2])
+            real.flush()
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            real.close()
+    log.file = HalfWritten()
+    with pytest.raises(UserError, match="could not write"):
+        log.event("train", iter=1, loss=3.25)
+    assert [e["iter"] for e in read_events(tmp_path)[1:]] == [0]  # the half line is gone
+    with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"event": "train", "iter": 2, "lo')  # and one a killed process left
+    RunLog(config(tmp_path, init_from="resume"), enabled=True).close()
+    assert [e["event"] for e in read_events(tmp_path)] == ["config", "train", "config"]
