@@ -5,7 +5,8 @@ GPT-2's blocks with rotary positions are GPT-NeoX's blocks with sequential resid
 (use_parallel_residual=False), the whole head dimension rotated, and each rotated pair made of
 element i and i + head_dim / 2, as ours. What differs is names, and the order of the fused
 query-key-value rows: ours are all queries, then all keys, then all values; GPT-NeoX's are each
-head's query, key and value together. Bias-free models are written with zero biases.
+head's query, key and value together. Bias-free models are written with zero biases, and a model
+trained with scale_attn_by_inverse_layer_idx with that scale folded into each layer's queries.
 """
 import torch
 
@@ -78,8 +79,18 @@ def to_neox(model, eot_token):
             if name is None:
                 raise KeyError(f"transformers' GPT-NeoX has {key}, which our GPT lacks")
             value = ours[name] if name in ours else torch.zeros_like(param)  # bias=False: zero biases
+            if ".query_key_value." in key and model.config.scale_attn_by_inverse_layer_idx:
+                value = queries_scaled(value, 1 / (int(key.split(".")[2]) + 1))
             param.copy_(qkv_rows_to_neox(value, model.config.n_head) if ".query_key_value." in key else value)
     return hf_model
+
+
+def queries_scaled(qkv_rows, factor):
+    """Our fused rows with the queries' (the first third) multiplied by factor: GPT-NeoX has no
+    scale_attn_by_inverse_layer_idx, and q.k / (layer + 1) is (q / (layer + 1)).k, rotated or not."""
+    scaled = qkv_rows.clone()
+    scaled[:len(scaled) // 3] *= factor
+    return scaled
 
 
 def from_neox(hf_model, gpt_class, dropout):

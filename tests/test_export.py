@@ -553,3 +553,21 @@ def test_a_chat_model_exports_our_chat_template_and_the_pipeline_takes_messages(
     conversation = answer[0]["generated_text"]  # the messages given, then the model's reply
     assert conversation[:-1] == question and conversation[-1]["role"] == "assistant"
     assert isinstance(conversation[-1]["content"], str)
+
+
+def test_a_rotary_model_with_attention_scaled_by_layer_exports_with_our_logits(offline):
+    """GPT-NeoX has no scale_attn_by_inverse_layer_idx: the export folds 1 / (layer + 1) into the queries."""
+    from opengpt.gpt_neox_format import to_neox
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=16, block_size=16, vocab_size=64, bias=True, rotary=True,
+                          activation="relu2", scale_attn_by_inverse_layer_idx=True)).eval()
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_attn.weight.mul_(8)  # sharp attention, where the scale shows
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model.full_logits(idx)
+        assert (to_neox(model, 0).eval()(idx).logits - ours).abs().max().item() < 1e-4
+        model.config.scale_attn_by_inverse_layer_idx = False  # exported without the fold: the scale shows
+        assert (to_neox(model, 0).eval()(idx).logits - ours).abs().max().item() > 1e-3
