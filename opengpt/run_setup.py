@@ -145,7 +145,10 @@ def earlier_run_refusal(cfg):
     earlier run left there, or truncate its log. A resumed run continues that run; an evaluation
     (--eval_only) only adds lines to its log."""
     out_dir, init_from = cfg["out_dir"], cfg["init_from"]
-    if cfg["init_from"] == "resume" or cfg["eval_only"]:
+    if cfg["eval_only"] and init_from == "scratch" and os.path.exists(os.path.join(out_dir, ckpt.FILENAME)):
+        return (f"--eval_only=True with --init_from=scratch would evaluate untrained weights into the log of the run in "
+                f"{out_dir}; evaluate its checkpoint with --init_from=resume")
+    if init_from == "resume" or cfg["eval_only"]:
         return None
     if os.path.isdir(init_from) and os.path.isdir(out_dir) and os.path.samefile(init_from, out_dir):
         return (f"--init_from={init_from} is --out_dir itself: a new run there would replace the weights it starts "

@@ -155,7 +155,7 @@ def test_a_new_run_never_truncates_an_earlier_runs_log(tiny_data, copy_of_good_r
     assert len(read_events(out, "config")) == 1
 
 
-@pytest.mark.parametrize("extra", [["--init_from=resume"], ["--overwrite_out_dir=True"]])
+@pytest.mark.parametrize("extra", [["--init_from=resume"], ["--init_from=resume", "--overwrite_out_dir=True"]])
 def test_an_evaluation_changes_no_checkpoint_and_only_appends_to_the_log(tiny_data, copy_of_good_run, extra):
     out = copy_of_good_run
     checkpoint = checksums(out)["ckpt.pt"]
@@ -165,6 +165,16 @@ def test_an_evaluation_changes_no_checkpoint_and_only_appends_to_the_log(tiny_da
     assert "saved checkpoint" not in result.stdout
     assert checksums(out)["ckpt.pt"] == checkpoint
     assert (out / "metrics.jsonl").read_bytes().startswith(earlier_log)
+
+
+@pytest.mark.parametrize("extra", [[], ["--overwrite_out_dir=True"]])
+def test_an_evaluation_of_untrained_weights_in_a_runs_folder_is_refused(tiny_data, copy_of_good_run, extra):
+    """It would add an iteration-0 evaluation of random weights to the run's log, which plot_loss then reads
+    as a restart that hides the run's curve."""
+    before = checksums(copy_of_good_run)
+    result = run_script("train.py", *train_args(tiny_data, copy_of_good_run, *GOOD_RUN, "--eval_only=True", *extra))
+    assert_user_error(result, "--eval_only=True with --init_from=scratch would evaluate untrained weights", "--init_from=resume")
+    assert checksums(copy_of_good_run) == before
 
 
 # 5. out_dir/.lock
