@@ -142,8 +142,9 @@ EARLIER_RUN_FILES = (ckpt.FILENAME, ckpt.BEST_FILENAME, run_log.FILENAME)
 
 def earlier_run_refusal(cfg):
     """Why this run may not start in out_dir, or None: a new run would replace the checkpoint an
-    earlier run left there, or truncate its log. A resumed run continues that run; an evaluation
-    (--eval_only) only adds lines to its log."""
+    earlier run left there, or truncate its log (even with --overwrite_out_dir when it starts from that
+    very checkpoint). A resumed run continues that run; an evaluation (--eval_only) only adds lines to
+    its log, and of that run's checkpoint, not of untrained weights."""
     out_dir, init_from = cfg["out_dir"], cfg["init_from"]
     if cfg["eval_only"] and init_from == "scratch" and os.path.exists(os.path.join(out_dir, ckpt.FILENAME)):
         return (f"--eval_only=True with --init_from=scratch would evaluate untrained weights into the log of the run in "
