@@ -256,7 +256,11 @@ def main(optimizer=None):
             if is_master:
                 if val["loss"] < best_val_loss:
                     best_val_loss = val["loss"]
-                    if may_save() and cfg["keep_best_checkpoint"]:
+                    # a resumed run's first evaluation may be the first of the checkpoint's weights (a run stopped
+                    # by a signal just before an evaluation saves them unevaluated): they may be the best
+                    first_of_resumed = (iter_num == start_iter and cfg["init_from"] == "resume" and not cfg["eval_only"]
+                                        and not (budget.enabled and not budget.fixed))
+                    if cfg["keep_best_checkpoint"] and (may_save() or first_of_resumed):
                         save_checkpoint(ckpt.BEST_FILENAME)
                 if may_save() and (cfg["always_save_checkpoint"] or val["loss"] <= best_val_loss):
                     save_checkpoint(ckpt.FILENAME)

@@ -169,6 +169,23 @@ def test_a_new_run_never_overwrites_an_earlier_one_by_mistake(tiny_data, tmp_pat
     assert ckpt.load(str(out / "ckpt.pt"))["iter_num"] == 4 and len(read_events(out, "config")) == 1
 
 
+def test_a_resumed_runs_first_evaluation_keeps_the_best_checkpoint_it_finds(tiny_data, tmp_path):
+    """A signal just before an evaluation saves ckpt.pt with weights no evaluation has seen; the resumed run
+    evaluates them first. Here the checkpoint is made so by hand: iter 6's evaluation taken back from it."""
+    out = tmp_path / "run"
+    short = ("--max_iters=6", "--lr_decay_iters=6", "--eval_interval=3", "--keep_best_checkpoint=True")
+    train_ok(*train_args(tiny_data, out, *short))
+    state = ckpt.load(str(out / "ckpt.pt"))
+    assert state["iter_num"] == 6 and ckpt.load(str(out / "ckpt_best.pt"))["iter_num"] == 6
+    (out / "ckpt_best.pt").unlink()
+    state["best_val_loss"] = 1e9  # as if no evaluation had scored these weights yet
+    ckpt.save({k: v for k, v in state.items() if k != "checksum"}, str(out / "ckpt.pt"))
+    train_ok(*train_args(tiny_data, out, *short, "--init_from=resume"))
+    best = ckpt.load(str(out / "ckpt_best.pt"))
+    assert best["iter_num"] == 6 and best["best_val_loss"] < 1e9
+    assert ckpt.load(str(out / "ckpt.pt"))["best_val_loss"] == 1e9  # ckpt.pt itself is not rewritten
+
+
 def test_a_run_from_pretrained_weights_logs_the_shape_it_used(tiny_data, tmp_path):
     """--init_from a transformers folder takes its shape from the weights; the config logged and
     saved must say so, not repeat the command line's --n_layer/--n_embd."""
