@@ -114,8 +114,9 @@ def header(report, cfg, device, dtype):
         query = ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,power.limit", "--format=csv,noheader"]
         smi = subprocess.run(query, capture_output=True, text=True)
         report.say(f"nvidia-smi: {smi.stdout.strip() or smi.stderr.strip()}")
-        if hardware.pick_dtype("auto", device) != dtype:  # a T4 or V100: train.py would pick float16
-            report.say(f"note: this GPU has no native bfloat16 (train.py picks {hardware.pick_dtype('auto', device)} here): "
+        native = hardware.pick_dtype("auto", device)
+        if native != dtype:  # a T4 or V100: train.py would pick float16
+            report.say(f"note: this GPU has no native bfloat16 (train.py picks {native} here): "
                        f"parts 1 and 2 time emulated bfloat16, and their MFU means little")
     peak, source = hardware.peak_flops(device, dtype)
     report.say(f"peak: {peak / 1e12:.1f} TFLOP/s ({source})" if peak else f"peak: unknown ({source}): MFU not reported")

@@ -228,13 +228,14 @@ def main(optimizer=None):
         if not (weights_finite and losses_sane):
             raise UserError(broken_weights_message(iter_num, metrics, weights_finite, last_saved_iter, cfg, dtype))
 
-    def may_save():
+    def may_save(the_checkpoints_weights=False):
         # nothing before a step of this run (a resumed run would rewrite its checkpoint, an evaluation
-        # only reads it); nothing while steps fail (weights whose gradient is not finite may have
-        # blown up on a step whose loss was finite); nothing before a --max_minutes horizon is
-        # decided, so that its error ("give more minutes") leaves nothing behind
-        return (iter_num > start_iter and not cfg["eval_only"] and bad_steps == 0
-                and not (budget.enabled and not budget.fixed))
+        # only reads it), unless asked for a copy of the resumed checkpoint's own weights; nothing while
+        # steps fail (weights whose gradient is not finite may have blown up on a step whose loss was
+        # finite); nothing before a --max_minutes horizon is decided, so that its error ("give more
+        # minutes") leaves nothing behind
+        started = iter_num > start_iter or (the_checkpoints_weights and cfg["init_from"] == "resume")
+        return started and not cfg["eval_only"] and bad_steps == 0 and not (budget.enabled and not budget.fixed)
 
     bad_steps, total_bad_steps = 0, 0
     clock = StepClock()
@@ -258,9 +259,7 @@ def main(optimizer=None):
                     best_val_loss = val["loss"]
                     # a resumed run's first evaluation may be the first of the checkpoint's weights (a run stopped
                     # by a signal just before an evaluation saves them unevaluated): they may be the best
-                    first_of_resumed = (iter_num == start_iter and cfg["init_from"] == "resume" and not cfg["eval_only"]
-                                        and not (budget.enabled and not budget.fixed))
-                    if cfg["keep_best_checkpoint"] and (may_save() or first_of_resumed):
+                    if cfg["keep_best_checkpoint"] and may_save(the_checkpoints_weights=True):
                         save_checkpoint(ckpt.BEST_FILENAME)
                 if may_save() and (cfg["always_save_checkpoint"] or val["loss"] <= best_val_loss):
                     save_checkpoint(ckpt.FILENAME)
