@@ -38,6 +38,7 @@ class Training:
     chat: dict = None  # what checkpoints record of a chat fine-tuning (run_setup.chat_record); None for other data
     pass_statistics: dict = field(default_factory=dict)  # of the optimizer's last pass after a step, to log
     hessian_grads: tuple = None  # (gradients, loss scale) of the Hessian loss a step computed, until the pass after it
+    loss_scale: float = None  # the GradScaler's scale after the last step (float16): a lower one after a step is a skip
 
     @property
     def spec(self):
@@ -121,6 +122,8 @@ def train_step(t, iter_num, track_stats=False, stop_requested=False):
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
     loss_is_finite, grad_is_finite, nobody_stops = (bool(flag) for flag in flags.tolist())
     step_is_finite = loss_is_finite and grad_is_finite
+    if t.scaler.is_enabled() and t.loss_scale is None:
+        t.loss_scale = t.scaler.get_scale()  # once, before the first step (the device is idle after flags' wait)
     if step_is_finite or t.scaler.is_enabled():
         # with fp16 the GradScaler skips steps whose gradients overflowed and lowers its scale;
         # that is routine, not a fault
@@ -130,9 +133,10 @@ def train_step(t, iter_num, track_stats=False, stop_requested=False):
     t.optimizer.zero_grad(set_to_none=True)
     t.pass_statistics.update(t.spec.after_step(t, iter_num))
     if t.scaler.is_enabled():
-        # an overflow is a fault once the scaler, which halves its scale at each, is below 1: the gradients
-        # are then not finite unscaled either (and without clipping grad_norm is no test of them)
-        faulty = not loss_is_finite or t.scaler.get_scale() < 1
+        # a skipped step (the scale lowered) is a fault once the scale is below 1: the gradients are then not
+        # finite unscaled either (and without clipping grad_norm is no test of them); a step taken is none
+        scale_before, t.loss_scale = t.loss_scale, t.scaler.get_scale()
+        faulty = not loss_is_finite or t.loss_scale < min(scale_before, 1)
     else:
         faulty = not step_is_finite
     return StepResult(loss, grad_norm, faulty=faulty, stop=not nobody_stops)

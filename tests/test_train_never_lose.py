@@ -274,7 +274,7 @@ def test_an_error_in_a_folder_of_the_users_leaves_it_as_it_was(tiny_data, tmp_pa
 def test_float16_gradients_that_stay_non_finite_are_faults_once_the_scaler_runs_out_of_scale(grad_clip):
     """A float16 overflow is routine: the GradScaler skips the step and halves its scale. A gradient that is
     not finite at any scale (NaN) must still end the run as divergence does in other dtypes, not skip
-    every step from then on while checkpoints go on being saved."""
+    every step from then on while checkpoints go on being saved; a step taken at such a scale is no fault."""
     import torch
     import bench
     from configurator import parse_args
@@ -296,3 +296,6 @@ def test_float16_gradients_that_stay_non_finite_are_faults_once_the_scaler_runs_
     # skipped at 2**14, ..., 2**0 (not faults), then 2**-1 and below: faults, the weights never touched
     assert faulty == [False] * 15 + [True] * 5
     assert torch.equal(bias.detach(), weights)
+    broken[0] = 0  # the gradients finite again: the steps are taken at the low scale, and none is a fault
+    assert [train_step(t, i).faulty for i in range(22, 25)] == [False] * 3
+    assert t.scaler.get_scale() < 1 and not torch.equal(bias.detach(), weights)
