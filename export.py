@@ -255,6 +255,9 @@ def check_export_dir(export_dir, checkpoint_path, overwrite):
         if folder == target or folder.startswith(target.rstrip(os.sep) + os.sep):  # "/" holds everything
             raise UserError(f"--export_dir={export_dir} {'is' if folder == target else 'holds'} {what}; export.py "
                             f"replaces the whole folder, even with --overwrite=True: give a new one, e.g. --export_dir=hf-mine")
+    if os.path.ismount(target):  # a rename cannot move it: the swap would fail once the export is written
+        raise UserError(f"--export_dir={export_dir} is a mount point, which export.py would replace whole; give a folder "
+                        f"inside it, e.g. --export_dir={os.path.join(export_dir, 'hf-mine')}")
     if os.path.islink(export_dir) and not os.path.exists(export_dir):
         raise UserError(f"--export_dir={export_dir} is a link to {os.readlink(export_dir)}, which does not exist; "
                         f"create that folder or choose another")

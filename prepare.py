@@ -19,8 +19,9 @@ each) are held at a time, and the tokenizer's training sample. The steps:
 2. Split by document, from positions alone (DocumentSplit): document i is val when a keyed hash of
    (seed, i) falls under --val_fraction; a small corpus is topped up to --min_val_docs. In a corpus of
    two or more sources, a source whose val holds fewer than --min_val_chars_per_source characters (or
-   a tenth of the source, if less) is topped up to it with its own lowest-hash documents (SourceShares),
-   so that each source's bits per character are measured on enough text.
+   a tenth of the source, if less) is topped up towards it with its own lowest-hash documents, never
+   past a tenth of its characters (SourceShares), so that each source's bits per character are
+   measured on enough text.
 3. Train the tokenizer on the sample's train documents (never on val), or load the one asked for.
 4. Read the corpus again and tokenise it in --num_proc processes (one per CPU at most), chunk by
    chunk, appending each chunk's tokens to train.bin or val.bin in corpus order: the same bytes
@@ -177,16 +178,20 @@ class SourceShares:
     def top_up(self, is_sampled):
         """The indices of the documents to add to val: in each source whose sampled val documents
         hold fewer than target(source) characters, the next ones in score order until they do, while
-        at most half the source's documents are val. Nothing for a corpus of one source."""
+        at most half the source's documents and a tenth of its characters are val (a document that
+        would pass the tenth ends the source's top-up). Nothing for a corpus of one source."""
         if len(self.sizes) < 2:
             return set()
         added = set()
         for source, (heap, _) in self.lowest.items():
+            n_docs, n_chars = self.sizes[source]
             val_docs = val_chars = 0
             for negative_score, index, characters in sorted(heap, key=lambda entry: (-entry[0], entry[1])):
                 if is_sampled(index):
                     val_docs, val_chars = val_docs + 1, val_chars + characters
-                elif val_chars < self.target(source) and val_docs < self.sizes[source][0] // 2:
+                elif val_chars < self.target(source) and val_docs < n_docs // 2:
+                    if val_chars + characters > MAX_SOURCE_VAL_SHARE * n_chars:
+                        break
                     added.add(index)
                     val_docs, val_chars = val_docs + 1, val_chars + characters
         return added
@@ -201,12 +206,14 @@ class TokenizerSample:
         self.max_chars, self.key = max_chars, f"tokenizer sample {seed}"
         self.heap = []  # (-score, index, document)
         self.chars = 0
+        self.cut = False  # whether a document was dropped: the corpus did not fit
 
     def offer(self, index, document):
         heapq.heappush(self.heap, (-position_score(self.key, index), index, document))
         self.chars += len(document)
         while self.chars > self.max_chars:
             self.chars -= len(heapq.heappop(self.heap)[2])
+            self.cut = True
 
     def documents(self, keep):
         """The sampled documents whose index passes keep(index), in corpus order."""
@@ -236,8 +243,9 @@ def count_documents(corpus, sample, shares):
     return n_docs
 
 
-def make_tokenizer(cfg, train_docs):
-    """The tokenizer --tokenizer asks for; a trained one sees train documents only."""
+def make_tokenizer(cfg, train_docs, sample_cut=False):
+    """The tokenizer --tokenizer asks for; a trained one sees train documents only (sample_cut: not
+    all of them, the sample having reached --tokenizer_sample_chars)."""
     try:
         if cfg["tokenizer"] == "gpt2":
             return tok.GPT2Tokenizer()
@@ -246,7 +254,8 @@ def make_tokenizer(cfg, train_docs):
             return tok.train_bpe(train_docs, cfg["vocab_size"])
         return tok.read_tokenizer_file(cfg["tokenizer"])
     except (FileNotFoundError, ValueError) as e:  # TokenizerError is a ValueError
-        raise UserError(str(e)) from None
+        cut = f", or a larger --tokenizer_sample_chars (its sample was cut to {cfg['tokenizer_sample_chars']:,})" if sample_cut else ""
+        raise UserError(f"{e}{cut}") from None
 
 
 def token_dtype(vocab_size):
@@ -319,11 +328,15 @@ def write_token_files(folder, encoded_chunks, bar):
     return counts
 
 
+def is_output_file(name):
+    """Whether a file in --out is one prepare.py writes, which a new run may replace."""
+    return name in OUTPUT_FILES or bool(OLDER_TEMP_FILE.fullmatch(name))
+
+
 def output_folder(cfg, name, argv):
     """(the --out as given, its real path): a new folder, or one that prepare.py wrote before."""
     out = cfg["out"] or default_out(name, cfg)
-    is_ours = lambda f: f in OUTPUT_FILES or OLDER_TEMP_FILE.fullmatch(f)  # noqa: E731
-    return out, replaceable_folder(out, argv, "prepare.py", is_ours, example="data/mine")
+    return out, replaceable_folder(out, argv, "prepare.py", is_output_file, example="data/mine")
 
 
 def open_corpus(cfg):
@@ -358,6 +371,7 @@ def check_flags(cfg):
 
 def prepare(cfg, corpus, out):
     """Both passes over the corpus, the output built beside `out` and swapped in; meta.json's dict."""
+    given = None if cfg["tokenizer"] == "bpe" else make_tokenizer(cfg, None)  # a file is checked before the corpus is read
     sample = TokenizerSample(cfg["tokenizer_sample_chars"], cfg["seed"]) if cfg["tokenizer"] == "bpe" else None
     shares = SourceShares(cfg["min_val_chars_per_source"], cfg["seed"])
     n_docs = count_documents(corpus, sample, shares)
@@ -367,10 +381,10 @@ def prepare(cfg, corpus, out):
     topped_up = split.top_up(shares)
     if topped_up:
         print(f"val: {topped_up:,} documents added so that each source has at least {cfg['min_val_chars_per_source']:,} val characters "
-              f"(or a tenth of the source)", flush=True)
+              f"(or what a tenth of the source holds)", flush=True)
     del shares
     train_sample = sample and sample.documents(lambda index: not split.is_val(index))
-    tokenizer = make_tokenizer(cfg, train_sample)
+    tokenizer = given if given is not None else make_tokenizer(cfg, train_sample, sample.cut)
     dtype = token_dtype(tokenizer.n_vocab)
     meta = dict(tokenizer=dict(kind=tokenizer.kind, vocab_size=tokenizer.n_vocab, sha256=tokenizer.sha256),
                 vocab_size=tokenizer.n_vocab, eot_token=tokenizer.eot_token, dtype=dtype.name,
@@ -379,7 +393,7 @@ def prepare(cfg, corpus, out):
     if train_sample is not None:
         meta["tokenizer"]["trained_on"] = dict(documents=len(train_sample), characters=sum(map(len, train_sample)))
     del sample, train_sample  # free the sample's memory for pass 2
-    with staged_folder(out) as stage:
+    with staged_folder(out, is_output_file) as stage:
         encoded = encoded_chunks(chunks(corpus, split), tokenizer, dtype, process_count(cfg["num_proc"], n_docs))
         try:
             with progress("tokenizing", n_docs) as bar, contextlib.closing(encoded):  # closing stops the workers

@@ -38,6 +38,7 @@ from opengpt import chat_format
 from opengpt import tokenizer as tok
 from opengpt.cli import UserError, run
 from configurator import parse_args
+from opengpt.data import TokenData
 from opengpt.data_layout import SPLITS
 from opengpt.files import fsync_file, write_text
 from opengpt.staged_folder import replaceable_folder, staged_folder, writing_folder
@@ -206,11 +207,15 @@ def base_tokenizer(path):
     if not path:
         raise UserError("give --tokenizer_from: the pretrained model's data folder (e.g. data/zh_default) or its --out_dir")
     checkpoint = os.path.join(path, "ckpt.pt")
+    if os.path.isfile(path) and path.endswith(".pt"):  # a checkpoint named itself
+        return checkpoint_tokenizer(path)
     if os.path.isdir(path) and not os.path.lexists(os.path.join(path, TOKENIZER_FILE)):
-        if not os.path.isfile(checkpoint):
-            raise UserError(f"--tokenizer_from={path} holds neither {TOKENIZER_FILE} nor ckpt.pt; give the pretrained "
-                            f"model's data folder, export or out_dir")
-        return checkpoint_tokenizer(checkpoint)
+        if os.path.isfile(checkpoint):
+            return checkpoint_tokenizer(checkpoint)
+        if os.path.isfile(os.path.join(path, "meta.json")):  # a data folder of GPT-2's tokens
+            return TokenData(path, block_size=1).load_tokenizer()
+        raise UserError(f"--tokenizer_from={path} holds neither {TOKENIZER_FILE} nor ckpt.pt; give the pretrained "
+                        f"model's data folder, export or out_dir")
     try:
         return tok.read_tokenizer_file(path)
     except tok.TokenizerError as e:
@@ -236,10 +241,29 @@ def checkpoint_tokenizer(path):
 
 # ---- writing ----
 
+def is_output_file(name):
+    return name in OUTPUT_FILES
+
+
+def records_conversations(folder):
+    """Whether folder's meta.json is a chat folder's."""
+    try:
+        with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "chat" in meta
+
+
 def output_folder(cfg, name, argv):
-    """(the --out as given, its real path): a new folder, or one that prepare_chat.py wrote before."""
+    """(the --out as given, its real path): a new folder, or one that prepare_chat.py wrote before
+    (its meta.json records conversations: prepare.py's folders have the same file names)."""
     out = cfg["out"] or os.path.join("data", name)
-    return out, replaceable_folder(out, argv, "prepare_chat.py", lambda f: f in OUTPUT_FILES, example="data/chat")
+    path = replaceable_folder(out, argv, "prepare_chat.py", is_output_file, example="data/chat")
+    if os.path.isdir(path) and os.listdir(path) and not records_conversations(path):
+        raise UserError(f"--out={out} holds a folder of pretraining data (its meta.json records no conversations); "
+                        f"prepare_chat.py replaces the whole folder, so choose a new one, e.g. --out=data/chat")
+    return out, path
 
 
 def chunks(conversations, split):
@@ -302,7 +326,7 @@ def prepare_chat(cfg, conversations, base, tokenizer, out):
     meta = dict(tokenizer=dict(kind=tokenizer.kind, vocab_size=tokenizer.n_vocab, sha256=tokenizer.sha256, file=TOKENIZER_FILE),
                 vocab_size=tokenizer.n_vocab, eot_token=tokenizer.eot_token, dtype=dtype.name, source=conversations.source,
                 seed=cfg["seed"], val_fraction=cfg["val_fraction"], min_val_docs=cfg["min_val_conversations"])
-    with staged_folder(out) as stage:
+    with staged_folder(out, is_output_file) as stage:
         counts = write_split_files(stage, conversations, split, tokenizer, dtype)
         n_read = sum(c["conversations"] for c in counts.values())
         if n_read != n_conversations:

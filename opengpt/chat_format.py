@@ -73,7 +73,7 @@ def parse_message(turn, where):
     if role_key not in turn:
         raise ChatFormatError(f"{where} has no \"{role_key}\"")
     role = turn[role_key]
-    if role not in ROLE_NAMES:
+    if not isinstance(role, str) or role not in ROLE_NAMES:  # a list or object is no role (nor hashable)
         raise ChatFormatError(f"{where} has the unknown role {str(role)[:40]!r}; known: {', '.join(ROLE_NAMES)}")
     content = turn.get(content_key)
     if not isinstance(content, str):

@@ -19,7 +19,7 @@ def first_line(error):
 
 
 def run(main):
-    """Call main(); turn user errors into one line and exit status 2."""
+    """Call main(); turn user errors into one line and exit status 2, Ctrl-C into one line and 130."""
     script = os.path.basename(sys.argv[0]) or "python"
     try:
         main()
@@ -29,3 +29,6 @@ def run(main):
     except KeyboardInterrupt:
         print(f"{script}: interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # stdout's reader is gone (`| head`): stop quietly, as the shell's own tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush finds no pipe
+        sys.exit(1)

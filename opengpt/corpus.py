@@ -30,7 +30,7 @@ import shutil
 import sys
 import zlib
 
-from opengpt.cli import UserError
+from opengpt.cli import UserError, first_line
 from opengpt.files import package_data_file
 
 FILE_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz", ".parquet")
@@ -342,7 +342,7 @@ def line_texts(path, text_field, bad):
                 elif text.strip():
                     yield jsonl_text(text, text_field, f"{path}:{number}", bad)
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise UserError(f"{path} is not a readable gzip file ({e}); it may be truncated or corrupt") from None
+        raise UserError(f"{path} is not a readable gzip file ({first_line(e)}); it may be truncated or corrupt") from None
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
 
@@ -355,9 +355,14 @@ def jsonl_text(line, text_field, where, bad):
                   else f"an integer of more than {sys.get_int_max_str_digits()} digits" if "digits" in str(e) else str(e))
         bad(f"{where} is not valid JSON ({reason}); each line must be an object with a {text_field!r} field")
         return ""
-    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-        raise UserError(f"{where} has no string field {text_field!r}; set --text_field")
+    if not isinstance(record, dict) or text_field not in record:
+        raise UserError(f"{where} has no field {text_field!r}; set --text_field")
     text = record[text_field]
+    if text is None:  # no text, as a null in a Parquet or Hugging Face column
+        return ""
+    if not isinstance(text, str):
+        bad(f"{where}: its {text_field!r} is not a string ({type(text).__name__}); make it one")
+        return ""
     if "\\u" in line:  # only an escape can make a lone surrogate, which no tokenizer can encode
         try:
             text.encode("utf-8")
@@ -377,12 +382,15 @@ def parquet_text_column(path, text_field):
     try:
         parquet = pyarrow.parquet.ParquetFile(path)
     except (pyarrow.ArrowException, OSError) as e:
-        raise UserError(f"{path} is not a readable Parquet file ({e})") from None
+        raise UserError(f"{path} is not a readable Parquet file ({first_line(e)})") from None
     schema = parquet.schema_arrow
     if text_field not in schema.names:
         raise UserError(f"{path} has no column {text_field!r} (it has {schema.names}); set --text_field")
     column_type = schema.field(text_field).type
-    if not (pyarrow.types.is_string(column_type) or pyarrow.types.is_large_string(column_type)):
+    if pyarrow.types.is_dictionary(column_type):  # a categorical column: its values are what it holds
+        column_type = column_type.value_type
+    if not (pyarrow.types.is_string(column_type) or pyarrow.types.is_large_string(column_type)
+            or getattr(pyarrow.types, "is_string_view", lambda _: False)(column_type)):
         raise UserError(f"column {text_field!r} of {path} holds {column_type}, not text; set --text_field")
     return parquet
 
@@ -395,7 +403,7 @@ def parquet_texts(path, text_field):
         for batch in parquet.iter_batches(batch_size=HF_BATCH, columns=[text_field]):
             yield from (text for text in batch.column(0).to_pylist() if text is not None)
     except (pyarrow.ArrowException, OSError) as e:
-        raise UserError(f"{path} is not a readable Parquet file ({e})") from None
+        raise UserError(f"{path} is not a readable Parquet file ({first_line(e)})") from None
 
 
 # ---- Hugging Face datasets ----
@@ -427,7 +435,7 @@ def hf_corpus(name, split, text_field, streaming=False):
         except UserError:
             raise
         except Exception as e:  # a stream can fail part-way: the network, a bad shard
-            raise UserError(f"reading dataset {name} failed: {type(e).__name__}: {e}") from None
+            raise UserError(f"reading dataset {name} failed: {type(e).__name__}: {first_line(e)}") from None
 
     folder_name = os.path.basename(os.path.normpath(name))
     return Corpus(folder_name, f"hf:{name}:{split}", read_texts)

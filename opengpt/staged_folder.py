@@ -30,15 +30,17 @@ def marker_text(pid):
 
 
 @contextlib.contextmanager
-def staged_folder(out):
+def staged_folder(out, is_ours=None):
     """A new folder to write into, in a staging sibling of `out`; when the with-block completes, it
-    replaces `out` whole. On any error or interruption it is removed, and `out` is left as it was."""
+    replaces `out` whole. On any error or interruption it is removed, and `out` is left as it was.
+    is_ours(name): whether a file in `out` may go with it; one that may not (someone put it there
+    while the folder was written) leaves `out` as it was, with a UserError."""
     staging = make_staging(out)
     try:
         new = os.path.join(staging, "new")
         os.mkdir(new)
         yield new
-        replace_folder(staging, out)
+        replace_folder(staging, out, is_ours)
     finally:
         remove_staging(staging, out)
 
@@ -56,18 +58,24 @@ def make_staging(out):
     return staging
 
 
-def replace_folder(staging, out):
+def replace_folder(staging, out, is_ours=None):
     """Put the complete folder staging/new in the place of `out`, the old one going to staging/old:
     two renames, with Ctrl-C and SIGTERM held off between them. A kill -9 between them leaves out
-    missing and the old folder in staging, which the next writer puts back (remove_stale_folders)."""
+    missing and the old folder in staging, which the next writer puts back (remove_stale_folders).
+    The old folder's files are checked once it is renamed (no one can add to `out` after that)."""
     new, old = os.path.join(staging, "new"), os.path.join(staging, "old")
     fsync_folder(new)
     with signals_held():
         if os.path.exists(out):
             os.rename(out, old)
             try:
+                added = sorted(f for f in os.listdir(old) if not is_ours(f)) if is_ours else []
+                if added:
+                    raise UserError(f"{out} gained files while this run wrote its replacement ({', '.join(added[:3])}"
+                                    f"{', ...' if len(added) > 3 else ''}); it is left as it was and this run's output "
+                                    f"discarded: move them out of it and run again")
                 os.rename(new, out)
-            except OSError:
+            except (OSError, UserError):
                 os.rename(old, out)
                 raise
         else:
@@ -160,6 +168,15 @@ def replaceable_folder(out, argv, script, is_ours, example):
         raise UserError(f"--out={out} is a symbolic link that leads round in a loop; point it at a folder, or remove it")
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"--out={out} is a file, not a folder; choose a folder")
+    above = os.path.dirname(path)
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise UserError(f"cannot create --out={out}: {above} is a file, not a folder; choose another --out")
+    if os.path.ismount(path) or path == os.getcwd():  # neither can be renamed away, or should be
+        where = "a mount point" if os.path.ismount(path) else "the current folder"
+        raise UserError(f"--out={out} is {where}, which {script} would replace whole; give a folder inside it, "
+                        f"e.g. --out={os.path.join(out, os.path.basename(example))}")
     if os.path.isdir(path):
         foreign = sorted(f for f in os.listdir(path) if not is_ours(f))
         if foreign or path == os.path.dirname(path):

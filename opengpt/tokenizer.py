@@ -161,7 +161,11 @@ class BPETokenizer(Tokenizer):
             raise TokenizerError(f"{source} is not a Hugging Face tokenizer.json ({str(e).splitlines()[0][:120]})") from None
         # Text that happens to spell <|endoftext|> is text: only prepare.py puts the token between documents.
         self.hf.encode_special_tokens = True
-        self.n_vocab = self.hf.get_vocab_size(with_added_tokens=True)
+        ids = self.hf.get_vocab(with_added_tokens=True).values()
+        self.n_vocab = max(ids, default=-1) + 1  # not their count: a file may leave holes in its ids
+        if self.n_vocab > 2 * len(ids):
+            raise TokenizerError(f"{source}'s token ids run to {self.n_vocab - 1:,} for {len(ids):,} tokens, mostly holes; "
+                                 f"number them from 0 without gaps")
         self._special_ids = set(self.hf.get_added_tokens_decoder())
         self.eot_token = self._find_eot(source)
         self._check_byte_level(source)

@@ -49,6 +49,18 @@ def test_parquet_rows_come_in_file_order(tmp_path):
     assert list(corpus.file_corpus(str(path), "content")) == texts
 
 
+def test_a_categorical_parquet_column_is_text(tmp_path):
+    """pandas writes a categorical column as a dictionary of strings: its values are the documents."""
+    import pyarrow
+    import pyarrow.parquet
+
+    texts = tiny_documents(20, seed=11) * 2
+    path = tmp_path / "cat.parquet"
+    pyarrow.parquet.write_table(pyarrow.table({"text": pyarrow.array(texts).dictionary_encode()}), path)
+    assert pyarrow.parquet.ParquetFile(path).schema_arrow.field("text").type.value_type == pyarrow.string()
+    assert list(corpus.file_corpus(str(path), "text")) == texts
+
+
 def test_line_separators_inside_a_jsonl_string_stay_in_the_document(tmp_path):
     """Valid JSONL may hold raw U+2028, U+2029, U+0085 inside strings: a file split only at \\n keeps them."""
     text = "第一段\u2028第二段\u2029第三段\u0085完"
@@ -71,8 +83,18 @@ def test_bad_lines_are_named_or_skipped_and_counted(tmp_path):
 def test_a_missing_field_is_an_error_even_when_skipping(tmp_path):
     path = tmp_path / "other.jsonl"
     path.write_text('{"content": "甲"}\n', encoding="utf-8")
-    with pytest.raises(UserError, match="has no string field 'text'; set --text_field"):
+    with pytest.raises(UserError, match="has no field 'text'; set --text_field"):
         list(corpus.file_corpus(str(path), "text", skip_bad_docs=True))
+
+
+def test_a_null_text_is_no_document_and_one_of_another_type_a_bad_line(tmp_path):
+    """As a null in a Parquet column: nothing. A number or a list is not text: named, or skipped and counted."""
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"text": "甲"}\n{"text": null}\n{"text": 7}\n{"text": ["乙"]}\n{"text": "丙"}\n', encoding="utf-8")
+    with pytest.raises(UserError, match=re.escape(f"{path}:3: its 'text' is not a string (int); make it one, or pass")):
+        list(corpus.file_corpus(str(path), "text"))
+    lenient = corpus.file_corpus(str(path), "text", skip_bad_docs=True)
+    assert list(lenient) == ["甲", "丙"] and lenient.skipped == 2
 
 
 def test_people_daily_tags_are_removed():

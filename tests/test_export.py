@@ -349,6 +349,8 @@ def test_a_full_disk_during_the_export_is_one_line_and_leaves_nothing(tmp_path, 
     status, stderr = run_export(monkeypatch, capsys, f"--out_dir={tmp_path / 'run'}", f"--export_dir={disk / 'hf'}")
     assert_one_line_error(status, stderr, "could not write the export to", "No space left on device", "MB free there")
     assert os.listdir(disk) == [".hf.lock"]  # only the lock, which stays beside the folder (folder_lock.py)
+    status, stderr = run_export(monkeypatch, capsys, f"--out_dir={tmp_path / 'run'}", f"--export_dir={disk}")
+    assert_one_line_error(status, stderr, "is a mount point, which export.py would replace whole; give a folder inside it")
 
 
 # ---- never lose a folder: the one you work in, your home, a kill at any moment, a symlink ----

@@ -44,7 +44,8 @@ def reference_val(documents, min_val_docs=prepare.DEFAULTS["min_val_docs"], min_
     """The val documents' indices of [(source, document), ...], written from the rule, with the whole
     corpus in hand: the lowest scores, at least min(min_val_docs, half) of them and one train document
     left; then with 2+ sources, each source's next-lowest scores while its val holds fewer than
-    min(min_chars, a tenth of its characters) and at most half its documents are val."""
+    min(min_chars, a tenth of its characters) and at most half its documents are val, until one would
+    take its val past a tenth of its characters."""
     defaults, n = prepare.DEFAULTS, len(documents)
     scores = [prepare.position_score(f"split {defaults['seed']}", i) for i in range(n)]
     order = sorted(range(n), key=lambda i: (scores[i], i))
@@ -53,9 +54,13 @@ def reference_val(documents, min_val_docs=prepare.DEFAULTS["min_val_docs"], min_
     names = list(dict.fromkeys(source for source, _ in documents))
     for name in names if len(names) > 1 else []:
         mine = [i for i in order if documents[i][0] == name]
-        target = min(min_chars, int(0.1 * sum(len(documents[i][1]) for i in mine)))
+        characters = sum(len(documents[i][1]) for i in mine)
+        target = min(min_chars, int(0.1 * characters))
         for i in mine:
-            if sum(len(documents[j][1]) for j in mine if j in val) >= target or sum(j in val for j in mine) >= len(mine) // 2:
+            held = sum(len(documents[j][1]) for j in mine if j in val)
+            if held >= target or sum(j in val for j in mine) >= len(mine) // 2:
+                break
+            if i not in val and held + len(documents[i][1]) > 0.1 * characters:
                 break
             val.add(i)
     return val
@@ -241,6 +246,24 @@ def test_the_top_up_follows_the_rule_and_keeps_memory_to_the_documents_it_may_ta
         shares.offer(i, source, len(document))
     assert all(held - max(entry[2] for entry in heap) < 2000 <= held for heap, held in shares.lowest.values())
     assert max(len(heap) for heap, _ in shares.lowest.values()) < 100
+
+
+def test_a_top_up_never_takes_a_small_source_past_a_tenth_of_its_characters():
+    """A folder of one short article per file: each file a source of a few documents. Whole documents
+    added up to a tenth would take a fifth or a half of each into val; none that passes it is added."""
+    import random
+
+    rng = random.Random(6)
+    documents = [(f"f{i}", "字" * rng.randint(5, 200)) for i in range(300) for _ in range(rng.randint(2, 12))]
+    split = topped_up_split(documents, min_chars=4000, min_val_docs=20)
+    val = {i for i in range(len(documents)) if split.is_val(i)}
+    assert val == reference_val(documents, min_val_docs=20, min_chars=4000)
+    for name in {source for source, _ in documents}:
+        mine = [i for i, (source, _) in enumerate(documents) if source == name]
+        added = sum(len(documents[i][1]) for i in mine if i in val and not split.is_sampled(i))
+        assert added <= 0.1 * sum(len(documents[i][1]) for i in mine)
+    assert sum(len(documents[i][1]) for i in val) < 0.1 * sum(len(d) for _, d in documents)
+    assert len(val) > len(val_indices(default_split(len(documents), min_val_docs=20), len(documents)))  # some were added
 
 
 def test_one_source_is_not_topped_up():
@@ -654,3 +677,30 @@ def test_what_a_kill_9_left_beside_the_folder_is_cleaned_up_or_put_back(tmp_path
     killed_run("old")  # with the folder in place, a leftover old one is only removed
     remove_stale_folders(str(out))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"] and (out / "meta.json").read_text(encoding="utf-8") == "old"
+
+
+def test_a_reader_that_closes_stdout_ends_the_run_quietly(tmp_path):
+    """`prepare.py | head -1`: a write to a closed pipe is no traceback (status 1, as a killed pipe's writer)."""
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(tiny_documents(50)), encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "prepare.py"), f"--input={source}", f"--out={tmp_path / 'out'}",
+                             "--tokenizer=gpt2"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    assert proc.stderr.read() == "" and proc.wait(timeout=120) == 1
+
+
+
+def test_option_mistakes_are_named_for_the_option_that_causes_them(tmp_path):
+    """A missing --tokenizer file is named before the corpus is read (here a bad line further on would
+    stop the read); a vocabulary too large for a cut tokenizer sample names the sample's flag; an --out
+    under a file says that file is no folder."""
+    source = tmp_path / "in.txt"
+    source.write_bytes("\n".join(tiny_documents(300)).encode() + b"\n\xff\n")
+    assert_user_error(run_script("prepare.py", f"--input={source}", f"--out={tmp_path / 'a'}", f"--tokenizer={tmp_path / 'nope.json'}"),
+                      "nope.json not found")
+    source.write_text("\n".join(tiny_documents(300)), encoding="utf-8")
+    assert_user_error(run_script("prepare.py", f"--input={source}", f"--out={tmp_path / 'a'}", "--tokenizer_sample_chars=1000",
+                                 "--vocab_size=2000"), "or a larger --tokenizer_sample_chars (its sample was cut to 1,000)")
+    assert_user_error(run_script("prepare.py", f"--input={source}", f"--out={source / 'sub'}", "--tokenizer=gpt2"),
+                      f"cannot create --out={source / 'sub'}: {source} is a file, not a folder")
+    assert not (tmp_path / "a").exists()

@@ -141,6 +141,8 @@ def test_a_bad_record_is_named_and_nothing_written_or_with_the_flag_skipped_and_
     (b'{"text": 1', ":1 is not valid JSON"),
     (b"\n\n", "no conversations found"),
     (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}', "only 1 conversation found"),
+    (b'{"messages": [{"role": ["user"], "content": "hi"}, {"role": "assistant", "content": "x"}]}', "message 1 has the unknown role \"['user']\""),
+    (b'{"conversations": [{"from": {"a": 1}, "value": "hi"}]}', "has the unknown role \"{'a': 1}\""),
 ])
 def test_unusable_input_is_one_line(tmp_path, base_folder, content, words):
     path = tmp_path / ("chats.json" if content.startswith(b"[") else "chats.jsonl")
@@ -167,6 +169,33 @@ def test_the_tokenizer_of_a_runs_checkpoint_is_read_and_gpt2s_refused(tmp_path, 
     result = run_script("prepare_chat.py", f"--input={SAMPLE}", f"--tokenizer_from={tmp_path}", f"--out={tmp_path / 'x'}")
     assert_user_error(result, "holds neither tokenizer.json nor ckpt.pt")
     assert not (tmp_path / "x").exists()
+    prepare_chat_ok(f"--input={SAMPLE}", f"--tokenizer_from={tmp_path / 'run' / ckpt.FILENAME}", f"--out={out}", *SPLIT_FLAGS)
+    assert json.loads((out / "meta.json").read_text())["chat"]["base_sha256"] == base.sha256  # the checkpoint named itself
+
+
+def test_a_data_folder_of_gpt2_tokens_is_refused_for_its_tokenizer(tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(tiny_documents(50)), encoding="utf-8")
+    assert run_script("prepare.py", f"--input={source}", f"--out={tmp_path / 'gpt2'}", "--tokenizer=gpt2").returncode == 0
+    result = run_script("prepare_chat.py", f"--input={SAMPLE}", f"--tokenizer_from={tmp_path / 'gpt2'}", f"--out={tmp_path / 'x'}")
+    assert_user_error(result, "the gpt2 tokenizer cannot take new tokens")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_pretraining_data_folder_is_not_replaced(tmp_path, base_folder):
+    """prepare.py's folders have the file names of a chat folder: meta.json tells them apart. Giving
+    the pretraining folder as --out (its own --tokenizer_from, say) must not replace its data."""
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(tiny_documents(300)), encoding="utf-8")
+    pretraining = tmp_path / "pre"
+    assert run_script("prepare.py", f"--input={source}", f"--out={pretraining}", "--vocab_size=300").returncode == 0
+    before = {p.name: p.read_bytes() for p in pretraining.iterdir()}
+    result = run_script("prepare_chat.py", f"--input={SAMPLE}", f"--tokenizer_from={pretraining}", f"--out={pretraining}")
+    assert_user_error(result, "holds a folder of pretraining data (its meta.json records no conversations)")
+    assert {p.name: p.read_bytes() for p in pretraining.iterdir()} == before
+    chat = tmp_path / "chat"
+    for _ in range(2):  # a chat folder is replaced by the next run
+        prepare_chat_ok(f"--input={SAMPLE}", f"--tokenizer_from={pretraining}", f"--out={chat}", *SPLIT_FLAGS)
 
 
 def test_a_folder_prepare_chat_did_not_write_is_refused(tmp_path, base_folder):

@@ -135,6 +135,49 @@ def test_a_kill_9_between_the_two_renames_is_undone_by_the_next_run(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".data.lock"]
 
 
+NOTES_WHILE_WRITING = """
+import os, sys
+import prepare
+from opengpt import cli
+write_token_files = prepare.write_token_files
+def write_then_add_notes(*args):
+    counts = write_token_files(*args)
+    with open(os.path.join(os.environ["OUT"], "notes.md"), "w") as f:  # the user, while the run writes
+        f.write("mine")
+    return counts
+prepare.write_token_files = write_then_add_notes
+sys.argv[0] = "prepare.py"
+cli.run(prepare.main)
+"""
+
+
+def test_a_file_put_into_out_while_the_run_writes_is_not_swapped_away(tmp_path):
+    """--out is checked for others' files before the run, and again once it is renamed away in the swap:
+    a file that came in between keeps the folder as it was (the run's output discarded)."""
+    out = prepared(tmp_path / "data")
+    before = tree_digest(out)
+    new = corpus_file(tmp_path / "new.txt", tiny_documents(80, seed=3))
+    result = subprocess.run([sys.executable, "-c", NOTES_WHILE_WRITING, f"--input={new}", f"--out={out}", "--tokenizer=gpt2"],
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, OUT=str(out)), capture_output=True, text=True)
+    assert_user_error(result, f"{out} gained files while this run wrote its replacement (notes.md); it is left as it was")
+    assert tree_digest(out) == before | {"notes.md": hashlib.sha256(b"mine").hexdigest()}
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".data.lock"]
+
+
+def test_the_current_folder_and_a_mount_point_are_refused_as_out(tmp_path, mount_tmpfs):
+    """Neither can be swapped whole: the shell's folder would vanish under it; a mount point cannot be renamed."""
+    here = tmp_path / "here"
+    here.mkdir()
+    source = corpus_file(tmp_path / "in.txt", tiny_documents(50))
+    result = subprocess.run([sys.executable, os.path.join(REPO, "prepare.py"), f"--input={source}", "--out=.", "--tokenizer=gpt2"],
+                            cwd=here, capture_output=True, text=True)
+    assert_user_error(result, "--out=. is the current folder, which prepare.py would replace whole; give a folder inside it, e.g. --out=./mine")
+    assert os.listdir(here) == []
+    disk = mount_tmpfs("1m")
+    assert_user_error(run_script("prepare.py", f"--input={source}", f"--out={disk}", "--tokenizer=gpt2"), "is a mount point")
+    assert os.listdir(disk) == []
+
+
 # ---- item 30: a symlinked --out ----
 
 def test_a_symlinked_out_replaces_the_folder_it_points_to_and_stays_a_link(tmp_path):

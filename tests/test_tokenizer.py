@@ -129,6 +129,25 @@ def test_a_non_byte_level_tokenizer_is_refused(tmp_path):
         tokenizer.BPETokenizer(wordpiece.to_str())
 
 
+def test_a_tokenizer_with_holes_in_its_ids_counts_to_its_highest_id():
+    """The vocabulary's size is the highest id + 1, so every token the file can give fits the model
+    (its count would not); a file of mostly holes is refused in a line."""
+    def moved(to):  # the trained file with its highest id moved to `to`
+        spec = json.loads(small_bpe().json_text)
+        vocab = spec["model"]["vocab"]
+        vocab[max(vocab, key=vocab.get)] = to
+        return tokenizer.BPETokenizer(json.dumps(spec, ensure_ascii=False))
+
+    trained = small_bpe()
+    gapped = moved(trained.n_vocab + 99)
+    assert gapped.n_vocab == trained.n_vocab + 100
+    text = "".join(tiny_documents(300, seed=0))  # what it was trained on uses its last merge
+    ids = gapped.encode(text)
+    assert gapped.n_vocab - 1 in ids and gapped.decode_bytes(ids) == text.encode("utf-8")
+    with pytest.raises(tokenizer.TokenizerError, match="mostly holes; number them from 0 without gaps"):
+        moved(70_000)
+
+
 def test_missing_tokenizer_file(tmp_path):
     with pytest.raises(tokenizer.TokenizerError, match="not found"):
         tokenizer.read_tokenizer_file(str(tmp_path / "nope.json"))
