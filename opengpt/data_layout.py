@@ -52,9 +52,12 @@ def tokenizer_flags(suffix):
 
 def prepare_command(data_dir):
     """The prepare.py command that writes data_dir when it is a folder prepare.py names itself for an
-    embedded corpus (default_out: data/zh_default, data/zh_large, their _gpt2 and _bpe<N> siblings)."""
+    embedded corpus (default_out: data/zh_default, data/zh_large, their _gpt2 and _bpe<N> siblings), or
+    data/openwebtext of the GPT-2 configs."""
     name = os.path.basename(os.path.normpath(data_dir))
     flags = embedded_corpus_flags(name)
+    if name == "openwebtext":  # the GPT-2 configs' dataset, from the hub (a download)
+        return f"python prepare.py --hf_dataset=openwebtext --out={data_dir}"
     if flags is None:
         return f"python prepare.py --out={data_dir} with the flags that made it"
     command = "python prepare.py" + "".join(f" --{key}={value}" for key, value in flags.items())

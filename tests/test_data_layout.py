@@ -40,6 +40,7 @@ def test_the_command_for_a_folder_elsewhere_names_it_with_out(flags):
 
 def test_a_folder_of_another_corpus_asks_for_the_flags_that_made_it():
     assert prepare_command("data/zh_defaultish") == "python prepare.py --out=data/zh_defaultish with the flags that made it"
+    assert prepare_command("data/openwebtext") == "python prepare.py --hf_dataset=openwebtext --out=data/openwebtext"
     assert prepare_command("data/zh_default_mine") == "python prepare.py --out=data/zh_default_mine with the flags that made it"
     assert prepare_command("data/zh_larger") == "python prepare.py --out=data/zh_larger with the flags that made it"
 
