@@ -12,7 +12,7 @@ that reply; Ctrl-C or Ctrl-D (end of input) at the prompt ends the chat.
 import sys
 
 from opengpt import chat_model
-from opengpt.cli import run
+from opengpt.cli import UserError, run
 from configurator import parse_args
 
 DEFAULTS = dict(
@@ -97,10 +97,13 @@ def chat(model, cfg):
 def main():
     cfg = parse_args(DEFAULTS, sys.argv[1:])
     chat_model.check_sampling_options(cfg)
+    if sys.stdin is None:
+        raise UserError("chat.py reads the conversation from standard input, which is closed; run it in a terminal "
+                        "or pipe lines into it")
     model = chat_model.load(cfg["out_dir"], cfg["device"], cfg["dtype"], compiled=cfg["compile"])
     # under a UTF-8 locale a byte that is no UTF-8 (a piped GBK file) would end the chat in a traceback;
     # escaped, it comes in as a lone surrogate, and read_message leaves its line out
-    if hasattr(sys.stdin, "reconfigure"):  # not where stdin is closed (None)
+    if hasattr(sys.stdin, "reconfigure"):  # not on a stand-in stream without it
         sys.stdin.reconfigure(errors="surrogateescape")
     if sys.stdin.isatty():
         try:

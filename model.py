@@ -308,6 +308,12 @@ class GPT(nn.Module):
         if not_loaded:
             raise ValueError(f"{name_or_dir} is not a GPT-2 model: it has no weights for {not_loaded[:3]}")
         hf_config = hf_model.config
+        # settings that change the maths our GPT does not follow: they would load into a different model
+        ours_too = dict(tie_word_embeddings=True, scale_attn_weights=True, layer_norm_epsilon=1e-5)
+        differing = {key: getattr(hf_config, key, wanted) for key, wanted in ours_too.items() if getattr(hf_config, key, wanted) != wanted}
+        if differing:
+            raise ValueError(f"{name_or_dir}'s config.json sets {', '.join(f'{k}={v}' for k, v in differing.items())}; "
+                             f"only GPT-2's own ({', '.join(f'{k}={v}' for k, v in ours_too.items())}) load")
         config = GPTConfig(
             block_size=hf_config.n_positions, vocab_size=hf_config.vocab_size, n_layer=hf_config.n_layer,
             n_head=hf_config.n_head, n_embd=hf_config.n_embd, dropout=dropout, bias=True,
@@ -339,8 +345,8 @@ class GPT(nn.Module):
 
         hf_model, loading = _load_quietly(GPTNeoXForCausalLM, folder)
         if not gpt_neox_format.is_ours(hf_model.config):
-            raise ValueError(f"{folder} is a GPT-NeoX model of another shape (parallel residuals, partial rotation or "
-                             f"another activation): only GPT-2's blocks with rotary positions load")
+            raise ValueError(f"{folder} is a GPT-NeoX model of another shape (parallel residuals, partial rotation, "
+                             f"another activation or LayerNorm epsilon): only GPT-2's blocks with rotary positions load")
         # a folder missing weights (a truncated copy, say) would otherwise load with random ones in their place
         not_loaded = [k for k in loading["missing_keys"] if not k.startswith(("embed_out.", "lm_head."))]  # the tied head
         if not_loaded:

@@ -13,8 +13,10 @@ import torch
 
 from opengpt import checkpoint as ckpt
 from opengpt import hardware
+from opengpt.chat_model import check_sampling_options
 from opengpt.cli import UserError, run
 from opengpt.decode import sampling_dtype
+from opengpt.training import fits_in_memory
 from configurator import parse_args
 
 DEFAULTS = dict(
@@ -39,8 +41,10 @@ def read_prompt(start):
     path = start[len("FILE:"):]
     if os.path.isdir(path):
         raise UserError(f"--start=FILE:{path} is a folder; give a text file")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise UserError(f"prompt file {path} not found (from --start=FILE:{path})")
+    if not os.path.isfile(path):  # a pipe would wait, a device never end
+        raise UserError(f"prompt file {path} is not a regular file (a pipe or a device); give a text file")
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
@@ -66,6 +70,10 @@ def load_model(cfg):
         checkpoint = ckpt.load(path)
         ckpt.check_finite_weights(checkpoint, path)
         model, tokenizer = ckpt.model_from(checkpoint, dropout=0.0), ckpt.tokenizer_of(checkpoint)
+    elif cfg["init_from"] == "scratch" or ckpt.is_run_folder(cfg["init_from"]):
+        run_dir = cfg["out_dir"] if cfg["init_from"] == "scratch" else cfg["init_from"]
+        raise UserError(f"--init_from={cfg['init_from']} has no weights to sample from here: a run's checkpoint is "
+                        f"sampled with --out_dir={run_dir} (--init_from=resume, the default)")
     else:
         model, tokenizer = ckpt.gpt2_model(cfg["init_from"], dropout=0.0), ckpt.pretrained_tokenizer(cfg["init_from"])
     if model.config.vocab_size < tokenizer.n_vocab:  # its ids past the model's rows would index nothing
@@ -76,11 +84,9 @@ def load_model(cfg):
 
 def main():
     cfg = parse_args(DEFAULTS, sys.argv[1:])
-    for key in ("num_samples", "max_new_tokens"):
-        if cfg[key] <= 0:
-            raise UserError(f"--{key} must be positive, got {cfg[key]}")
-    if cfg["temperature"] < 0 or cfg["top_k"] < 0:
-        raise UserError("--temperature and --top_k must be zero or positive")
+    if cfg["num_samples"] <= 0:
+        raise UserError(f"--num_samples must be positive, got {cfg['num_samples']}")
+    check_sampling_options(cfg)
     device = hardware.pick_device(cfg["device"])
     dtype = sampling_dtype(cfg["dtype"], device)
     prompt = read_prompt(cfg["start"])
@@ -98,7 +104,8 @@ def main():
         print(f"note: the prompt has {len(prompt_ids)} tokens; the model sees only the last {block}", file=sys.stderr)
     x = torch.tensor(prompt_ids, dtype=torch.long, device=device)[None, :]
     generator = torch.Generator(device=device).manual_seed(cfg["seed"])
-    with torch.no_grad(), hardware.autocast_context(device, dtype):
+    with (torch.no_grad(), hardware.autocast_context(device, dtype),
+          fits_in_memory(f"{cfg['max_new_tokens']:,} new tokens", device, "use a smaller --max_new_tokens")):
         for _ in range(cfg["num_samples"]):
             hardware.synchronize(device)
             started = time.perf_counter()

@@ -14,6 +14,7 @@ sample.py loads one, the conversation fitted into its context, and its reply str
 - UntilStop(reply, stops): the same text cut before the first of some stop strings (serve.py's "stop").
 """
 import codecs
+import math
 import os
 from dataclasses import dataclass
 
@@ -36,11 +37,13 @@ class Fitted:
 
 
 def check_sampling_options(cfg):
-    """chat.py's and serve.py's --max_new_tokens, --temperature and --top_k, before the model loads."""
+    """The sampling options of chat.py, serve.py and sample.py, checked before the model loads."""
     if cfg["max_new_tokens"] <= 0:
         raise UserError(f"--max_new_tokens must be positive, got {cfg['max_new_tokens']}")
-    if cfg["temperature"] < 0 or cfg["top_k"] < 0:
-        raise UserError("--temperature and --top_k must be zero or positive")
+    if not 0 <= cfg["temperature"] < math.inf or cfg["top_k"] < 0:  # 1e999 parses as inf: uniform draws
+        raise UserError("--temperature and --top_k must be zero or positive (and the temperature finite)")
+    if "seed" in cfg and not 0 <= cfg["seed"] < 2**31:  # as train.py's; a reply's seed adds its number
+        raise UserError(f"--seed must be between 0 and {2**31 - 1}, got {cfg['seed']}")
 
 
 def load(out_dir, device="auto", dtype="auto", checkpoint_file=ckpt.FILENAME, compiled=False):

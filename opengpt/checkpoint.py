@@ -11,9 +11,12 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
+import json
 import os
+import pickle
 import random
 import re
+import warnings
 
 import numpy as np
 import torch
@@ -130,13 +133,20 @@ def _feed(digest, value):
 def load(path):
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise UserError(f"checkpoint {path} is empty (0 bytes), e.g. a copy that failed; use another copy")
+    if os.path.exists(path) and not os.path.isdir(path) and not os.path.isfile(path):  # reading a pipe would wait for ever
+        raise UserError(f"checkpoint {path} is not a regular file (a pipe or a device); point --out_dir at the run's folder")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of an old pickle before it refuses it: the line below says it
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} not found; train first, or point --out_dir at the run's folder") from None
     except IsADirectoryError:
         raise UserError(f"checkpoint {path} is a folder, not a file") from None
-    except Exception as e:  # truncated, not a torch file, or holding objects that need code to load
+    except pickle.UnpicklingError:  # weights_only refused what only code could rebuild: nothing of it ran
+        raise UserError(f"checkpoint {path} holds Python objects that need code to load, which train.py never writes; "
+                        f"it was not loaded (it was made by another program)") from None
+    except Exception as e:  # truncated, not a torch file
         reason = (str(e).strip().splitlines() or ["no message"])[0][:160]
         raise UserError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}: {reason})") from None
     found = checkpoint.get("format", "no format field") if isinstance(checkpoint, dict) else type(checkpoint).__name__
@@ -307,16 +317,44 @@ def check_same_tokenizer(checkpoint, data_tokenizer, data_dir):
 
 
 def pretrained_tokenizer(name_or_dir):
-    """The tokenizer of transformers weights: a folder's own tokenizer.json, else GPT-2's."""
+    """The tokenizer of transformers weights: a folder's own tokenizer.json, else GPT-2's, where
+    the folder's vocabulary is GPT-2's (its size; its vocab.json, if any)."""
     check_not_a_file(name_or_dir)
     if os.path.isdir(name_or_dir):  # a folder that is no model says so before its tokenizer is guessed
         check_model_folder(name_or_dir)
     path = os.path.join(name_or_dir, tok.TOKENIZER_FILE)
     try:
         # lexists: a tokenizer.json that is a pipe or a dangling link is refused, not replaced by GPT-2's
-        return tok.read_tokenizer_file(path) if os.path.lexists(path) else tok.GPT2Tokenizer()
+        if os.path.lexists(path):
+            return tok.read_tokenizer_file(path)
+        gpt2 = tok.GPT2Tokenizer()
     except (FileNotFoundError, ValueError) as e:  # GPT-2's ranks not installed; a foreign tokenizer.json
         raise UserError(str(e)) from None
+    if os.path.isdir(name_or_dir) and not has_gpt2_vocabulary(name_or_dir, gpt2):
+        raise UserError(f"{name_or_dir} has no {tok.TOKENIZER_FILE}, and its vocabulary is not GPT-2's (its config.json's "
+                        f"vocab_size or vocab.json differ); save its tokenizer there (tokenizer.save_pretrained)")
+    return gpt2
+
+
+def has_gpt2_vocabulary(folder, gpt2):
+    """Whether a model folder without a tokenizer.json may be read with GPT-2's tokenizer: its
+    config.json counts GPT-2's tokens or more (padded), and a vocab.json, if it has one, is GPT-2's."""
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            if json.load(f).get("vocab_size", gpt2.n_vocab) < gpt2.n_vocab:
+                return False
+        vocab_path = os.path.join(folder, "vocab.json")
+        if not os.path.isfile(vocab_path):
+            return True
+        if os.path.getsize(vocab_path) > 100e6:  # GPT-2's is 1 MB
+            return False
+        with open(vocab_path, encoding="utf-8") as f:
+            vocab = json.load(f)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return False
+    to_text = tok.bytes_to_unicode()
+    return isinstance(vocab, dict) and all(vocab.get("".join(to_text[b] for b in gpt2.single_token_bytes(i))) == i
+                                           for i in range(gpt2.n_vocab) if i != gpt2.eot_token)
 
 
 def chat_tokens_added(weights_tokenizer, data_tokenizer):

@@ -34,7 +34,7 @@ def neox_config(config, eot_token):
 
 def is_ours(hf_config):
     """Whether a GPTNeoXConfig describes a model our GPT computes (Pythia's parallel residuals and
-    partial rotation, say, it does not)."""
+    partial rotation, say, it does not; nor another LayerNorm epsilon than nn.LayerNorm's)."""
     from model import ACTIVATIONS
 
     rope = getattr(hf_config, "rope_parameters", None) or {}  # transformers 5; 4 has rotary_pct, rotary_emb_base
@@ -42,7 +42,8 @@ def is_ours(hf_config):
     base = rope.get("rope_theta", getattr(hf_config, "rotary_emb_base", None))
     return (not hf_config.use_parallel_residual and rotated_share == 1.0 and base == ROTARY_BASE
             and hf_config.hidden_act in ACTIVATIONS
-            and hf_config.intermediate_size == 4 * hf_config.hidden_size and hf_config.tie_word_embeddings)
+            and hf_config.intermediate_size == 4 * hf_config.hidden_size and hf_config.tie_word_embeddings
+            and hf_config.layer_norm_eps == 1e-5)
 
 
 def our_name(neox_name):

@@ -175,6 +175,14 @@ def test_a_base_model_is_one_line(tmp_path):
 
 def test_bad_flags_are_one_line(chat_dir):
     assert_user_error(run_script("chat.py", f"--out_dir={chat_dir}", "--max_new_tokens=0"), "--max_new_tokens")
+    # each reply draws with seed + its number: a seed near 2**64 failed at the second reply
+    assert_user_error(run_script("chat.py", f"--out_dir={chat_dir}", "--seed=18446744073709551615"), "--seed must be between")
+
+
+def test_a_closed_stdin_is_one_line(chat_dir):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "chat.py"), f"--out_dir={chat_dir}", "--device=cpu"],
+                            capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.close(0))
+    assert_user_error(result, "reads the conversation from standard input, which is closed")
 
 
 class FakeReply:

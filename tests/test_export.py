@@ -163,6 +163,29 @@ def test_a_gpt_neox_model_of_another_shape_does_not_load_as_ours(tmp_path, offli
                                                           partial_rotary_factor=0.25))).save_pretrained(tmp_path / "pythia")
     with pytest.raises(cli.UserError, match="another shape"):
         ckpt.gpt2_model(str(tmp_path / "pythia"), 0.0)
+    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=16, use_parallel_residual=False,
+                                     hidden_act="gelu_new", tie_word_embeddings=True, layer_norm_eps=1e-2,
+                                     rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=1.0))
+                       ).save_pretrained(tmp_path / "eps")
+    with pytest.raises(cli.UserError, match="LayerNorm epsilon"):
+        ckpt.gpt2_model(str(tmp_path / "eps"), 0.0)
+
+
+def test_a_folder_without_tokenizer_json_is_read_with_gpt2s_only_if_its_vocabulary_is_gpt2s(exports, tmp_path, offline):
+    """An older save (vocab.json and merges.txt, no tokenizer.json) of GPT-2's own vocabulary reads with
+    GPT-2's tokenizer; one with a vocabulary of its own is refused, not read with GPT-2's ids."""
+    _, folder = exports[True]
+    older = tmp_path / "older"
+    shutil.copytree(folder, older)
+    (older / "tokenizer.json").unlink()
+    assert ckpt.pretrained_tokenizer(str(older)).kind == "gpt2"
+    vocab = json.loads((older / "vocab.json").read_text(encoding="utf-8"))
+    first, second = sorted(vocab, key=vocab.get)[300:302]
+    vocab[first], vocab[second] = vocab[second], vocab[first]  # its own BPE: the same strings, other ids
+    (older / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(cli.UserError, match="has no tokenizer.json, and its vocabulary is not GPT-2's"):
+        ckpt.pretrained_tokenizer(str(older))
 
 
 def test_a_gpt_neox_folder_missing_a_weight_is_one_line(exports, tmp_path, offline):
@@ -398,6 +421,21 @@ def test_a_folder_holding_folders_is_never_replaced_even_with_overwrite(tmp_path
     result = run_script("export.py", f"--out_dir={tmp_path / 'run'}", f"--export_dir={data}", "--overwrite=True")
     assert_user_error(result, "holds folders (mine)", "--export_dir=hf-mine")
     assert tree_checksums(tmp_path / "data") == before
+
+
+@pytest.mark.parametrize("files", [["ckpt.pt", "metrics.jsonl"], ["meta.json", "train.bin", "val.bin"]])
+def test_a_run_or_a_data_folder_is_never_replaced_even_with_overwrite(tmp_path, files):
+    """--out_dir and --export_dir swapped: the message must not advise the flag that deletes a run."""
+    write_checkpoint(tmp_path / "run", bias=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in files:
+        (other / name).write_bytes(b"precious")
+    before = tree_checksums(other)
+    for overwrite in ([], ["--overwrite=True"]):
+        result = run_script("export.py", f"--out_dir={tmp_path / 'run'}", f"--export_dir={other}", *overwrite)
+        assert_user_error(result, f"holds a training run or its data ({', '.join(sorted(files))})", "even with --overwrite=True")
+    assert tree_checksums(other) == before
 
 PAUSED_EXPORT = """
 import os, sys, time

@@ -147,6 +147,19 @@ def test_from_pretrained_matches_transformers_logits(tmp_path, scale_by_layer):
     assert diff < 1e-4
 
 
+@pytest.mark.parametrize("setting", [dict(tie_word_embeddings=False), dict(scale_attn_weights=False),
+                                     dict(layer_norm_epsilon=1e-2)])
+def test_a_gpt2_folder_whose_settings_change_the_maths_is_refused(tmp_path, setting):
+    """Each loaded into our GPT gave other logits than transformers' (an untied head even overwrote the
+    embedding, which our GPT shares with it): refused instead."""
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=8, vocab_size=64, **setting)
+    transformers.GPT2LMHeadModel(hf_config).save_pretrained(tmp_path)
+    key, value = next(iter(setting.items()))
+    with pytest.raises(ValueError, match=f"sets {key}={value}; only GPT-2's own"):
+        GPT.from_pretrained(str(tmp_path))
+
+
 def test_crop_block_size_shrinks_the_position_table():
     model = tiny_gpt()
     model.crop_block_size(8)

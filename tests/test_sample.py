@@ -1,3 +1,4 @@
+import os
 import sys
 
 import pytest
@@ -105,3 +106,46 @@ def test_start_file_that_is_missing_or_a_folder(trained_run, tmp_path):
     assert_user_error(run_script("sample.py", f"--out_dir={trained_run}", f"--start=FILE:{tmp_path / 'none.txt'}"),
                       "prompt file", "not found")
     assert_user_error(run_script("sample.py", f"--out_dir={trained_run}", f"--start=FILE:{tmp_path}"), "is a folder")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--temperature=1e999"], ["the temperature finite"]),  # parses as inf: every token equally likely
+    (["--seed=99999999999999999999"], ["--seed must be between 0 and 2147483647"]),
+    (["--seed=-1"], ["--seed must be between 0 and 2147483647"]),
+    (["--max_new_tokens=100000000000000"], ["100,000,000,000,000 new tokens", "use a smaller --max_new_tokens"]),
+    (["--init_from=scratch"], ["--init_from=scratch has no weights to sample from here"]),
+])
+def test_sampling_options_out_of_range_are_one_line(trained_run, args, words):
+    assert_user_error(run_script("sample.py", f"--out_dir={trained_run}", "--num_samples=1", *args), *words)
+
+
+def test_a_run_folder_as_init_from_or_a_pipe_as_prompt_is_one_line(trained_run, tmp_path):
+    assert_user_error(run_script("sample.py", f"--init_from={trained_run}"), f"sampled with --out_dir={trained_run}")
+    fifo = tmp_path / "prompt"
+    os.mkfifo(fifo)  # reading it would wait for a writer for ever
+    assert_user_error(run_script("sample.py", f"--out_dir={trained_run}", f"--start=FILE:{fifo}"), "is not a regular file")
+
+
+def test_a_checkpoint_that_is_a_pipe_or_an_old_pickle_is_one_line_and_runs_nothing(tmp_path):
+    import pickle
+
+    (tmp_path / "pipe").mkdir()
+    os.mkfifo(tmp_path / "pipe" / "ckpt.pt")
+    assert_user_error(run_script("sample.py", f"--out_dir={tmp_path / 'pipe'}"), "is not a regular file (a pipe or a device)")
+    (tmp_path / "old").mkdir()
+    marker = tmp_path / "ran"
+    with open(tmp_path / "old" / "ckpt.pt", "wb") as f:  # protocol 2, no zip: torch's legacy format
+        pickle.dump({"x": Runs(str(marker))}, f, protocol=2)
+    result = run_script("sample.py", f"--out_dir={tmp_path / 'old'}")
+    assert_user_error(result, "holds Python objects that need code to load")
+    assert not marker.exists() and "Warning" not in result.stderr
+
+
+class Runs:
+    """Unpickling it would create a file: the proof that a checkpoint ran code."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
