@@ -35,7 +35,7 @@ from opengpt.run_setup import (build_model, build_optimizer, chat_record, check_
                                setup_distributed, start_weight_average, stream_seed)
 from opengpt.schedule import Schedule, TimeBudget
 from opengpt.training import (StepClock, StopRequest, Training, batches_fit, broken_weights_message, diverged_message,
-                              evaluate, log_training_step, losses_are_sane, model_fits, rank0_verdict,
+                              evaluate, log_training_step, losses_are_sane, model_fits, other_ranks_rng_states, rank0_verdict,
                               save_training_state, sources_text, train_step, weights_are_finite)
 
 DEFAULTS = dict(
@@ -158,7 +158,8 @@ def main(optimizer=None):
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     optimizer = build_optimizer(cfg, model, device_type)
     if checkpoint is not None:
-        ckpt.restore_training_state(checkpoint, optimizer, scaler, batch_generator, hessian_generator, rank, data.epochs)
+        ckpt.restore_training_state(checkpoint, optimizer, scaler, batch_generator, hessian_generator, rank, data.epochs,
+                                    world_size)
         checkpoint = None  # free the memory
 
     raw_model = model
@@ -202,11 +203,11 @@ def main(optimizer=None):
     start_iter = iter_num
     last_saved_iter = iter_num if cfg["init_from"] == "resume" else None
 
-    def save_checkpoint(file_name):
+    def save_checkpoint(file_name, other_ranks):
         nonlocal last_saved_iter
         # the flags as they stand: with --max_minutes, what was decided so far and the seconds used, so a resume goes on
         save_training_state(t, cfg | asdict(schedule) | budget.saved_state(), model_args, iter_num, best_val_loss,
-                            tokenizer, file_name, log)
+                            tokenizer, file_name, log, other_ranks)
         log.keep()
         if file_name == ckpt.FILENAME:
             last_saved_iter = iter_num
@@ -222,11 +223,13 @@ def main(optimizer=None):
     def stop_unless_sane(metrics):
         """Before anything is saved, on every rank together: weights that are no longer finite, or
         rank 0's losses of them (metrics) that are not sane, stop the run with nothing saved, so they
-        never replace a checkpoint that was. A step that blows the weights up can have a finite loss."""
+        never replace a checkpoint that was. A step that blows the weights up can have a finite loss.
+        Returns what a checkpoint needs of the other ranks (on rank 0): their random states."""
         weights_finite = rank0_verdict(weights_are_finite(raw_model, weight_average), t)
         losses_sane = rank0_verdict(metrics is None or losses_are_sane(metrics, data.vocab_size), t)
         if not (weights_finite and losses_sane):
             raise UserError(broken_weights_message(iter_num, metrics, weights_finite, last_saved_iter, cfg, dtype))
+        return other_ranks_rng_states(t)
 
     def may_save(the_checkpoints_weights=False):
         # nothing before a step of this run (a resumed run would rewrite its checkpoint, an evaluation
@@ -253,16 +256,16 @@ def main(optimizer=None):
                           val_bpc=val["bpc"], val_bpb=val["bpb"], lr=lr, **({"val_sources": val["sources"]} if "sources" in val else {}))
                 log.text(f"step {iter_num}: train loss {train['loss']:.4f}, val loss {val['loss']:.4f}, "
                          f"val {val['bpc']:.3f} bits/char ({val['bpb']:.3f} bits/byte){sources_text(val)}")
-            stop_unless_sane(metrics)
+            other_ranks = stop_unless_sane(metrics)
             if is_master:
                 if val["loss"] < best_val_loss:
                     best_val_loss = val["loss"]
                     # a resumed run's first evaluation may be the first of the checkpoint's weights (a run stopped
                     # by a signal just before an evaluation saves them unevaluated): they may be the best
                     if cfg["keep_best_checkpoint"] and may_save(the_checkpoints_weights=True):
-                        save_checkpoint(ckpt.BEST_FILENAME)
+                        save_checkpoint(ckpt.BEST_FILENAME, other_ranks)
                 if may_save() and (cfg["always_save_checkpoint"] or val["loss"] <= best_val_loss):
-                    save_checkpoint(ckpt.FILENAME)
+                    save_checkpoint(ckpt.FILENAME, other_ranks)
                 budget.evaluated(time.perf_counter() - t_eval)
                 clock.restart()  # evaluation time is not training time
         if cfg["eval_only"] or iter_num >= schedule.max_iters:
@@ -297,16 +300,16 @@ def main(optimizer=None):
             stop.stopped = True
             if bad_steps:  # stopped while steps fail: those weights are not saved
                 raise UserError(diverged_message(bad_steps, iter_num, last_saved_iter, cfg, dtype))
-            stop_unless_sane(evaluation(spot_check=True) if is_master else None)
+            other_ranks = stop_unless_sane(evaluation(spot_check=True) if is_master else None)
             if is_master:
-                save_checkpoint(ckpt.FILENAME)
+                save_checkpoint(ckpt.FILENAME, other_ranks)
                 log.text(f"received {stop.signal_name or 'a stop request'}: stopping with exit status {stop.exit_status()}; "
                          f"continue with the same command plus --init_from=resume")
             break
         if cfg["ckpt_interval"] and iter_num % cfg["ckpt_interval"] == 0 and may_save():
-            stop_unless_sane(evaluation(spot_check=True) if is_master else None)
+            other_ranks = stop_unless_sane(evaluation(spot_check=True) if is_master else None)
             if is_master:
-                save_checkpoint(ckpt.FILENAME)
+                save_checkpoint(ckpt.FILENAME, other_ranks)
 
     if budget.enabled:
         log.event("time_budget_end", iter=iter_num, elapsed_seconds=budget.elapsed(), budget_seconds=budget.seconds,

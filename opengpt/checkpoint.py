@@ -38,24 +38,40 @@ FORMAT = "open-gpt-training/2"
 OPTIMIZER_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")
 
 
+def process_rng_state():
+    """This process's own random states (its dropout's among them): Python's, NumPy's, torch's on the
+    CPU and, once CUDA is in use, on each GPU."""
+    np_state = np.random.get_state()
+    state = dict(python=random.getstate(), numpy=[np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+                 torch=torch.get_rng_state())
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_process_rng_state(state):
+    random.setstate(_as_tuples(state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        # one state per GPU of the saving machine; this one may have fewer (or more)
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
+
+
 def training_state(model, optimizer, scaler, model_args, iter_num, best_val_loss, config, batch_generator, tokenizer,
-                   hessian_generator, train_windows=None, weight_average=None, chat=None):
+                   hessian_generator, train_windows=None, weight_average=None, chat=None, other_ranks=None):
     """Everything `init_from=resume` needs to continue the run exactly, and the tokenizer that
     sample.py and export.py need to turn its tokens into text without the data folder. With a
     weight_average (weight_average.py), "model" is the average and "trained_model" the weights trained.
-    chat: a chat fine-tuning's record (its template, how the vocabulary grew: run_setup.chat_record)."""
-    np_state = np.random.get_state()
-    rng = dict(
-        python=random.getstate(),
-        numpy=[np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        torch=torch.get_rng_state(),
-        batches=batch_generator.get_state(),
-        hessian=hessian_generator.get_state(),
-    )
+    chat: a chat fine-tuning's record (its template, how the vocabulary grew: run_setup.chat_record).
+    other_ranks: under torchrun, ranks 1, 2, ...'s process_rng_state, which this process (rank 0) lacks."""
+    rng = process_rng_state() | dict(batches=batch_generator.get_state(), hessian=hessian_generator.get_state())
     if train_windows is not None:
         rng["train_windows"] = train_windows.state_dict()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
+    if other_ranks:
+        rng["other_ranks"] = other_ranks
     averaged = {} if weight_average is None else dict(
         model=weight_average.averaged_state_dict(model), trained_model=model.state_dict(),
         weight_average_updates=weight_average.updates)
@@ -238,9 +254,11 @@ def model_from(checkpoint, dropout=None):
     return model
 
 
-def restore_training_state(checkpoint, optimizer, scaler, batch_generator, hessian_generator, rank, train_windows=None):
+def restore_training_state(checkpoint, optimizer, scaler, batch_generator, hessian_generator, rank, train_windows=None,
+                           world_size=1):
     """Optimizer, GradScaler and random states (and where train_windows, a data.ShuffledEpochs, was in
-    its epoch), so the resumed run is the run that was saved."""
+    its epoch), so the resumed run is the run that was saved. Each rank takes its own process's random
+    states where the run had as many processes; else the ranks past 0 keep their own seeds."""
     try:
         load_optimizer_state(optimizer, checkpoint["optimizer"])
     except (ValueError, KeyError) as e:
@@ -253,16 +271,10 @@ def restore_training_state(checkpoint, optimizer, scaler, batch_generator, hessi
     hessian_generator.set_state(rng["hessian"])
     if train_windows is not None and "train_windows" in rng:  # else (a run saved with sampling=random) a new epoch
         train_windows.load_state_dict(rng["train_windows"])
-    if rank != 0:
-        return  # only rank 0's process-local random states are saved; the others keep their own seeds
-    random.setstate(_as_tuples(rng["python"]))
-    name, keys, *rest = rng["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        # one state per GPU of the saving machine; this one may have fewer (or more)
-        for index, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(state, index)
+    if rank == 0:
+        restore_process_rng_state(rng)
+    elif len(rng.get("other_ranks", [])) == world_size - 1 > 0:  # not a run saved by another number of processes
+        restore_process_rng_state(rng["other_ranks"][rank - 1])
 
 
 def load_optimizer_state(optimizer, state):

@@ -277,11 +277,23 @@ def log_training_step(t, log, iter_num, lr, step, seconds, total_bad_steps, peak
     log.text(f"iter {iter_num}: loss {fields['loss']:.4f}, time {seconds * 1000:.2f}ms, mfu {mfu}{t.spec.log_text(stats)}")
 
 
-def save_training_state(t, config, model_args, iter_num, best_val_loss, tokenizer, file_name, log):
+def other_ranks_rng_states(t):
+    """On rank 0, the random states of ranks 1, 2, ... (ckpt.process_rng_state: their dropout's, say),
+    for a checkpoint; None elsewhere, or with one process. Every rank must call it together."""
+    if t.world_size == 1:
+        return None
+    states = [None] * t.world_size if t.rank == 0 else None
+    dist.gather_object(ckpt.process_rng_state(), states, dst=0)
+    return states[1:] if t.rank == 0 else None
+
+
+def save_training_state(t, config, model_args, iter_num, best_val_loss, tokenizer, file_name, log, other_ranks=None):
     """Write out_dir/file_name: everything --init_from=resume needs to continue exactly. config: the
-    run's flags as they stand now (with the horizon a time budget decided)."""
+    run's flags as they stand now (with the horizon a time budget decided); other_ranks:
+    other_ranks_rng_states, gathered when the model was checked for saving."""
     state = ckpt.training_state(t.raw_model, t.optimizer, t.scaler, model_args, iter_num, best_val_loss, config,
-                                t.batch_generator, tokenizer, t.hessian_generator, t.data.epochs, t.weight_average, t.chat)
+                                t.batch_generator, tokenizer, t.hessian_generator, t.data.epochs, t.weight_average, t.chat,
+                                other_ranks)
     ckpt.save(state, os.path.join(config["out_dir"], file_name))
     log.text(f"saved checkpoint {config['out_dir']}/{file_name} at iter {iter_num}")
 

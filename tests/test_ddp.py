@@ -215,3 +215,17 @@ def test_resuming_on_a_node_that_does_not_see_the_checkpoint_says_why(tmp_path, 
     monkeypatch.setenv("LOCAL_RANK", "3")
     with pytest.raises(UserError, match="not found"):
         run_setup.build_model(cfg, SimpleNamespace(padded_vocab_size=64), "data", SimpleNamespace(eot_token=0))
+
+
+def test_a_resumed_two_process_run_with_dropout_is_the_uninterrupted_run(tmp_path, tiny_data):
+    """Each rank draws its own dropout masks: a checkpoint keeps every rank's random state, not rank 0's
+    alone (rank 1 resumed from its seed, replaying the masks of iteration 0)."""
+    args = [*train_args(tiny_data, "adamw", 1), "--dropout=0.1", "--eval_interval=3"]
+    (tmp_path / "straight").mkdir()
+    (tmp_path / "parts").mkdir()
+    straight = Run(tmp_path / "straight", run_all(two_processes(args), cwd=tmp_path / "straight"))
+    run_all(two_processes([*args, "--max_iters=3"]), cwd=tmp_path / "parts")
+    resumed = Run(tmp_path / "parts", run_all(two_processes([*args, "--init_from=resume"]), cwd=tmp_path / "parts"))
+    assert resumed.iters == straight.iters == list(range(6))
+    assert resumed.losses == straight.losses
+    assert_same_tensors(resumed.checkpoint["model"], straight.checkpoint["model"], "weight")
