@@ -107,6 +107,11 @@ def parse_args(config, argv):
             raise ConfigError(f"argument {arg} needs a value: --{key}=VALUE")
         if key not in config:
             raise ConfigError(f"unknown option --{key}{_closest_hint(key, config)}")
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # a byte the locale could not decode comes as a lone surrogate
+                raise ConfigError(f"--{key} is not UTF-8 text; give it in UTF-8 (or put it in a UTF-8 file)") from None
         value = _parse_value(text)
         if isinstance(defaults[key], str) and not isinstance(value, str):
             value = text  # --out_dir=2024 means the folder "2024"

@@ -38,6 +38,8 @@ def read_text(path):
     """A text file's contents; a missing, unreadable, non-UTF-8 or empty file is a UserError."""
     if os.path.isdir(path):
         raise UserError(f"--text: {path} is a folder; give text files, comma-separated")
+    if os.path.exists(path) and not os.path.isfile(path):  # /dev/zero would fill the memory, a pipe wait
+        raise UserError(f"--text: {path} is not a regular file (a pipe or a device); give text files")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -74,7 +76,9 @@ def load(path):
     """(checkpoint, its model in eval mode, its tokenizer) of a checkpoint file whose weights are finite."""
     checkpoint = ckpt.load(path)
     ckpt.check_finite_weights(checkpoint, path)
-    return checkpoint, ckpt.model_from(checkpoint, dropout=0.0).eval(), ckpt.tokenizer_of(checkpoint)
+    model, tokenizer = ckpt.model_from(checkpoint, dropout=0.0).eval(), ckpt.tokenizer_of(checkpoint)
+    ckpt.check_vocabulary_fits(model, tokenizer)
+    return checkpoint, model, tokenizer
 
 
 def evaluate_val(checkpoint, model, tokenizer, data_dir, batch_size, max_batches, device, autocast):

@@ -325,9 +325,7 @@ def main():
     model = ckpt.model_from(checkpoint)
     model.eval()
     tokenizer = ckpt.tokenizer_of(checkpoint)
-    if model.config.vocab_size < tokenizer.n_vocab:
-        raise UserError(f"the model's vocabulary has {model.config.vocab_size} rows, fewer than its tokenizer's "
-                        f"{tokenizer.n_vocab} tokens; the checkpoint is damaged or was edited")
+    ckpt.check_vocabulary_fits(model, tokenizer)
     try:
         import transformers
     except ImportError:

@@ -398,15 +398,18 @@ class GPT(nn.Module):
 def _load_quietly(model_class, name_or_dir):
     """(model, loading info) of transformers' from_pretrained, without its progress bar (noise on our
     stderr) or its report on missing weights (the callers raise on those)."""
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    verbosity = transformers_logging.get_verbosity()
+    verbosities = transformers_logging.get_verbosity(), hub_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()  # offline, a hub name's every retry was a warning; the caller's error says it
     try:
         return model_class.from_pretrained(name_or_dir, output_loading_info=True, trust_remote_code=False)
     finally:
-        transformers_logging.set_verbosity(verbosity)
+        transformers_logging.set_verbosity(verbosities[0])
+        hub_logging.set_verbosity(verbosities[1])
 
 
 def sample_next_token(logits, temperature, top_k, generator):

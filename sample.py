@@ -76,9 +76,7 @@ def load_model(cfg):
                         f"sampled with --out_dir={run_dir} (--init_from=resume, the default)")
     else:
         model, tokenizer = ckpt.gpt2_model(cfg["init_from"], dropout=0.0), ckpt.pretrained_tokenizer(cfg["init_from"])
-    if model.config.vocab_size < tokenizer.n_vocab:  # its ids past the model's rows would index nothing
-        raise UserError(f"the model's vocabulary has {model.config.vocab_size} rows, fewer than its tokenizer's "
-                        f"{tokenizer.n_vocab} tokens; the weights and the tokenizer do not belong together")
+    ckpt.check_vocabulary_fits(model, tokenizer)
     return model, tokenizer
 
 

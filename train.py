@@ -200,6 +200,10 @@ def main(optimizer=None):
     # the loop: the learning rate, an evaluation (and checkpoint) every eval_interval, one step, its log line
     budget = TimeBudget(cfg["eval_interval"], world_size, device, rank)
     schedule = budget.start(Schedule.from_config(cfg), resumed_config)  # with --max_minutes, the horizon comes later
+    if schedule.max_minutes != cfg["max_minutes"]:  # a resumed budget: its own, whatever the flags say now
+        log.text(f"note: the run in {cfg['out_dir']} keeps its own time budget of {schedule.max_minutes:g} minutes and the "
+                 f"schedule it decided (--max_minutes and --max_iters here are not used); for a new budget, start a run "
+                 f"from its weights in another folder: --init_from={cfg['out_dir']} --out_dir=NEW")
     start_iter = iter_num
     last_saved_iter = iter_num if cfg["init_from"] == "resume" else None
 
@@ -240,6 +244,9 @@ def main(optimizer=None):
         started = iter_num > start_iter or (the_checkpoints_weights and cfg["init_from"] == "resume")
         return started and not cfg["eval_only"] and bad_steps == 0 and not (budget.enabled and not budget.fixed)
 
+    def evaluates_at(iter_num):
+        return iter_num % cfg["eval_interval"] == 0 or iter_num == schedule.max_iters
+
     bad_steps, total_bad_steps = 0, 0
     clock = StepClock()
     while True:
@@ -247,7 +254,7 @@ def main(optimizer=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        if iter_num % cfg["eval_interval"] == 0 or iter_num == schedule.max_iters:
+        if evaluates_at(iter_num):
             t_eval = time.perf_counter()
             metrics = evaluation() if is_master else None
             if is_master:
@@ -306,7 +313,9 @@ def main(optimizer=None):
                 log.text(f"received {stop.signal_name or 'a stop request'}: stopping with exit status {stop.exit_status()}; "
                          f"continue with the same command plus --init_from=resume")
             break
-        if cfg["ckpt_interval"] and iter_num % cfg["ckpt_interval"] == 0 and may_save():
+        # not where the evaluation the loop starts with saves anyway: two writes of one checkpoint in a row
+        evaluation_saves = cfg["always_save_checkpoint"] and evaluates_at(iter_num)
+        if cfg["ckpt_interval"] and iter_num % cfg["ckpt_interval"] == 0 and may_save() and not evaluation_saves:
             other_ranks = stop_unless_sane(evaluation(spot_check=True) if is_master else None)
             if is_master:
                 save_checkpoint(ckpt.FILENAME, other_ranks)

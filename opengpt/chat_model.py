@@ -57,9 +57,7 @@ def load(out_dir, device="auto", dtype="auto", checkpoint_file=ckpt.FILENAME, co
     checkpoint = ckpt.load(path)
     ckpt.check_finite_weights(checkpoint, path)
     model, tokenizer = ckpt.model_from(checkpoint, dropout=0.0), ckpt.tokenizer_of(checkpoint)
-    if model.config.vocab_size < tokenizer.n_vocab:  # its ids past the model's rows would index nothing
-        raise UserError(f"the model's vocabulary has {model.config.vocab_size} rows, fewer than its tokenizer's "
-                        f"{tokenizer.n_vocab} tokens; the weights and the tokenizer do not belong together")
+    ckpt.check_vocabulary_fits(model, tokenizer)
     if not is_chat_tokenizer(tokenizer):
         raise UserError(f"{out_dir} holds a base model, not a chat model; fine-tune it first: python prepare_chat.py "
                         f"--input=chats.jsonl --tokenizer_from={out_dir} --out=data/chat, then python train.py "

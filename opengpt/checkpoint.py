@@ -408,6 +408,14 @@ def load_pretrained(out_dir):
     return checkpoint
 
 
+def check_vocabulary_fits(model, tokenizer):
+    """A UserError unless every id the tokenizer gives has a row in the model: past its rows an id
+    would index nothing (a crafted or edited checkpoint, weights beside a tokenizer of another model)."""
+    if model.config.vocab_size < tokenizer.n_vocab:
+        raise UserError(f"the model's vocabulary has {model.config.vocab_size} rows, fewer than its tokenizer's "
+                        f"{tokenizer.n_vocab} tokens; the weights and the tokenizer do not belong together")
+
+
 def is_run_folder(path):
     """Whether path is a training run's out_dir (it holds a ckpt.pt), not a transformers folder."""
     return os.path.isdir(path) and os.path.lexists(os.path.join(path, FILENAME))

@@ -14,7 +14,7 @@ from opengpt import checkpoint as ckpt
 from opengpt import folder_lock
 from opengpt import optimizers
 from opengpt import run_log
-from opengpt.cli import UserError
+from opengpt.cli import UserError, first_line
 from opengpt.data import SAMPLINGS
 from opengpt.schedule import MAX_MINUTES
 from opengpt.weight_average import WeightAverage
@@ -24,6 +24,9 @@ from opengpt.weight_average import WeightAverage
 CHECKPOINT_SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "scale_attn_by_inverse_layer_idx", "rotary",
                     "activation", "document_mask")
 CHECKPOINT_OPTIMIZER = ("optimizer", "beta1", "beta2", "weight_decay", "decay_embeddings")
+
+
+BACKENDS = ("auto", "gloo", "nccl", "mpi", "ucc")  # torch.distributed's; auto: nccl on CUDA, gloo otherwise
 
 
 def check_config(cfg):
@@ -53,6 +56,8 @@ def check_config(cfg):
     if not 0 <= cfg["max_minutes"] <= MAX_MINUTES:  # written so that nan fails too
         raise UserError(f"--max_minutes must be between 0 (no time budget) and {MAX_MINUTES:,} (a year), "
                         f"got {cfg['max_minutes']:g}")
+    if cfg["backend"] not in BACKENDS:  # nanoGPT's configs say nccl: on a CPU that is a traceback on every rank
+        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg['backend']}")
     if cfg["hessian_batch"] not in ("fresh", "step"):
         raise UserError(f"--hessian_batch must be fresh or step, got {cfg['hessian_batch']}")
     if cfg["hessian_batch"] == "step" and cfg["hess_accumulation_steps"] not in (0, cfg["gradient_accumulation_steps"]):
@@ -95,9 +100,16 @@ def setup_distributed(backend, device):
         # every process would train on that one GPU: each process's GPU is cuda:LOCAL_RANK
         raise UserError(f"--device={device} names one GPU, but under torchrun each process takes cuda:LOCAL_RANK; "
                         f"pass --device=cuda (pick the GPUs with CUDA_VISIBLE_DEVICES)")
+    if backend == "nccl" and not device.startswith("cuda"):
+        raise UserError(f"--backend=nccl needs CUDA GPUs, and this run is on {device}; use --backend=auto (gloo off a GPU)")
     if device.startswith("cuda"):
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend)
+    try:
+        dist.init_process_group(backend=backend)
+    except (RuntimeError, AssertionError, ValueError) as e:  # a backend this torch was built without (MPI, UCC)
+        if "built in" not in str(e) and "backend" not in str(e).lower():
+            raise
+        raise UserError(f"--backend={backend} does not work here ({first_line(e)}); use --backend=auto") from None
     return rank, local_rank, world_size
 
 

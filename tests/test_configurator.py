@@ -197,3 +197,10 @@ def test_a_nan_learning_rate_in_a_config_file_is_refused(tmp_path):
 def test_a_folder_given_as_a_config_file_is_named_as_one(tmp_path):
     with pytest.raises(ConfigError, match="is a folder; name a .py file"):
         parse_args({"batch_size": 1}, [str(tmp_path)])
+
+
+def test_an_option_that_is_not_utf8_is_a_config_error():
+    """A byte the locale cannot decode reaches sys.argv as a lone surrogate, which no tokenizer takes."""
+    with pytest.raises(ConfigError, match="--start is not UTF-8 text"):
+        parse_args({"start": "\n"}, ["--start=ab\udcffc"])
+    assert parse_args({"start": "\n"}, ["--start=滚滚长江"]) == {"start": "滚滚长江"}

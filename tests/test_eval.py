@@ -72,6 +72,20 @@ def test_eval_s_bad_input_is_one_line(two_source_run, tmp_path):
         ([f"--out_dir={two_source_run}", f"--text={tmp_path / 'missing.txt'}"], ["missing.txt not found"]),
         ([f"--out_dir={two_source_run}", f"--text={tmp_path}"], ["is a folder"]),
         ([f"--out_dir={two_source_run}", f"--data_dir={tmp_path / 'no_data'}"], ["no_data not found"]),
+        ([f"--out_dir={two_source_run}", "--text=/dev/zero"], ["/dev/zero is not a regular file"]),
     ]
     for args, words in cases:
         assert_user_error(run_script("eval.py", *args, "--device=cpu"), *words)
+
+
+def test_a_checkpoint_with_fewer_rows_than_its_tokenizer_is_one_line(two_source_run, tmp_path):
+    """Edited (its checksum made again: no signature), the model's rows cut below the tokenizer's ids."""
+    state = torch.load(two_source_run / ckpt.FILENAME, weights_only=True)
+    rows = 200
+    state["model_args"] = state["model_args"] | {"vocab_size": rows}
+    for key in ("transformer.wte.weight", "lm_head.weight"):
+        state["model"][key] = state["model"][key][:rows].clone()
+    (tmp_path / "run").mkdir()
+    ckpt.save({k: v for k, v in state.items() if k != "checksum"}, str(tmp_path / "run" / ckpt.FILENAME))
+    assert_user_error(run_script("eval.py", f"--out_dir={tmp_path / 'run'}", "--device=cpu"), "vocabulary has 200 rows")
+

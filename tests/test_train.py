@@ -271,6 +271,13 @@ def test_periodic_and_best_checkpoints(tiny_data, tmp_path):
     assert best["best_val_loss"] == min(e["val_loss"] for e in read_events(out, "eval"))
 
 
+def test_a_periodic_save_where_an_evaluation_saves_anyway_is_not_written_twice(tiny_data, tmp_path):
+    result = train_ok(*train_args(tiny_data, tmp_path / "run", "--max_iters=6", "--lr_decay_iters=6", "--eval_interval=3",
+                                  "--ckpt_interval=2"))
+    saves = [line.split(" at iter ")[1] for line in result.stdout.splitlines() if line.startswith("saved checkpoint")]
+    assert saves == ["2", "3", "4", "6"]  # 6 is both the interval's and the last evaluation's: once
+
+
 @pytest.mark.parametrize("device", ["cuda:0", "cuda:1"])
 def test_a_named_gpu_under_torchrun_is_a_user_error(monkeypatch, device):
     """Under torchrun each process trains on cuda:LOCAL_RANK; --device=cuda:N would put every rank on
@@ -279,3 +286,13 @@ def test_a_named_gpu_under_torchrun_is_a_user_error(monkeypatch, device):
         monkeypatch.setenv(name, value)
     with pytest.raises(cli.UserError, match=f"--device={device} names one GPU.*pass --device=cuda"):
         setup_distributed("auto", device)
+
+
+def test_a_backend_that_cannot_work_is_a_user_error(tiny_data, tmp_path, monkeypatch):
+    """nanoGPT's configs say backend = 'nccl': off a GPU that was a traceback on every rank."""
+    assert_user_error(run_script("train.py", *train_args(tiny_data, tmp_path / "run", "--backend=foo")),
+                      "--backend must be one of auto, gloo, nccl, mpi, ucc, got foo")
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2").items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(cli.UserError, match="--backend=nccl needs CUDA GPUs, and this run is on cpu; use --backend=auto"):
+        setup_distributed("nccl", "cpu")

@@ -293,10 +293,10 @@ def test_weights_that_are_not_a_weights_file_or_a_file_for_a_folder_are_one_line
 
 
 def test_a_folder_whose_vocabulary_is_smaller_than_its_tokenizer_is_one_line(tmp_path):
-    """64 rows and GPT-2's 50257 tokens: the prompt's ids would index past the embedding."""
+    """64 rows and no tokenizer.json: GPT-2's 50257 tokens would index past the embedding."""
     folder = gpt2_folder(tmp_path / "small_vocab", vocab_size=64)
     assert_user_error(limited("sample.py", f"--init_from={folder}", "--device=cpu", "--start=hello"),
-                      "vocabulary has 64 rows, fewer than its tokenizer's 50257 tokens")
+                      "has no tokenizer.json, and its vocabulary is not GPT-2's")
 
 
 # ---- tokenizer files: a regular file of a bounded size, and regexes that end ----
