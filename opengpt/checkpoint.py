@@ -13,7 +13,6 @@ import errno
 import hashlib
 import json
 import os
-import pickle
 import random
 import re
 import warnings
@@ -159,10 +158,11 @@ def load(path):
         raise UserError(f"checkpoint {path} not found; train first, or point --out_dir at the run's folder") from None
     except IsADirectoryError:
         raise UserError(f"checkpoint {path} is a folder, not a file") from None
-    except pickle.UnpicklingError:  # weights_only refused what only code could rebuild: nothing of it ran
-        raise UserError(f"checkpoint {path} holds Python objects that need code to load, which train.py never writes; "
-                        f"it was not loaded (it was made by another program)") from None
-    except Exception as e:  # truncated, not a torch file
+    except Exception as e:  # truncated, not a torch file, or holding objects that need code to load
+        needs_code = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if needs_code:  # weights_only refused what only code could rebuild: nothing of it ran
+            raise UserError(f"checkpoint {path} is unreadable or corrupt: it holds Python objects that need code to load "
+                            f"({needs_code[1]}), which train.py never writes; nothing of it was run") from None
         reason = (str(e).strip().splitlines() or ["no message"])[0][:160]
         raise UserError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}: {reason})") from None
     found = checkpoint.get("format", "no format field") if isinstance(checkpoint, dict) else type(checkpoint).__name__
