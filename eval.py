@@ -84,6 +84,9 @@ def load(path):
 def evaluate_val(checkpoint, model, tokenizer, data_dir, batch_size, max_batches, device, autocast):
     """(the data folder, evaluate_split's numbers of its val split: overall and per source) for a
     loaded checkpoint's model; the folder must hold the checkpoint's tokenizer."""
+    if not os.path.isdir(data_dir):  # TokenData's message would offer --dataset, which eval.py does not take
+        raise UserError(f"data folder {data_dir} not found (a path relative to where the run was started, if it is the "
+                        f"checkpoint's); name it with --data_dir")
     data = TokenData(data_dir, model.config.block_size)
     ckpt.check_same_tokenizer(checkpoint, data.load_tokenizer(), data_dir)
     return data, evaluate_split(model, data, "val", batch_size, max_batches, device, autocast,

@@ -299,8 +299,11 @@ def write_folder_atomically(path, write):
         remove_stale_folders(path)
         with staged_folder(path) as stage:
             write(stage)
-            for entry in os.scandir(stage):  # on disk before the rename makes them visible
-                fsync_file(entry.path)
+            umask = os.umask(0)
+            os.umask(umask)
+            for entry in os.scandir(stage):
+                os.chmod(entry.path, 0o666 & ~umask)  # as any new file: transformers writes its weights at 0600
+                fsync_file(entry.path)  # on disk before the rename makes them visible
 
 
 def is_write_failure(error):

@@ -43,7 +43,8 @@ def check_config(cfg):
             raise UserError(f"--{key} must be zero or positive, got {cfg[key]}")
     if cfg["optimizer"] not in optimizers.REGISTRY:
         raise UserError(f"unknown --optimizer={cfg['optimizer']}; choose {optimizers.choices()}")
-    if cfg["decay_lr"] and cfg["lr_decay_iters"] <= cfg["warmup_iters"]:
+    # (with --max_minutes the budget sets the decay's length)
+    if cfg["decay_lr"] and not cfg["max_minutes"] and cfg["lr_decay_iters"] <= cfg["warmup_iters"]:
         raise UserError(f"--lr_decay_iters ({cfg['lr_decay_iters']}) must exceed --warmup_iters ({cfg['warmup_iters']})")
     for key in ("learning_rate", "min_lr"):
         if not math.isfinite(cfg[key]):  # 1e999 reads as inf

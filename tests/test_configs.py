@@ -39,3 +39,12 @@ def test_a_config_is_short_and_pins_the_cpu_only_where_its_name_says_so(path):
         assert len(f.read().splitlines()) <= 50, "tuning histories and measurements belong in logs/README.md"
     # a pinned CPU would, under torchrun on a GPU machine, quietly train on CPU processes
     assert parse_args(train.DEFAULTS, [path])["device"] != "cpu" or "cpu" in os.path.basename(path)
+
+
+def test_a_time_budget_is_not_refused_for_a_decay_it_replaces():
+    """--max_minutes decides the decay's length itself: a config's shorter lr_decay_iters does not matter."""
+    cfg = parse_args(train.DEFAULTS, ["--warmup_iters=12", "--lr_decay_iters=5"])
+    with pytest.raises(Exception, match="must exceed --warmup_iters"):
+        check_config(cfg)
+    check_config(cfg | {"max_minutes": 0.5})
+

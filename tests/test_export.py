@@ -172,6 +172,14 @@ def test_a_gpt_neox_model_of_another_shape_does_not_load_as_ours(tmp_path, offli
         ckpt.gpt2_model(str(tmp_path / "eps"), 0.0)
 
 
+def test_every_exported_file_has_a_new_files_mode(exports):
+    umask = os.umask(0)
+    os.umask(umask)
+    _, folder = exports[True]
+    assert {name: oct(os.stat(os.path.join(folder, name)).st_mode & 0o777) for name in os.listdir(folder)} == \
+        {name: oct(0o666 & ~umask) for name in os.listdir(folder)}
+
+
 def test_a_folder_without_tokenizer_json_is_read_with_gpt2s_only_if_its_vocabulary_is_gpt2s(exports, tmp_path, offline):
     """An older save (vocab.json and merges.txt, no tokenizer.json) of GPT-2's own vocabulary reads with
     GPT-2's tokenizer; one with a vocabulary of its own is refused, not read with GPT-2's ids."""
