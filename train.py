@@ -201,7 +201,7 @@ def main(optimizer=None):
     budget = TimeBudget(cfg["eval_interval"], world_size, device, rank)
     schedule = budget.start(Schedule.from_config(cfg), resumed_config)  # with --max_minutes, the horizon comes later
     if schedule.max_minutes != cfg["max_minutes"]:  # a resumed budget: its own, whatever the flags say now
-        log.text(f"note: the run in {cfg['out_dir']} keeps its own time budget of {schedule.max_minutes:g} minutes and the "
+        log.text(f"note: the run in {cfg['out_dir']} keeps its own time budget ({schedule.max_minutes:g} min) and the "
                  f"schedule it decided (--max_minutes and --max_iters here are not used); for a new budget, start a run "
                  f"from its weights in another folder: --init_from={cfg['out_dir']} --out_dir=NEW")
     start_iter = iter_num

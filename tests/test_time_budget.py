@@ -74,7 +74,7 @@ def test_resume_continues_the_same_decisions_with_the_seconds_left(tiny_data, tm
     # resumed with another budget: the recorded one wins, with the seconds it had left; nothing is measured again
     result = run_script("train.py", *args, "--init_from=resume", "--max_minutes=5")
     assert result.returncode == 0, result.stderr
-    assert f"keeps its own time budget of {BUDGET_MINUTES:g} minutes" in result.stdout  # said, not silent
+    assert f"keeps its own time budget ({BUDGET_MINUTES:g} min)" in result.stdout  # said, not silent
     assert len(read_events(out, "time_budget")) == 1
     first, end = read_events(out, "time_budget_end")
     assert end["budget_seconds"] == 60 * BUDGET_MINUTES and end["elapsed_seconds"] > first["elapsed_seconds"]
