@@ -39,7 +39,7 @@ from opengpt import tokenizer as tok
 from opengpt.cli import UserError, run
 from configurator import parse_args
 from opengpt.data import TokenData
-from opengpt.data_layout import SPLITS
+from opengpt.data_layout import SPLITS, read_meta
 from opengpt.files import fsync_file, write_text
 from opengpt.staged_folder import replaceable_folder, staged_folder, writing_folder
 from opengpt.tokenizer import TOKENIZER_FILE
@@ -245,22 +245,12 @@ def is_output_file(name):
     return name in OUTPUT_FILES
 
 
-def records_conversations(folder):
-    """Whether folder's meta.json is a chat folder's."""
-    try:
-        with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and "chat" in meta
-
-
 def output_folder(cfg, name, argv):
     """(the --out as given, its real path): a new folder, or one that prepare_chat.py wrote before
     (its meta.json records conversations: prepare.py's folders have the same file names)."""
     out = cfg["out"] or os.path.join("data", name)
     path = replaceable_folder(out, argv, "prepare_chat.py", is_output_file, example="data/chat")
-    if os.path.isdir(path) and os.listdir(path) and not records_conversations(path):
+    if os.path.isdir(path) and os.listdir(path) and "chat" not in (read_meta(path) or {}):
         raise UserError(f"--out={out} holds a folder of pretraining data (its meta.json records no conversations); "
                         f"prepare_chat.py replaces the whole folder, so choose a new one, e.g. --out=data/chat")
     return out, path

@@ -45,7 +45,7 @@ from opengpt.files import write_text
 from configurator import parse_args
 from opengpt.corpus import DEFAULT_CORPUS_NAME, EMBEDDED_CORPORA
 from opengpt.data import data_folder, padded_vocab_size
-from opengpt.data_layout import DEFAULT_VOCAB_SIZE, default_out
+from opengpt.data_layout import DEFAULT_VOCAB_SIZE, default_out, read_meta
 from model import GPT, GPTConfig
 from opengpt.run_log import read_events
 from opengpt.run_setup import model_args_from
@@ -118,11 +118,7 @@ def ensure_data(flags, folder):
 
 
 def prepared_with_sources(folder):
-    try:
-        with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        return False
+    meta = read_meta(folder) or {}
     return "min_val_chars_per_source" in meta and all("sources" in meta["splits"][split] for split in ("train", "val"))
 
 

@@ -3,6 +3,7 @@ by, and its inverse, the prepare.py command that writes a folder train.py cannot
 
 Without torch (data.py has it), so prepare.py and its worker processes start fast.
 """
+import json
 import os
 
 from opengpt.corpus import DEFAULT_CORPUS_NAME, EMBEDDED_CORPORA
@@ -62,3 +63,14 @@ def prepare_command(data_dir):
         return f"python prepare.py --out={data_dir} with the flags that made it"
     command = "python prepare.py" + "".join(f" --{key}={value}" for key, value in flags.items())
     return command + ("" if os.path.normpath(data_dir) == os.path.join("data", name) else f" --out={data_dir}")
+
+
+def read_meta(folder):
+    """A data folder's meta.json as a dict, or None where it is missing, unreadable or no JSON object."""
+    try:
+        with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
