@@ -310,7 +310,8 @@ class GPT(nn.Module):
         hf_config = hf_model.config
         # settings that change the maths our GPT does not follow: they would load into a different model
         ours_too = dict(tie_word_embeddings=True, scale_attn_weights=True, layer_norm_epsilon=1e-5)
-        differing = {key: getattr(hf_config, key, wanted) for key, wanted in ours_too.items() if getattr(hf_config, key, wanted) != wanted}
+        settings = {key: getattr(hf_config, key, wanted) for key, wanted in ours_too.items()}
+        differing = {key: value for key, value in settings.items() if value != ours_too[key]}
         if differing:
             raise ValueError(f"{name_or_dir}'s config.json sets {', '.join(f'{k}={v}' for k, v in differing.items())}; "
                              f"only GPT-2's own ({', '.join(f'{k}={v}' for k, v in ours_too.items())}) load")

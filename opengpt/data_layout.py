@@ -73,4 +73,3 @@ def read_meta(folder):
     except (OSError, ValueError):
         return None
     return meta if isinstance(meta, dict) else None
-

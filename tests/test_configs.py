@@ -47,4 +47,3 @@ def test_a_time_budget_is_not_refused_for_a_decay_it_replaces():
     with pytest.raises(Exception, match="must exceed --warmup_iters"):
         check_config(cfg)
     check_config(cfg | {"max_minutes": 0.5})
-

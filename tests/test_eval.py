@@ -88,4 +88,3 @@ def test_a_checkpoint_with_fewer_rows_than_its_tokenizer_is_one_line(two_source_
     (tmp_path / "run").mkdir()
     ckpt.save({k: v for k, v in state.items() if k != "checksum"}, str(tmp_path / "run" / ckpt.FILENAME))
     assert_user_error(run_script("eval.py", f"--out_dir={tmp_path / 'run'}", "--device=cpu"), "vocabulary has 200 rows")
-
