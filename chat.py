@@ -101,6 +101,12 @@ def main():
         raise UserError("chat.py reads the conversation from standard input, which is closed; run it in a terminal "
                         "or pipe lines into it")
     model = chat_model.load(cfg["out_dir"], cfg["device"], cfg["dtype"], compiled=cfg["compile"])
+    if cfg["system"].strip():  # else every message would be refused for the room the system prompt takes
+        try:
+            model.fit([{"role": "system", "content": cfg["system"]}, {"role": "user", "content": "好"}], 1)
+        except chat_model.ContextFull:
+            raise UserError(f"--system leaves no room in the model's {model.block_size}-token context for a message "
+                            f"and its reply; shorten it") from None
     # under a UTF-8 locale a byte that is no UTF-8 (a piped GBK file) would end the chat in a traceback;
     # escaped, it comes in as a lone surrogate, and read_message leaves its line out
     if hasattr(sys.stdin, "reconfigure"):  # not on a stand-in stream without it

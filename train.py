@@ -180,6 +180,11 @@ def main(optimizer=None):
     if is_master:
         log.text(f"tokens per optimizer step: {t.tokens_per_step:,} = {cfg['batch_size']} batch x {cfg['block_size']} block "
                  f"x {cfg['gradient_accumulation_steps']} accumulation x {world_size} processes")
+        saved_tokens = resumed_config and resumed_config.get("tokens_per_step")  # none in checkpoints before it was saved
+        if saved_tokens and saved_tokens != t.tokens_per_step:
+            log.text(f"note: the checkpoint's run took {saved_tokens:,} tokens per step ({resumed_config['world_size']} "
+                     f"processes x {resumed_config['gradient_accumulation_steps']} accumulation); this one takes "
+                     f"{t.tokens_per_step:,}: keep processes x --gradient_accumulation_steps to train as it did")
         log.text(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters, {cfg['optimizer']} optimizer, "
                  f"device {device} ({hardware.device_name(device)}), dtype {dtype}")
         if t.spec.describe(cfg):
@@ -207,10 +212,12 @@ def main(optimizer=None):
     start_iter = iter_num
     last_saved_iter = iter_num if cfg["init_from"] == "resume" else None
 
+    run_shape = dict(world_size=world_size, tokens_per_step=t.tokens_per_step)  # for a resume on another number of processes
+
     def save_checkpoint(file_name, other_ranks):
         nonlocal last_saved_iter
         # the flags as they stand: with --max_minutes, what was decided so far and the seconds used, so a resume goes on
-        save_training_state(t, cfg | asdict(schedule) | budget.saved_state(), model_args, iter_num, best_val_loss,
+        save_training_state(t, cfg | asdict(schedule) | budget.saved_state() | run_shape, model_args, iter_num, best_val_loss,
                             tokenizer, file_name, log, other_ranks)
         log.keep()
         if file_name == ckpt.FILENAME:

@@ -179,6 +179,11 @@ def test_bad_flags_are_one_line(chat_dir):
     assert_user_error(run_script("chat.py", f"--out_dir={chat_dir}", "--seed=18446744073709551615"), "--seed must be between")
 
 
+def test_a_system_prompt_that_fills_the_context_is_one_line(chat_dir):
+    result = run_script("chat.py", f"--out_dir={chat_dir}", "--device=cpu", "--system=" + "长" * 5000)
+    assert_user_error(result, "--system leaves no room in the model's", "shorten it")
+
+
 def test_a_closed_stdin_is_one_line(chat_dir):
     result = subprocess.run([sys.executable, os.path.join(REPO, "chat.py"), f"--out_dir={chat_dir}", "--device=cpu"],
                             capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.close(0))

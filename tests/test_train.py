@@ -296,3 +296,15 @@ def test_a_backend_that_cannot_work_is_a_user_error(tiny_data, tmp_path, monkeyp
         monkeypatch.setenv(name, value)
     with pytest.raises(cli.UserError, match="--backend=nccl needs CUDA GPUs, and this run is on cpu; use --backend=auto"):
         setup_distributed("nccl", "cpu")
+
+
+def test_a_resume_that_takes_other_tokens_per_step_says_so(tiny_data, tmp_path):
+    """Another number of processes (or accumulation) changes the batch a resumed run trains on: said in the log."""
+    out = tmp_path / "run"
+    train_ok(*train_args(tiny_data, out, "--max_iters=2", "--lr_decay_iters=4", "--eval_interval=2"))
+    assert torch.load(out / "ckpt.pt", weights_only=True)["config"]["world_size"] == 1
+    same = train_ok(*train_args(tiny_data, out, "--max_iters=3", "--lr_decay_iters=4", "--eval_interval=2", "--init_from=resume"))
+    assert "note: the checkpoint's run took" not in same.stdout
+    other = train_ok(*train_args(tiny_data, out, "--max_iters=4", "--lr_decay_iters=4", "--eval_interval=2", "--init_from=resume",
+                                 "--gradient_accumulation_steps=2"))
+    assert "note: the checkpoint's run took 64 tokens per step (1 processes x 1 accumulation); this one takes 128" in other.stdout
