@@ -3,7 +3,9 @@
 import argparse
 import errno
 import json
+import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -287,3 +289,26 @@ def test_block_size_larger_than_the_pretrained_model_supports(tiny_data, tmp_pat
     transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=16)).save_pretrained(hf_dir)
     assert_user_error(train_on(tiny_data, tmp_path / "out", f"--init_from={hf_dir}", "--block_size=32"),
                       "--block_size=32 exceeds", "16")
+
+
+def test_a_rank_whose_peer_died_ends_in_one_line_and_other_errors_stay_loud(monkeypatch, capsys):
+    """A rank killed under torchrun (kill -9, an OOM kill) left ~20 lines of gloo traceback on the others."""
+    from opengpt import cli
+
+    def collective():
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:30616: "
+                           "Connection reset by peer. This is typically caused by a remote peer exiting")
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(collective)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"{os.path.basename(sys.argv[0])}: error: another process of this run stopped (Connection reset by peer); its latest "
+        "checkpoint is as saved: continue with the same command plus --init_from=resume"]
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: no peer to lose, so a bug
+    with pytest.raises(RuntimeError, match="Connection reset by peer"):
+        cli.run(collective)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="something else"):
+        cli.run(lambda: (_ for _ in ()).throw(RuntimeError("something else")))
