@@ -30,10 +30,11 @@ from functools import lru_cache
 import torch
 
 from opengpt import checkpoint as ckpt
-from opengpt import gpt_neox_format, run_log
+from opengpt import gpt_neox_format
 from opengpt.chat_format import CHAT_TEMPLATE, IM_END, im_end_id, is_chat_tokenizer, prompt_ids
 from opengpt.cli import UserError, run
 from opengpt.folder_lock import lock_folder
+from opengpt.run_setup import EARLIER_RUN_FILES
 from opengpt.staged_folder import remove_stale_folders, staged_folder
 from opengpt.files import fsync_file, space_left
 from configurator import parse_args
@@ -271,7 +272,7 @@ def check_export_dir(export_dir, checkpoint_path, overwrite):
         raise UserError(f"--export_dir={export_dir} holds folders ({', '.join(folders[:3])}{', ...' if len(folders) > 3 else ''}), "
                         f"which an export never writes; export.py replaces the whole folder, even with --overwrite=True: "
                         f"give a new one, e.g. --export_dir=hf-mine")
-    precious = sorted(set(entries) & {ckpt.FILENAME, ckpt.BEST_FILENAME, run_log.FILENAME, "meta.json", "train.bin", "val.bin"})
+    precious = sorted(set(entries) & {*EARLIER_RUN_FILES, "meta.json", "train.bin", "val.bin"})
     if precious:  # a run's out_dir or a data folder (--out_dir and --export_dir swapped, say)
         raise UserError(f"--export_dir={export_dir} holds a training run or its data ({', '.join(precious)}), which an "
                         f"export never writes; export.py replaces the whole folder, even with --overwrite=True: "

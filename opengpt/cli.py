@@ -9,6 +9,9 @@ import sys
 
 from configurator import ConfigError
 
+PEER_ERRORS = ("DistBackendError", "DistNetworkError", "DistStoreError")  # torch.distributed's, by name: no torch here
+PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")  # what gloo says
+
 
 class UserError(Exception):
     """A problem with the user's input, files or machine, worded for the user."""
@@ -48,8 +51,3 @@ def lost_a_peer(error):
         return None
     said = next((text for text in PEER_GONE if text in str(error)), None)
     return said or (first_line(error) if type(error).__name__ in PEER_ERRORS else None)
-
-
-PEER_ERRORS = ("DistBackendError", "DistNetworkError", "DistStoreError")
-PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")  # what gloo says
-

@@ -97,7 +97,7 @@ class Training:
 class StepResult:
     loss: torch.Tensor  # this rank's mean loss over the step's micro-batches, on the device
     grad_norm: torch.Tensor  # before clipping; zero when clipping is off
-    faulty: bool  # the loss or gradient was not finite (in float16 not an overflow the GradScaler skips at a scale of 1 or more)
+    faulty: bool  # the loss or gradient was not finite (in float16 not a skipped overflow that leaves the scale at 1 or more)
     stop: bool = False  # some rank was asked to stop (SIGTERM/SIGINT): every rank knows it at the same step
 
 
