@@ -67,17 +67,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n_rows, chunk_rows):
             rows = slice(start, min(start + chunk_rows, n_rows))
             logits = hidden_c[rows] @ weight_c.t()
-            # One fused row-by-row pass gives the softmax in the matmul dtype, ready for the gradient's
-            # matmuls (PyTorch's softmax kernels compute in float32 even for 16-bit tensors): separate
-            # log-sum-exp, max, cast and exp passes over rows x vocab cost about twice as much
-            # (logs/README.md#the-chunked-head-loss).
-            probs = torch.softmax(logits, dim=1)
-            # log-sum-exp from the largest probability: p_max = exp(max - lse) is in [1/V, 1], so it is
-            # well conditioned in any dtype, and a target whose own probability underflows still gets
-            # its exact loss, lse - logit. In 16 bits p_max's rounding moves a row's loss by < 0.002 nats,
-            # less than rounding the logits to 16 bits already does. (amax twice: max with indices is
-            # slower on a CPU.)
-            lse = logits.amax(dim=1, keepdim=True).to(acc_dtype) - probs.amax(dim=1, keepdim=True).to(acc_dtype).log()
+            if torch.compiler.is_compiling():
+                # Compiled, the softmax written out becomes one kernel over the chunk whose row sums give
+                # the log-sum-exp too: faster than softmax then two maxima where the exps bound the pass,
+                # as on a bf16 CPU (logs/README.md#the-head-loss-compiled).
+                row_max = logits.amax(dim=1, keepdim=True).to(acc_dtype)
+                exps = torch.exp(logits.to(acc_dtype) - row_max)
+                row_sum = exps.sum(dim=1, keepdim=True)
+                probs = (exps / row_sum).to(compute_dtype)
+                lse = row_max + row_sum.log()
+            else:
+                # Eagerly, one fused row-by-row pass gives the softmax in the matmul dtype, ready for the
+                # gradient's matmuls (PyTorch's softmax kernels compute in float32 even for 16-bit tensors):
+                # separate log-sum-exp, max, cast and exp passes over rows x vocab cost about twice as much
+                # (logs/README.md#the-chunked-head-loss).
+                probs = torch.softmax(logits, dim=1)
+                # log-sum-exp from the largest probability: p_max = exp(max - lse) is in [1/V, 1], so it is
+                # well conditioned in any dtype, and a target whose own probability underflows still gets
+                # its exact loss, lse - logit. In 16 bits p_max's rounding moves a row's loss by < 0.002 nats,
+                # less than rounding the logits to 16 bits already does. (amax twice: max with indices is
+                # slower on a CPU.)
+                lse = logits.amax(dim=1, keepdim=True).to(acc_dtype) - probs.amax(dim=1, keepdim=True).to(acc_dtype).log()
             if sample_vocab:
                 labels[rows] = _sample_rows(probs.to(acc_dtype), sample_vocab, generator)
             chunk_targets = targets[rows].clamp(min=0).unsqueeze(1)
