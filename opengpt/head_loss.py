@@ -70,7 +70,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if torch.compiler.is_compiling():
                 # Compiled, the softmax written out becomes one kernel over the chunk whose row sums give
                 # the log-sum-exp too: faster than softmax then two maxima where the exps bound the pass,
-                # as on a bf16 CPU (logs/README.md#the-head-loss-compiled).
+                # as on a bf16 CPU (logs/README.md#the-step-against-its-matrix-products-in-bfloat16).
                 row_max = logits.amax(dim=1, keepdim=True).to(acc_dtype)
                 exps = torch.exp(logits.to(acc_dtype) - row_max)
                 row_sum = exps.sum(dim=1, keepdim=True)
