@@ -360,6 +360,10 @@ def main():
         if "No space left" in reason:
             reason += f"; {space_left(export_dir)}"
         raise UserError(f"could not write the export to {export_dir} ({reason}); nothing there was replaced") from None
+    if model.config.document_mask:  # transformers' GPT-2 and GPT-NeoX have no such mask: say where they differ
+        print(f"note: {checkpoint_path} was trained with --document_mask=True; the export attends across "
+              f"its end-of-text token, so it gives our logits for an input of one document (a chat "
+              f"prompt), not for several packed in one", file=sys.stderr)
     chat = " (a chat model: give the pipeline a list of messages)" if is_chat_tokenizer(tokenizer) else ""
     print(f"exported {checkpoint_path} (iter {checkpoint.get('iter_num')}) to {export_dir}; load it with "
           f"transformers' from_pretrained, pipeline('text-generation', model={export_dir!r}){chat}, "

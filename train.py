@@ -31,8 +31,8 @@ from opengpt import hardware
 from opengpt.cli import UserError, run
 from opengpt.data import TokenData, data_folder
 from opengpt.run_log import RunLog
-from opengpt.run_setup import (build_model, build_optimizer, chat_record, check_config, claim_out_dir, pretrained_shape,
-                               setup_distributed, start_weight_average, stream_seed)
+from opengpt.run_setup import (build_model, build_optimizer, chat_record, check_config, check_nothing_set_aside, claim_out_dir,
+                               pretrained_shape, setup_distributed, start_weight_average, stream_seed)
 from opengpt.schedule import Schedule, TimeBudget
 from opengpt.training import (StepClock, StopRequest, Training, batches_fit, broken_weights_message, diverged_message,
                               evaluate, log_training_step, losses_are_sane, model_fits, other_ranks_rng_states, rank0_verdict,
@@ -46,7 +46,7 @@ DEFAULTS = dict(
     eval_iters=200,  # batches per split in an evaluation
     val_full_split=False,  # evaluate val on every window of the split, whatever eval_iters says
     eval_only=False,  # evaluate once and stop: adds to metrics.jsonl, saves and removes nothing
-    always_save_checkpoint=True,  # save at every evaluation, not only when val loss improves
+    always_save_checkpoint=True,  # save at every evaluation; False: only when val loss improves (kept as ckpt_best.pt too)
     ckpt_interval=0,  # also save every N iterations whatever the val loss (0 = off)
     keep_best_checkpoint=False,  # also keep ckpt_best.pt, the checkpoint with the best val loss
     init_from="scratch",  # scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a transformers folder | a run's out_dir (fine-tune its weights)
@@ -130,6 +130,7 @@ def main(optimizer=None):
     if cfg["compile"]:
         hardware.check_compile_works(device)
 
+    check_nothing_set_aside(cfg["out_dir"])
     data_dir = data_folder(cfg)
     data = TokenData(data_dir, cfg["block_size"], cfg["sampling"])
     tokenizer = data.load_tokenizer()
@@ -147,9 +148,10 @@ def main(optimizer=None):
     # the model (scratch, resume or GPT-2), its optimizer, and the checkpoint's state when resuming
     with model_fits(device):
         model, model_args, checkpoint, vocab_growth = build_model(cfg, data, data_dir, tokenizer)
-    cfg = cfg | pretrained_shape(cfg, model_args)  # from GPT-2: the log and checkpoints record GPT-2's shape
-    iter_num, best_val_loss = (checkpoint["iter_num"], checkpoint["best_val_loss"]) if checkpoint else (0, float("inf"))
     resumed_config = checkpoint["config"] if checkpoint else None
+    # from pretrained weights (and resuming such a run): the log and checkpoints record their shape
+    cfg = cfg | pretrained_shape(cfg, model_args, resumed_config)
+    iter_num, best_val_loss = (checkpoint["iter_num"], checkpoint["best_val_loss"]) if checkpoint else (0, float("inf"))
     chat = chat_record(data, vocab_growth, checkpoint)  # a chat fine-tuning's template and vocabulary growth
     out_dir_claim = claim_out_dir(cfg) if is_master else None
     with model_fits(device):
@@ -175,7 +177,7 @@ def main(optimizer=None):
     # a run that ends unfinished before its first checkpoint (an error, a crash; not kill -9) takes back
     # its log, so the folder is as it was and the rerun its error suggests is not refused
     atexit.register(log.discard_unless_kept)
-    stop = StopRequest()
+    stop = StopRequest(catch=not cfg["eval_only"])  # an evaluation alone saves nothing: Ctrl-C ends it at once
 
     if is_master:
         log.text(f"tokens per optimizer step: {t.tokens_per_step:,} = {cfg['batch_size']} batch x {cfg['block_size']} block "
@@ -185,6 +187,10 @@ def main(optimizer=None):
             log.text(f"note: the checkpoint's run took {saved_tokens:,} tokens per step ({resumed_config['world_size']} "
                      f"processes x {resumed_config['gradient_accumulation_steps']} accumulation); this one takes "
                      f"{t.tokens_per_step:,}: keep processes x --gradient_accumulation_steps to train as it did")
+        saved_data = resumed_config and data_folder(resumed_config)
+        if saved_data and os.path.normpath(saved_data) != os.path.normpath(data_dir):
+            log.text(f"note: the checkpoint's run trained on {saved_data}; this one goes on with {data_dir} (the same "
+                     f"tokenizer): its batches and val loss are that folder's")
         log.text(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters, {cfg['optimizer']} optimizer, "
                  f"device {device} ({hardware.device_name(device)}), dtype {dtype}")
         if t.spec.describe(cfg):
@@ -220,6 +226,7 @@ def main(optimizer=None):
         save_training_state(t, cfg | asdict(schedule) | budget.saved_state() | run_shape, model_args, iter_num, best_val_loss,
                             tokenizer, file_name, log, other_ranks)
         log.keep()
+        out_dir_claim.earlier_run_replaced()
         if file_name == ckpt.FILENAME:
             last_saved_iter = iter_num
 
@@ -251,6 +258,10 @@ def main(optimizer=None):
         started = iter_num > start_iter or (the_checkpoints_weights and cfg["init_from"] == "resume")
         return started and not cfg["eval_only"] and bad_steps == 0 and not (budget.enabled and not budget.fixed)
 
+    # ckpt_best.pt: asked for, or where ckpt.pt is saved only on improvements, so that a stop's or
+    # --ckpt_interval's save (the latest weights, for a resume) never replaces the best ones unsaid
+    keeps_best = cfg["keep_best_checkpoint"] or not cfg["always_save_checkpoint"]
+
     def evaluates_at(iter_num):
         return iter_num % cfg["eval_interval"] == 0 or iter_num == schedule.max_iters
 
@@ -261,7 +272,7 @@ def main(optimizer=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        if evaluates_at(iter_num):
+        if evaluates_at(iter_num) or cfg["eval_only"]:  # a checkpoint a stop saved is at any iteration
             t_eval = time.perf_counter()
             metrics = evaluation() if is_master else None
             if is_master:
@@ -272,14 +283,20 @@ def main(optimizer=None):
                          f"val {val['bpc']:.3f} bits/char ({val['bpb']:.3f} bits/byte){sources_text(val)}")
             other_ranks = stop_unless_sane(metrics)
             if is_master:
-                if val["loss"] < best_val_loss:
-                    best_val_loss = val["loss"]
-                    # a resumed run's first evaluation may be the first of the checkpoint's weights (a run stopped
-                    # by a signal just before an evaluation saves them unevaluated): they may be the best
-                    if cfg["keep_best_checkpoint"] and may_save(the_checkpoints_weights=True):
-                        save_checkpoint(ckpt.BEST_FILENAME, other_ranks)
-                if may_save() and (cfg["always_save_checkpoint"] or val["loss"] <= best_val_loss):
+                improved = val["loss"] < best_val_loss
+                best_val_loss = min(best_val_loss, val["loss"])
+                saved = may_save() and (cfg["always_save_checkpoint"] or val["loss"] <= best_val_loss)
+                if saved:
                     save_checkpoint(ckpt.FILENAME, other_ranks)
+                # after ckpt.pt, which a resume needs. A resumed run's first evaluation may be the first of the
+                # checkpoint's weights (a run stopped by a signal just before an evaluation saves them unevaluated):
+                # they may be the best.
+                if improved and keeps_best and may_save(the_checkpoints_weights=True):
+                    if saved:
+                        ckpt.save_copy(os.path.join(cfg["out_dir"], ckpt.FILENAME), os.path.join(cfg["out_dir"], ckpt.BEST_FILENAME))
+                        log.text(f"saved checkpoint {cfg['out_dir']}/{ckpt.BEST_FILENAME} at iter {iter_num}")
+                    else:
+                        save_checkpoint(ckpt.BEST_FILENAME, other_ranks)
                 budget.evaluated(time.perf_counter() - t_eval)
                 clock.restart()  # evaluation time is not training time
         if cfg["eval_only"] or iter_num >= schedule.max_iters:
@@ -327,6 +344,12 @@ def main(optimizer=None):
             if is_master:
                 save_checkpoint(ckpt.FILENAME, other_ranks)
 
+    # only --always_save_checkpoint=False gets here: the last evaluation saves otherwise (rank 0 knows; all stop)
+    if rank0_verdict(last_saved_iter in (None, start_iter) and iter_num > start_iter and not stop.stopped, t):
+        raise UserError(f"no evaluation of iters {start_iter}-{iter_num} beat the best val loss ({best_val_loss:.4f}, "
+                        f"{'the checkpoint' if start_iter else 'iter 0'}'s), and --always_save_checkpoint=False saves only "
+                        f"improvements: {'ckpt.pt still holds iter ' + str(start_iter) if start_iter else 'nothing was saved'}; "
+                        f"lower --learning_rate, or pass --always_save_checkpoint=True to keep the last weights")
     if budget.enabled:
         log.event("time_budget_end", iter=iter_num, elapsed_seconds=budget.elapsed(), budget_seconds=budget.seconds,
                   decay_finished=iter_num == schedule.lr_decay_iters)

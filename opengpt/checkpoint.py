@@ -15,6 +15,7 @@ import json
 import os
 import random
 import re
+import shutil
 import warnings
 
 import numpy as np
@@ -92,9 +93,25 @@ def save(state, path):
     """Write state and its checksum to path atomically; a full or read-only disk is a UserError,
     and the file that would have been replaced is left as it was."""
     state = state | {"checksum": payload_checksum(state)}
+    _write(path, lambda temp_path: torch.save(state, temp_path))
+
+
+def save_copy(path, copy_path):
+    """copy_path: the checkpoint at path under a second name, replaced atomically, as save() would:
+    a hard link where the filesystem has them (no second write, no space; save() replaces a file by
+    renaming a new one over it, so the two names part at the next save of either), else a copy."""
+    def link_or_copy(temp_path):
+        try:
+            os.link(path, temp_path)
+        except OSError:
+            shutil.copyfile(path, temp_path)
+    _write(copy_path, link_or_copy)
+
+
+def _write(path, write):
     remove_dead_temp_files(path)
     try:
-        write_atomically(path, lambda temp_path: torch.save(state, temp_path))
+        write_atomically(path, write)
     except OSError as e:
         full = f", {space_left(path)}" if e.errno == errno.ENOSPC else ""
         raise UserError(f"could not write checkpoint {path} ({e.strerror or e}{full}); "

@@ -23,6 +23,9 @@ from opengpt.weight_average import WeightAverage
 # load_state_dict restores them) it holds. A resumed run must be given the same values.
 CHECKPOINT_SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "scale_attn_by_inverse_layer_idx", "rotary",
                     "activation", "document_mask")
+# what a pretrained model's weights fix of that shape: a run started from them (and its resumes) takes these from
+# the weights, not from the flags (--block_size crops them; --document_mask is the run's choice)
+WEIGHTS_SHAPE = tuple(key for key in CHECKPOINT_SHAPE if key not in ("block_size", "document_mask"))
 CHECKPOINT_OPTIMIZER = ("optimizer", "beta1", "beta2", "weight_decay", "decay_embeddings")
 
 
@@ -78,10 +81,13 @@ def check_config(cfg):
 
 def check_resume_matches(cfg, checkpoint, path):
     """A one-line error listing every value the checkpoint fixes that the command line changed."""
-    saved = {key: checkpoint["model_args"][key] for key in CHECKPOINT_SHAPE if key in checkpoint["model_args"]}
     saved_config = checkpoint.get("config") or {}
+    shape = [key for key in CHECKPOINT_SHAPE if not (weights_source(saved_config) and key in WEIGHTS_SHAPE)]
+    saved = {key: checkpoint["model_args"][key] for key in shape if key in checkpoint["model_args"]}
     keys = CHECKPOINT_OPTIMIZER + {"sophiag": ("rho",), "muon": ("muon_momentum",)}.get(cfg["optimizer"], ())
     saved |= {key: saved_config[key] for key in keys if saved_config.get(key) is not None}
+    if "trained_model" in checkpoint and not cfg["ema_decay"]:  # without it, the average would be dropped unsaid
+        saved["ema_decay"] = saved_config.get("ema_decay")
     differing = [key for key, value in saved.items() if cfg[key] != value]
     if differing:
         theirs = ", ".join(f"{key} {saved[key]}" for key in differing)
@@ -136,13 +142,47 @@ def make_out_dir(out_dir):
 
 class ClaimedOutDir:
     """out_dir, locked for this run. release() unlocks it, and removes the folder if this run made it
-    and leaves it empty: a run that failed before writing anything leaves nothing behind."""
+    and leaves it empty: a run that failed before writing anything leaves nothing behind. With
+    --overwrite_out_dir=True the earlier run's files wait in out_dir/.replaced_run until this run's
+    first checkpoint (earlier_run_replaced), and release() puts them back if it saved none."""
 
     def __init__(self, path, lock, made_here):
         self.path, self.lock, self.made_here = path, lock, made_here
+        self.set_aside = None
         atexit.register(self.release)  # after the lock registered its own, so this runs first
 
+    def set_aside_earlier_run(self):
+        names = [name for name in EARLIER_RUN_FILES if os.path.lexists(os.path.join(self.path, name))]
+        if not names:
+            return
+        aside = os.path.join(self.path, SET_ASIDE)
+        try:
+            os.makedirs(aside, exist_ok=True)
+            for name in names:  # so that a resume after a crash can never pick up the earlier run's state
+                os.replace(os.path.join(self.path, name), os.path.join(aside, name))
+        except OSError as e:
+            self.set_aside = aside  # what did move goes back at release
+            raise UserError(f"cannot set the earlier run in {self.path} aside: {e.strerror or e}") from None
+        self.set_aside = aside
+
+    def earlier_run_replaced(self):
+        """This run saved a checkpoint: the earlier run's files go."""
+        if self.set_aside:
+            for name in EARLIER_RUN_FILES:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.set_aside, name))
+            with contextlib.suppress(OSError):
+                os.rmdir(self.set_aside)
+            self.set_aside = None
+
     def release(self):
+        if self.set_aside:  # no checkpoint of this run (its log is gone already: RunLog.discard_unless_kept)
+            for name in os.listdir(self.set_aside):
+                with contextlib.suppress(OSError):
+                    os.replace(os.path.join(self.set_aside, name), os.path.join(self.path, name))
+            with contextlib.suppress(OSError):
+                os.rmdir(self.set_aside)
+            self.set_aside = None
         self.lock.release()  # removes out_dir/.lock
         if self.made_here:
             with contextlib.suppress(OSError):  # not empty: what the run wrote stays
@@ -151,6 +191,17 @@ class ClaimedOutDir:
 
 
 EARLIER_RUN_FILES = (ckpt.FILENAME, ckpt.BEST_FILENAME, run_log.FILENAME)
+SET_ASIDE = ".replaced_run"  # an earlier run's files while an --overwrite_out_dir=True run has saved nothing
+
+
+def check_nothing_set_aside(out_dir):
+    """A UserError where an --overwrite_out_dir=True run was killed (kill -9, a crash of the machine)
+    before its first checkpoint and left the earlier run it set aside: the user says which run to keep."""
+    aside = os.path.join(out_dir, SET_ASIDE)
+    if os.path.isdir(aside):
+        folder_lock.check_not_busy(out_dir, "train.py", inside=True)  # that run, still alive: say that instead
+        raise UserError(f"{aside} holds the earlier run an --overwrite_out_dir=True run set aside and was killed before its "
+                        f"first checkpoint: to keep that run, move its files back into {out_dir}; to let it go, delete {aside}")
 
 
 def earlier_run_refusal(cfg):
@@ -181,7 +232,7 @@ def earlier_run_refusal(cfg):
 
 def claim_out_dir(cfg):
     """Make out_dir and lock it for this run (rank 0 only). A new run is refused a folder holding an
-    earlier run's checkpoint or log unless --overwrite_out_dir=True, which removes them. The refusal
+    earlier run's checkpoint or log unless --overwrite_out_dir=True, which replaces them (ClaimedOutDir). The refusal
     comes before the lock, so a refused run writes nothing, and again under it, as another run may
     have saved in between. Returns the ClaimedOutDir: keep it."""
     out_dir = cfg["out_dir"]
@@ -204,9 +255,7 @@ def claim_out_dir(cfg):
         claim.release()
         raise UserError(refusal)
     if cfg["overwrite_out_dir"] and cfg["init_from"] != "resume" and not cfg["eval_only"]:
-        for name in EARLIER_RUN_FILES:  # so that a resume after a crash can never pick up the earlier run's state
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(out_dir, name))
+        claim.set_aside_earlier_run()
     return claim
 
 
@@ -292,12 +341,22 @@ def chat_record(data, vocab_growth, checkpoint):
     return {"template": data.chat.get("template"), "vocab_growth": vocab_growth}
 
 
-def pretrained_shape(cfg, model_args):
-    """The flags to record for the model's shape: GPT-2's where init_from names a pretrained model,
+def weights_source(run_config):
+    """The pretrained model (a run's out_dir, GPT-2, a transformers folder) the run of run_config (a
+    checkpoint's "config") started from, or None for a run from scratch. Its resumes record it as
+    weights_from; checkpoints from before that field was recorded have it as init_from (before any resume)."""
+    init_from = run_config.get("init_from")
+    return run_config.get("weights_from") or (init_from if init_from not in (None, "scratch", "resume") else None)
+
+
+def pretrained_shape(cfg, model_args, resumed_config=None):
+    """The flags to record for the model's shape, and where the weights came from: the pretrained
+    model's shape where the run started from one (init_from names it, or a resumed run's config does),
     so the log and checkpoints say what was trained; none otherwise (the flags are the shape)."""
-    if cfg["init_from"] in ("scratch", "resume"):
+    source = weights_source(resumed_config or {}) if cfg["init_from"] == "resume" else weights_source(cfg)
+    if not source:
         return {}
-    return {key: model_args[key] for key in CHECKPOINT_SHAPE}
+    return {"weights_from": source} | {key: model_args[key] for key in CHECKPOINT_SHAPE}
 
 
 def start_weight_average(cfg, model, checkpoint, is_master):

@@ -299,13 +299,14 @@ def save_training_state(t, config, model_args, iter_num, best_val_loss, tokenize
 
 
 class StopRequest:
-    """Remembers SIGTERM/SIGINT so the loop can checkpoint at the next step boundary and exit."""
+    """Remembers SIGTERM/SIGINT so the loop can checkpoint at the next step boundary and exit
+    (with catch=False the signals keep their default effect)."""
 
-    def __init__(self):
+    def __init__(self, catch=True):
         self.signal_name = None
         self.signum = None
         self.stopped = False  # set when the loop stops for a signal, this process's or another rank's
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT) if catch else ():
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):

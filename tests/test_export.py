@@ -37,17 +37,18 @@ TEXTS = [
 
 
 def write_checkpoint(out_dir, bias, seed=0, tokenizer=None, vocab_size=TINY["vocab_size"], rotary=False,
-                     activation="gelu_new"):
+                     activation="gelu_new", document_mask=False):
     """A tiny model with every parameter random (biases and LayerNorm weights too, so a weight
     exported to the wrong place shows in the logits), saved as train.py saves it."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(**TINY | {"vocab_size": vocab_size}, bias=bias, rotary=rotary, activation=activation))
+    masked = dict(document_mask=True, eot_token=GPT2_VOCAB_SIZE - 1) if document_mask else {}
+    model = GPT(GPTConfig(**TINY | {"vocab_size": vocab_size}, bias=bias, rotary=rotary, activation=activation, **masked))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
     optimizer = torch.optim.AdamW(model.parameters())
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    model_args = dict(TINY, bias=bias, vocab_size=vocab_size, rotary=rotary, activation=activation)
+    model_args = dict(TINY, bias=bias, vocab_size=vocab_size, rotary=rotary, activation=activation, **masked)
     state = ckpt.training_state(model, optimizer, scaler, model_args, 2, 9.9, {"bias": bias},
                                 torch.Generator().manual_seed(0), tokenizer or GPT2Tokenizer(), torch.Generator())
     os.makedirs(out_dir, exist_ok=True)
@@ -170,6 +171,15 @@ def test_a_gpt_neox_model_of_another_shape_does_not_load_as_ours(tmp_path, offli
                        ).save_pretrained(tmp_path / "eps")
     with pytest.raises(cli.UserError, match="LayerNorm epsilon"):
         ckpt.gpt2_model(str(tmp_path / "eps"), 0.0)
+
+
+def test_exporting_a_model_trained_with_the_document_mask_says_where_transformers_differs(tmp_path, monkeypatch, capsys):
+    """transformers' GPT-2 has no --document_mask: its logits are ours for one document, not for several."""
+    write_checkpoint(tmp_path / "run", bias=True, document_mask=True)
+    status, stderr = run_export(monkeypatch, capsys, f"--out_dir={tmp_path / 'run'}", f"--export_dir={tmp_path / 'hf'}")
+    assert status == 0, stderr
+    assert "was trained with --document_mask=True; the export attends across its end-of-text token" in stderr
+    assert json.loads((tmp_path / "hf" / export.PROVENANCE_FILE).read_text())["model_args"]["document_mask"] is True
 
 
 def test_every_exported_file_has_a_new_files_mode(exports):

@@ -1,4 +1,5 @@
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -259,6 +260,35 @@ def test_learning_rate_schedule_warms_up_then_decays_fully():
     assert rates[110] == rates[119] == 0.1
 
 
+def test_a_run_from_pretrained_weights_resumes_with_its_own_command(tiny_data, tmp_path):
+    """The flags' shape (1 layer, 16 wide) is not the weights' (2 layers, 32 wide): "the same command plus
+    --init_from=resume", as a stopped run advises, was refused for it; twice, as a resume records the source."""
+    transformers = pytest.importorskip("transformers")
+    hf_dir, out = tmp_path / "hf", tmp_path / "run"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32)).save_pretrained(hf_dir)
+    common = ("--lr_decay_iters=9", "--eval_interval=3")
+    train_ok(*train_args(tiny_data, out, *common, "--max_iters=3", f"--init_from={hf_dir}"))
+    for max_iters in (5, 6):
+        train_ok(*train_args(tiny_data, out, *common, f"--max_iters={max_iters}", f"--init_from={hf_dir}", "--init_from=resume"))
+        saved = torch.load(out / "ckpt.pt", weights_only=True)
+        assert saved["iter_num"] == max_iters and saved["config"]["weights_from"] == str(hf_dir)
+        assert (saved["config"]["n_layer"], saved["config"]["n_embd"], saved["model_args"]["n_layer"]) == (2, 32, 2)
+    # what the run chose itself stays fixed
+    assert_user_error(run_script("train.py", *train_args(tiny_data, out, *common, "--max_iters=7", "--init_from=resume",
+                                                         "--block_size=8")), "block_size 16", "--block_size=16")
+
+
+def test_a_resume_on_another_data_folder_says_so(tiny_data, tmp_path):
+    out, other = tmp_path / "run", tmp_path / "other_data"
+    shutil.copytree(tiny_data, other)
+    train_ok(*train_args(tiny_data, out, "--max_iters=2", "--lr_decay_iters=4", "--eval_interval=2"))
+    same = train_ok(*train_args(tiny_data, out, "--max_iters=3", "--lr_decay_iters=4", "--eval_interval=2", "--init_from=resume"))
+    assert "note: the checkpoint's run trained on" not in same.stdout
+    moved = train_ok(*train_args(tiny_data, out, "--max_iters=4", "--lr_decay_iters=4", "--eval_interval=2", "--init_from=resume",
+                                 f"--data_dir={other}"))
+    assert f"note: the checkpoint's run trained on {tiny_data}; this one goes on with {other}" in moved.stdout
+
+
 def test_periodic_and_best_checkpoints(tiny_data, tmp_path):
     out = tmp_path / "run"
     result = train_ok(*train_args(tiny_data, out, "--max_iters=5", "--lr_decay_iters=5", "--eval_interval=2",
@@ -266,7 +296,8 @@ def test_periodic_and_best_checkpoints(tiny_data, tmp_path):
     saves = [line.split(" at iter ")[1] + ":" + line.split("/")[-1].split(" ")[0]
              for line in result.stdout.splitlines() if line.startswith("saved checkpoint")]
     # best (and, as the val loss improves, latest) at each evaluation after 0; latest every 3 steps
-    assert saves == ["2:ckpt_best.pt", "2:ckpt.pt", "3:ckpt.pt", "4:ckpt_best.pt", "4:ckpt.pt", "5:ckpt_best.pt", "5:ckpt.pt"]
+    # ckpt.pt first (a resume needs it), then the best as a second name of the same file
+    assert saves == ["2:ckpt.pt", "2:ckpt_best.pt", "3:ckpt.pt", "4:ckpt.pt", "4:ckpt_best.pt", "5:ckpt.pt", "5:ckpt_best.pt"]
     best = torch.load(out / "ckpt_best.pt", weights_only=True)
     assert best["best_val_loss"] == min(e["val_loss"] for e in read_events(out, "eval"))
 

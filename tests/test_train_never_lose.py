@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from conftest import REPO, TINY_MODEL_ARGS, assert_user_error, read_events, run_script
+from opengpt import checkpoint as ckpt
 from opengpt import folder_lock
 from opengpt.cli import UserError
 from opengpt.run_setup import claim_out_dir
@@ -299,3 +300,139 @@ def test_float16_gradients_that_stay_non_finite_are_faults_once_the_scaler_runs_
     broken[0] = 0  # the gradients finite again: the steps are taken at the low scale, and none is a fault
     assert [train_step(t, i).faulty for i in range(22, 25)] == [False] * 3
     assert t.scaler.get_scale() < 1 and not torch.equal(bias.detach(), weights)
+
+
+# 3. the best weights, a weight average, an earlier run that --overwrite_out_dir=True replaces
+
+def test_keeping_only_improvements_a_later_save_never_replaces_the_best(tiny_data, tmp_path):
+    """--always_save_checkpoint=False: ckpt.pt held the best weights until a stop or --ckpt_interval saved the
+    latest over them. The best are kept as ckpt_best.pt too, under a second name of the same file."""
+    out = tmp_path / "run"
+    result = run_script("train.py", *train_args(tiny_data, out, *GOOD_RUN, "--always_save_checkpoint=False"))
+    assert result.returncode == 0, result.stderr
+    evals = read_events(out, "eval")
+    assert evals[-1]["val_loss"] < min(e["val_loss"] for e in evals[:-1])  # iter 10 is the best
+    assert os.path.samefile(out / "ckpt.pt", out / "ckpt_best.pt")  # a hard link: not written twice
+    best = (out / "ckpt_best.pt").read_bytes()
+    # a rate of 1e-12 leaves the weights as they are (below float32's resolution), so no evaluation improves
+    # on iter 10; the interval saves ckpt.pt
+    result = run_script("train.py", *train_args(tiny_data, out, "--init_from=resume", "--always_save_checkpoint=False",
+                                                "--learning_rate=1e-12", "--min_lr=0", "--ckpt_interval=1", "--max_iters=12",
+                                                "--lr_decay_iters=12", "--eval_interval=100"))
+    assert result.returncode == 0, result.stderr
+    assert (out / "ckpt_best.pt").read_bytes() == best
+    assert ckpt.load(str(out / "ckpt.pt"))["iter_num"] == 12 and ckpt.load(str(out / "ckpt_best.pt"))["iter_num"] == 10
+
+
+# train.py whose every evaluation finds a val loss higher than the one before
+GETTING_WORSE = f"""
+import sys
+sys.path.insert(0, {REPO!r})
+import train
+from opengpt import cli
+evaluate, evaluations = train.evaluate, [0]
+def worse(*args, **kwargs):
+    metrics = evaluate(*args, **kwargs)
+    evaluations[0] += 1
+    metrics["val"]["loss"] += evaluations[0]
+    return metrics
+train.evaluate = worse
+sys.argv[0] = "train.py"
+cli.run(train.main)
+"""
+
+
+def test_keeping_only_improvements_a_run_that_never_improves_says_so(tiny_data, copy_of_good_run, tmp_path):
+    """Only an improvement on the val loss at iter 0 was saved: a run with none ended with exit status 0,
+    nothing saved and a log that turned the rerun away."""
+    out = tmp_path / "new"
+    keep_best = ("--always_save_checkpoint=False", "--eval_interval=2")
+    result = subprocess.run([sys.executable, "-c", GETTING_WORSE, *train_args(tiny_data, out, *keep_best, "--max_iters=4",
+                                                                              "--lr_decay_iters=4")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert_user_error(result, "no evaluation of iters 0-4 beat the best val loss", "nothing was saved",
+                      "--always_save_checkpoint=True")
+    assert not out.exists()  # so the rerun it suggests is not refused
+    before = checksums(copy_of_good_run)
+    result = subprocess.run([sys.executable, "-c", GETTING_WORSE, *train_args(tiny_data, copy_of_good_run, *keep_best,
+                                                                              "--init_from=resume", "--max_iters=14",
+                                                                              "--lr_decay_iters=14")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert_user_error(result, "no evaluation of iters 10-14", "ckpt.pt still holds iter 10")
+    assert checksums(copy_of_good_run) == before
+
+
+def test_a_resume_without_the_runs_weight_average_is_refused(tiny_data, tmp_path):
+    """Without --ema_decay a resumed run evaluated and saved its trained weights where the average was,
+    ckpt_best.pt included, and said nothing; --eval_only reported the trained weights' loss."""
+    out = tmp_path / "run"
+    result = run_script("train.py", *train_args(tiny_data, out, *GOOD_RUN, "--ema_decay=0.9", "--keep_best_checkpoint=True"))
+    assert result.returncode == 0, result.stderr
+    before = checksums(out)
+    for extra in (["--max_iters=12", "--lr_decay_iters=12"], ["--eval_only=True"]):
+        result = run_script("train.py", *train_args(tiny_data, out, "--init_from=resume", *extra))
+        assert_user_error(result, "was trained with ema_decay 0.9", "pass --ema_decay=0.9")
+    assert checksums(out) == before
+
+
+def test_an_evaluation_of_a_checkpoint_saved_between_evaluations_evaluates_it(tiny_data, copy_of_good_run):
+    """A stop or --ckpt_interval saves at any iteration; --eval_only evaluated only at a multiple of
+    --eval_interval, and otherwise printed no loss and exited 0."""
+    result = run_script("train.py", *train_args(tiny_data, copy_of_good_run, "--init_from=resume", "--eval_only=True",
+                                                "--eval_interval=3", "--max_iters=20", "--lr_decay_iters=20"))
+    assert result.returncode == 0, result.stderr
+    assert "step 10: train loss" in result.stdout and read_events(copy_of_good_run, "eval")[-1]["iter"] == 10
+
+
+def test_ctrl_c_ends_an_evaluation_at_once_and_takes_back_its_lines(tiny_data, copy_of_good_run):
+    """An evaluation saves nothing, so a signal need not wait for it (it ran on, then exited 0)."""
+    out = copy_of_good_run
+    before, log_size = checksums(out), (out / "metrics.jsonl").stat().st_size
+    args = train_args(tiny_data, out, "--init_from=resume", "--eval_only=True", "--eval_iters=1000000")
+    process = subprocess.Popen([sys.executable, f"{REPO}/train.py", *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        for line in process.stdout:
+            if line.startswith("model:"):  # logged once the evaluation is about to start
+                break
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and "train.py: interrupted" in stderr, stderr
+    assert (out / "metrics.jsonl").stat().st_size == log_size and checksums(out) == before
+
+
+def test_an_overwriting_run_that_saves_nothing_puts_the_earlier_run_back(tiny_data, copy_of_good_run):
+    """--overwrite_out_dir=True removed the earlier run at the start: a new run that then failed left nothing."""
+    before = checksums(copy_of_good_run)
+    result = run_script("train.py", *train_args(tiny_data, copy_of_good_run, *GOOD_RUN, "--overwrite_out_dir=True",
+                                                "--learning_rate=1e6"))
+    assert_user_error(result, "no checkpoint of this run was saved")
+    assert checksums(copy_of_good_run) == before
+
+
+def test_an_overwriting_run_killed_before_its_first_save_leaves_the_earlier_run_aside(tiny_data, copy_of_good_run):
+    out = copy_of_good_run
+    before = checksums(out)
+    args = train_args(tiny_data, out, "--overwrite_out_dir=True", "--max_iters=100000", "--lr_decay_iters=100000",
+                      "--eval_interval=100000")
+    process = subprocess.Popen([sys.executable, f"{REPO}/train.py", *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        for line in process.stdout:
+            if line.startswith("iter 2:"):
+                break
+        process.kill()
+        process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert checksums(out / ".replaced_run") == before
+    for extra in (["--init_from=resume"], [*GOOD_RUN, "--overwrite_out_dir=True"]):
+        result = run_script("train.py", *train_args(tiny_data, out, *extra))
+        assert_user_error(result, f"{out}/.replaced_run holds the earlier run", "move its files back", "delete")
+    for name in os.listdir(out / ".replaced_run"):  # kept: the earlier run goes on
+        os.replace(out / ".replaced_run" / name, out / name)
+    os.rmdir(out / ".replaced_run")
+    result = run_script("train.py", *train_args(tiny_data, out, "--init_from=resume", "--max_iters=12", "--lr_decay_iters=12"))
+    assert result.returncode == 0, result.stderr
