@@ -292,8 +292,8 @@ def main(optimizer=None):
                 # checkpoint's weights (a run stopped by a signal just before an evaluation saves them unevaluated):
                 # they may be the best.
                 if improved and keeps_best and may_save(the_checkpoints_weights=True):
-                    if saved:
-                        ckpt.save_copy(os.path.join(cfg["out_dir"], ckpt.FILENAME), os.path.join(cfg["out_dir"], ckpt.BEST_FILENAME))
+                    if saved:  # the same weights: a second name for ckpt.pt, not a second write
+                        ckpt.save_copy(*(os.path.join(cfg["out_dir"], name) for name in (ckpt.FILENAME, ckpt.BEST_FILENAME)))
                         log.text(f"saved checkpoint {cfg['out_dir']}/{ckpt.BEST_FILENAME} at iter {iter_num}")
                     else:
                         save_checkpoint(ckpt.BEST_FILENAME, other_ranks)
