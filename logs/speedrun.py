@@ -39,7 +39,7 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from opengpt import hardware
+from opengpt import folder_lock, hardware
 from opengpt.cli import UserError, run
 from opengpt.files import write_text
 from configurator import parse_args
@@ -105,7 +105,7 @@ def out_folder(cfg):
     return cfg["out"] or ("logs/speedrun" if cfg["corpus"] == DEFAULT_CORPUS_NAME else os.path.join("logs/speedrun", cfg["corpus"]))
 
 
-class RunFailed(Exception):
+class RunFailed(UserError):
     """A train.py run that exited with an error; the message ends with its last log line."""
 
 
@@ -131,6 +131,7 @@ def budget_run(cfg, name, config_file, args, minutes):
     command = [sys.executable, os.path.join(REPO, "train.py"), config_file, *args, f"--max_minutes={minutes}",
                f"--out_dir={out_dir}", "--device=cpu", "--eval_interval=100000", "--val_full_split=False", "--eval_iters=1"]
     if not finished_as_asked(out_dir, command[2:]) or not os.path.isfile(os.path.join(out_dir, SCORE_FILE)):
+        folder_lock.check_not_busy(out_dir, "train.py", inside=True)  # a run someone started there by hand
         shutil.rmtree(out_dir, ignore_errors=True)
         os.makedirs(out_dir)
         print(f"{name}: {minutes:g} min ...", flush=True)
@@ -265,6 +266,9 @@ def tokenizer_table(cfg):
         except RunFailed as e:  # e.g. a vocabulary whose head is too slow for the budget: a row that says so
             rows[name] = str(e).split(": train.py: error: ")[-1]
     finished = [name for name, row in rows.items() if isinstance(row, dict)]
+    if not finished:
+        first, failure = next(iter(rows.items()))
+        raise UserError(f"no run of the tokenizer table finished; {first}: {failure}")
     best = min(finished, key=lambda name: rows[name]["val_bpc"])
     recipe = rows[best]["config"]
     lines = [
@@ -425,16 +429,28 @@ def main():
         raise UserError(f"unknown --section={cfg['section']}; choose all, tokenizers or speedrun")
     if cfg["corpus"] not in EMBEDDED_CORPORA:
         raise UserError(f"--corpus={cfg['corpus']} is not an embedded corpus; choose one of {', '.join(EMBEDDED_CORPORA)}")
-    os.makedirs(os.path.join(REPO, out_folder(cfg)), exist_ok=True)
-    for name, make_table in sections.items():
-        if cfg["section"] not in (name, "all"):
-            continue
-        started = time.time()
-        table = make_table(cfg)
-        path = os.path.join(REPO, out_folder(cfg), f"{name}.md")
-        write_text(path, table)
-        print(table)
-        print(f"{name}: {(time.time() - started) / 60:.1f} min; wrote {path}")
+    for key in ("minutes", "sweep_minutes"):
+        if cfg[key] <= 0:
+            raise UserError(f"--{key}={cfg[key]:g} must be above 0: each run trains for that many minutes")
+    out = os.path.join(REPO, out_folder(cfg))
+    try:
+        os.makedirs(out, exist_ok=True)
+        # one table maker per folder: a second would remove the first one's live runs to start them again
+        lock = folder_lock.FolderLock(out, "python -m logs.speedrun", inside=True)
+    except OSError as e:
+        raise UserError(f"cannot write in --out={out}: {e.strerror or e}") from None
+    try:
+        for name, make_table in sections.items():
+            if cfg["section"] not in (name, "all"):
+                continue
+            started = time.time()
+            table = make_table(cfg)
+            path = os.path.join(out, f"{name}.md")
+            write_text(path, table)
+            print(table)
+            print(f"{name}: {(time.time() - started) / 60:.1f} min; wrote {path}")
+    finally:
+        lock.release()
 
 
 if __name__ == "__main__":

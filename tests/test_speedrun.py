@@ -356,3 +356,55 @@ def test_a_run_is_scored_after_its_budget_on_the_whole_val_split_as_eval_py_does
     assert score["val_bpc"] == pytest.approx(logged["val_bpc"], rel=1e-6)
     assert score["sources"] == pytest.approx({name: s["bpc"] for name, s in logged["val_sources"].items()}, rel=1e-6)
     assert set(score["sources"]) == {"news", "novel"} and score["dtype"] == "float32"
+
+
+def test_a_second_speedrun_on_the_same_folder_or_a_live_run_folder_is_refused_and_left_alone(fake_training, tmp_path, monkeypatch):
+    """A second `python -m logs.speedrun` on a folder in use would remove the first one's live runs
+    to start them again: it is refused in one line, as is a run folder that a train.py holds."""
+    from opengpt import folder_lock
+    from opengpt.cli import UserError
+
+    first = folder_lock.FolderLock(str(tmp_path), "python -m logs.speedrun", inside=True)
+    monkeypatch.setattr(sys, "argv", ["speedrun.py", f"--out={tmp_path}"])
+    with pytest.raises(UserError, match="is being written by another python -m logs.speedrun"):
+        speedrun.main()
+    first.release()
+    assert list(tmp_path.iterdir()) == []
+
+    monkeypatch.undo()  # the real budget_run, on a run folder a train.py holds
+    live = tmp_path / "runs" / "nanogpt_lr0.001_2min"
+    live.mkdir(parents=True)
+    (live / "metrics.jsonl").write_text('{"event": "config"}\n', encoding="utf-8")
+    held = folder_lock.FolderLock(str(live), "train.py", inside=True)
+    cfg = dict(speedrun.DEFAULTS, out=str(tmp_path))
+    with pytest.raises(UserError, match="is being written by another train.py"):
+        speedrun.budget_run(cfg, "nanogpt_lr0.001_2min", speedrun.TINY, [], 2.0)
+    held.release()
+    assert (live / "metrics.jsonl").read_text(encoding="utf-8") == '{"event": "config"}\n'
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--sweep_minutes=-1"], "--sweep_minutes=-1 must be above 0"),
+    (["--minutes=0"], "--minutes=0 must be above 0"),
+    (["--out=/etc/passwd/x"], "cannot write in --out=/etc/passwd/x"),
+])
+def test_minutes_and_an_out_that_cannot_be_a_folder_are_one_line_errors_before_any_run(fake_training, tmp_path, monkeypatch,
+                                                                                       args, words):
+    from opengpt.cli import UserError
+    monkeypatch.setattr(sys, "argv", ["speedrun.py", "--section=speedrun", f"--out={tmp_path}", *args])
+    with pytest.raises(UserError, match=words):
+        speedrun.main()
+    assert fake_training == [] and list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_run_and_a_table_with_no_finished_run_are_one_line_errors(monkeypatch, tmp_path):
+    from opengpt.cli import UserError
+
+    def budget_run(cfg, name, config_file, args, minutes):
+        raise speedrun.RunFailed(f"run {name} failed (exit 2): train.py: error: --max_minutes=0.05 leaves room for 2 steps")
+
+    monkeypatch.setattr(speedrun, "budget_run", budget_run)
+    monkeypatch.setattr(speedrun, "ensure_data", lambda flags, folder: folder)
+    assert issubclass(speedrun.RunFailed, UserError)  # run(main) says it in one line
+    with pytest.raises(UserError, match="no run of the tokenizer table finished; GPT-2 BPE: --max_minutes=0.05 leaves room"):
+        speedrun.tokenizer_table(dict(speedrun.DEFAULTS))
