@@ -9,6 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
+mkdir -p out-hessian-batch
 for seed in ${SEEDS:-1 2 3}; do
   for mode in fresh step; do
     out=out-hessian-batch/${mode}_seed$seed
@@ -18,9 +19,13 @@ for seed in ${SEEDS:-1 2 3}; do
       --n_layer=2 --n_head=2 --n_embd=128 --block_size=64 --bias=False --dropout=0.0 --batch_size=8 \
       --gradient_accumulation_steps=1 --max_iters=1562 --lr_decay_iters=1562 --warmup_iters=78 \
       --eval_interval=1562 --eval_iters=4 --val_full_split=True --log_interval=500 \
-      --hessian_batch=$mode > "$out.log" 2>&1
+      --hessian_batch=$mode > "$out.log" 2>&1 || {
+      echo "hessian_batch=$mode seed=$seed: train.py failed: $(tail -n 1 "$out.log")" >&2; exit 1; }
     bpc=$(grep -o "val [0-9.]* bits/char" "$out.log" | tail -n 1 | cut -d' ' -f2)
-    echo "hessian_batch=$mode seed=$seed val_bits_per_char=$bpc"
+    line="hessian_batch=$mode seed=$seed val_bits_per_char=$bpc"
+    # to stderr as it is, never reopened (tee /dev/stderr would truncate a file it points at), and to the means
+    echo "$line" >&2
+    echo "$line"
   done
-done | tee /dev/stderr | awk '{split($1, m, "="); split($3, v, "="); s[m[2]] += v[2]; n[m[2]]++}
+done | awk '{split($1, m, "="); split($3, v, "="); s[m[2]] += v[2]; n[m[2]]++}
   END {for (k in s) printf "hessian_batch=%s mean over %d seeds: %.3f\n", k, n[k], s[k] / n[k]}'
