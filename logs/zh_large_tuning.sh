@@ -22,9 +22,14 @@ results=logs/speedrun/zh_large/tuning/results.txt
 export OMP_NUM_THREADS=1
 if [ $train = 1 ]; then
   mkdir -p "$out"
+  # the log under a temp name, moved over train.log only when the run succeeds: a failed one keeps the earlier log
+  log="$out/.train.log.tmp$$"
+  trap 'rm -f "$log"' EXIT
   python train.py config/train_zh_speedrun.py --data_dir="$data" --out_dir="$out" --device=cpu \
     --max_minutes=0 --max_iters="$steps" --lr_decay_iters="$steps" --warmup_iters=100 \
-    --eval_interval=100000 --eval_iters=20 --val_full_split=True --overwrite_out_dir=True "$@" > "$out/train.log" 2>&1
+    --eval_interval=100000 --eval_iters=20 --val_full_split=True --overwrite_out_dir=True "$@" > "$log" 2>&1 || {
+    echo "$0 $name: train.py failed: $(tail -n 1 "$log")" >&2; exit 1; }
+  mv "$log" "$out/train.log"
 fi
 grep "^step .*val .* bits/char" "$out/train.log" | tail -n 1 | cut -d';' -f1 | sed "s|^|$name steps=$steps $*: |" >> "$results"
 python - "$out" <<'PY'

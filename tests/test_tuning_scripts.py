@@ -48,3 +48,25 @@ def test_the_hessian_batch_script_says_which_run_failed_and_how(tmp_path):
     status, results = run_script(tmp_path, "hessian_batch_equal_steps.sh", [], "fail", dict(SEEDS="1"))
     assert status != 0
     assert results == "hessian_batch=fresh seed=1: train.py failed: train.py: error: data/zh_default not found; run: python prepare.py\n"
+
+
+@pytest.mark.parametrize("script, log", [("recipe_tuning.sh", "logs/speedrun/tuning/base/train.log"),
+                                         ("zh_large_tuning.sh", "logs/speedrun/zh_large/tuning/base/train.log")])
+def test_a_failed_tuning_run_says_why_and_keeps_the_committed_log(tmp_path, script, log):
+    committed = tmp_path / log
+    committed.parent.mkdir(parents=True)
+    committed.write_text("step 1000: val 5.123 bits/char\n", encoding="utf-8")
+    status, results = run_script(tmp_path, script, ["base", "--bad_flag"], "fail")
+    assert status != 0
+    assert results == f"logs/{script} base: train.py failed: train.py: error: data/zh_default not found; run: python prepare.py\n"
+    assert committed.read_text(encoding="utf-8") == "step 1000: val 5.123 bits/char\n"
+    assert os.listdir(committed.parent) == ["train.log"]  # no temp log left
+
+
+def test_a_finished_tuning_run_replaces_its_log_and_appends_its_result(tmp_path):
+    status, results = run_script(tmp_path, "recipe_tuning.sh", ["base", "--n_layer=4"], "ok")
+    assert status == 0, results
+    folder = tmp_path / "logs" / "speedrun" / "tuning"
+    assert (folder / "base" / "train.log").read_text(encoding="utf-8") == "step 1562: train loss 5.0, val 5.500 bits/char\n"
+    assert (folder / "results.txt").read_text(encoding="utf-8") == "base --n_layer=4: step 1562: train loss 5.0, val 5.500 bits/char\n"
+    assert os.listdir(folder / "base") == ["train.log"]
