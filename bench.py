@@ -36,6 +36,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -68,6 +69,7 @@ DEFAULTS = train.DEFAULTS | dict(
     out="",  # also write the report to this file (e.g. logs/bench.md); "" = print it only
 )
 REPORT = []  # the lines of the report, for --out
+REPORT_START = "`python bench.py"  # how a report file begins (its command): an --out that does not is not replaced
 
 
 def say(line=""):
@@ -326,7 +328,7 @@ def step_section(cfg, device):
     """The step train.py runs against its own matrix products: train_step, and apart the same GEMMs
     (shapes, strides, dtype, threads, allocator) recorded from an eager step; then the head loss alone
     against its GEMMs, per logit element."""
-    dtype = hardware.pick_dtype(cfg["dtype"], device)
+    dtype = cfg["dtype"]
     if device == "cpu":
         hardware.keep_freed_memory()  # as train.py: the step and the GEMMs both run with it
     tokens = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
@@ -428,10 +430,38 @@ def sample_section(cfg, device):
         f"with absolute positions there is nothing to reuse)")
 
 
+def check_report_file(path):
+    """Refuse, before any measuring, an --out that cannot take the report or holds something else."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f"--out={path} is a folder; name a file in it, e.g. --out={os.path.join(path, 'bench.md')}")
+    if not os.path.isdir(folder):
+        raise UserError(f"--out={path}: its folder does not exist; create it or name a file in an existing folder")
+    if os.path.exists(path) and not starts_as_a_report(path):
+        raise UserError(f"--out={path} holds something other than a bench.py report; name a new file, or an earlier report to replace")
+    try:
+        with tempfile.TemporaryFile(dir=folder):  # the report is written there, through a temp file
+            pass
+    except OSError as e:
+        raise UserError(f"--out={path}: cannot write in {folder} ({e.strerror or e}); name a file in a folder you can write") from None
+
+
+def starts_as_a_report(path):
+    """Whether path is a file that begins as bench.py's reports do (a pipe or device is not read)."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read(len(REPORT_START)) == REPORT_START
+    except OSError:
+        return False
+
+
 def main():
     argv = sys.argv[1:]
     cfg = parse_args(DEFAULTS, argv)
     device = hardware.pick_device(cfg["device"])
+    cfg["dtype"] = hardware.pick_dtype(cfg["dtype"], device)  # "auto" or a typo resolved before minutes of measuring
     hardware.allow_tf32(device)  # as train.py does
     if cfg["case"]:
         settings = dict(TRAIN_CASES)[cfg["case"]]
@@ -439,8 +469,11 @@ def main():
         return
     if cfg["section"] not in ("all", "train", "sophia", "sample", "step"):
         raise UserError(f"unknown --section={cfg['section']}; use all, train, sophia, sample or step")
-    if cfg["out"] and not os.path.isdir(os.path.dirname(os.path.abspath(cfg["out"]))):
-        raise UserError(f"--out={cfg['out']}: its folder does not exist; create it or name a file in an existing folder")
+    for key in ("iters", "repeats"):
+        if cfg[key] < 1:
+            raise UserError(f"--{key}={cfg[key]} must be at least 1")
+    if cfg["out"]:
+        check_report_file(cfg["out"])
     say(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
     worker_argv = [a for a in argv if not a.startswith(("--case=", "--device=", "--out="))]
     if cfg["section"] in ("all", "train"):

@@ -2,6 +2,8 @@
 (timing belongs to the benchmark); that it measures, reports and writes its report file is."""
 import json
 
+import pytest
+
 from conftest import assert_user_error, run_script
 
 SMALL = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=8", "--batch_size=2", "--warmup=1", "--iters=2"]
@@ -16,14 +18,14 @@ def test_a_training_case_worker_reports_its_numbers():
 
 def test_sophia_and_sampling_sections_are_written_whole_to_the_report_file_with_the_command(tmp_path):
     report = tmp_path / "bench.md"
-    report.write_text("an older report\n", encoding="utf-8")
+    report.write_text("`python bench.py --section=train` on an older machine:\n", encoding="utf-8")  # an earlier report
     written = {}
     for section in ("sophia", "sample"):
         result = run_script("bench.py", *SMALL, f"--section={section}", "--sample_tokens=12", f"--out={report}")
         assert result.returncode == 0, result.stderr
         written[section] = report.read_text(encoding="utf-8")
         command = " ".join(["python bench.py", *SMALL, f"--section={section}", "--sample_tokens=12"])
-        assert written[section].startswith(f"`{command}` on ") and "older" not in written[section]
+        assert written[section].startswith(f"`{command}` on ") and "older machine" not in written[section]
         assert written[section].endswith("\n```\n") and written[section].count("```") == 2
         assert written[section].split("```\n")[1].rstrip("\n") in result.stdout  # the report printed is the report written
     assert [p.name for p in tmp_path.iterdir()] == ["bench.md"]  # no temp file left
@@ -80,3 +82,28 @@ def test_bench_times_the_model_that_train_builds_from_the_same_flags():
     model, _ = bench.build(cfg, "cpu")
     assert vars(model.config) == model_args_from(cfg, padded_vocab_size(100))
     assert model.config.scale_attn_by_inverse_layer_idx and model.config.rotary and model.config.vocab_size == 128
+
+
+def test_a_config_that_asks_for_dtype_auto_or_a_dtype_bench_lacks_is_resolved_before_any_section():
+    """config/train_zh_speedrun.py sets dtype="auto": the sophia section once met it after minutes of the train section."""
+    result = run_script("bench.py", "config/train_zh_speedrun.py", *SMALL, "--section=sophia", "--vocab_size=256",
+                        "--compile=False", "--iters=1", "--n_layer=1")
+    assert result.returncode == 0, result.stderr
+    assert_user_error(run_script("bench.py", *SMALL, "--dtype=int8"), "unknown --dtype=int8")
+
+
+@pytest.mark.parametrize("flag", ["--iters=0", "--iters=-1", "--repeats=0"])
+def test_zero_or_negative_counts_are_one_line_errors(flag):
+    assert_user_error(run_script("bench.py", *SMALL, flag), flag, "at least 1")
+
+
+def test_an_out_that_cannot_take_the_report_or_holds_another_file_is_refused_before_any_measuring(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# a project\n", encoding="utf-8")
+    quick = [*SMALL, "--section=sample", "--sample_tokens=4"]
+    for out, words in ((tmp_path, "is a folder"), ("/proc/x.md", "--out=/proc/x.md: cannot write in /proc"),
+                       (readme, "something other than a bench.py report")):
+        result = run_script("bench.py", *quick, f"--out={out}")
+        assert_user_error(result, words)
+        assert result.stdout == ""  # refused before any measuring
+    assert readme.read_text(encoding="utf-8") == "# a project\n"
