@@ -19,17 +19,25 @@ import bench
 from configurator import parse_args
 from model import sample_next_token
 from opengpt import decode
+from opengpt.cli import UserError, run
 
 
 def module_at(rev, path):
     """The file `path` of commit `rev`, imported as a module of its own."""
-    source = subprocess.run(["git", "-C", REPO, "show", f"{rev}:{path}"], capture_output=True, text=True, check=True).stdout
+    shown = subprocess.run(["git", "-C", REPO, "show", f"{rev}:{path}"], capture_output=True, text=True)
+    if shown.returncode != 0:
+        added = subprocess.run(["git", "-C", REPO, "log", "--diff-filter=A", "--format=%h", "--", path],
+                               capture_output=True, text=True).stdout.split()
+        earliest = f"; it was added in {added[-1]}: give that commit or a later one" if added else ""
+        raise UserError(f"git cannot show {path} at --base={rev} ({(shown.stderr.strip().splitlines() or ['?'])[-1]}){earliest}")
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-        f.write(source)
-    spec = importlib.util.spec_from_file_location(f"decode_at_{rev}", f.name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    os.unlink(f.name)
+        f.write(shown.stdout)
+    try:
+        spec = importlib.util.spec_from_file_location(f"decode_at_{rev}", f.name)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        os.unlink(f.name)
     return module
 
 
@@ -49,6 +57,8 @@ def sample(path, n=200):
 
 def main():
     cfg = parse_args(dict(base="HEAD", rounds=5), sys.argv[1:])
+    if cfg["rounds"] < 1:
+        raise UserError(f"--rounds={cfg['rounds']} must be at least 1")
     previous = module_at(cfg["base"], "opengpt/decode.py")
     model_cfg = parse_args(bench.DEFAULTS, [os.path.join(REPO, "config", "train_zh_speedrun.py"), "--vocab_size=8192",
                                             "--block_size=256"])
@@ -74,4 +84,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

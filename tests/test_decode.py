@@ -254,3 +254,15 @@ def test_where_ahead_of_time_compiling_fails_the_step_says_so_and_takes_torch_co
     assert capsys.readouterr().err.count("note: AOTInductor could not compile the decode step (RuntimeError: AOTInductor "
                                          "does not support this platform); using torch.compile\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_decode_side_by_side_refuses_a_base_without_decode_py_and_zero_rounds_in_one_line():
+    import subprocess
+
+    from conftest import REPO, assert_user_error, run_script
+    assert_user_error(run_script("logs/decode_side_by_side.py", "--rounds=0"), "--rounds=0 must be at least 1")
+    assert_user_error(run_script("logs/decode_side_by_side.py", "--base=nosuchcommit"), "git cannot show opengpt/decode.py at --base=nosuchcommit")
+    added = subprocess.run(["git", "-C", REPO, "log", "--diff-filter=A", "--format=%h", "--", "opengpt/decode.py"],
+                           capture_output=True, text=True, check=True).stdout.split()[-1]
+    before = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", f"{added}^"], capture_output=True, text=True, check=True).stdout.strip()
+    assert_user_error(run_script("logs/decode_side_by_side.py", f"--base={before}"), f"it was added in {added}")
