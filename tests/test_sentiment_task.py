@@ -179,3 +179,18 @@ def test_the_report_lists_each_candidates_validation_score_and_the_chosen_one():
     assert "| 0.002 | 540 | - | 70.0% | 7 / 10 | 1 | yes |" in text
     assert "| 0.001 | 540 | --document_mask=True | 70.0% | 7 / 10 | 1 |  |" in text
     assert "| majority | 70.0% | 7 / 10 | 1 |" in text and "    python train.py --x=1" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has the CUDA GPU this refusal is about")
+def test_a_device_this_machine_lacks_is_one_line_before_any_work(tmp_path):
+    result = run_script("logs/sentiment_task.py", "--device=cuda", f"--out={tmp_path / 'out'}", f"--work={tmp_path / 'work'}")
+    assert_user_error(result, "--device=cuda but this machine has no CUDA GPU")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("key", ["out", "work"])
+def test_an_out_or_work_folder_under_a_file_is_one_line(tmp_path, key):
+    (tmp_path / "file").write_text("", encoding="utf-8")
+    folders = dict(out=tmp_path / "out", work=tmp_path / "work") | {key: tmp_path / "file" / "x"}
+    result = run_script("logs/sentiment_task.py", f"--out={folders['out']}", f"--work={folders['work']}")
+    assert_user_error(result, f"cannot make --{key}={tmp_path / 'file' / 'x'}")
