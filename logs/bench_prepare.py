@@ -29,6 +29,7 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # run by path (python logs/X.py) as well as python -m logs.X
 from opengpt import corpus
 from opengpt.cli import UserError, run
 from configurator import parse_args

@@ -38,6 +38,7 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # run by path (python logs/X.py) as well as python -m logs.X
 from opengpt.cli import UserError, run
 from logs.compare_grids import best_point, extend
 from configurator import parse_args

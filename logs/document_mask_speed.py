@@ -9,10 +9,13 @@ chat data's conversations take ~96 tokens), both cases the same batches; the ste
 train.py runs. The numbers are printed; logs/README.md holds those of our CPU.
 """
 import functools
+import os
 import sys
 
 import torch
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # run by path (python logs/X.py) as well as python -m logs.X
 import bench
 import train
 from configurator import parse_args

@@ -7,11 +7,14 @@ models can be read against; it says nothing of what a network could reach, only 
     python -m logs.ngram_bound --data_dir=data/zh_large --orders=1,2,3,4,5 --train_share=1.0
 """
 import json
+import os
 import sys
 import time
 
 import numpy as np
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # run by path (python logs/X.py) as well as python -m logs.X
 from configurator import parse_args
 from opengpt.cli import run
 from opengpt.data import TokenData

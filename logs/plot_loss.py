@@ -31,6 +31,8 @@ from functools import reduce
 
 import numpy as np
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # run by path (python logs/X.py) as well as python -m logs.X
 from opengpt.cli import UserError, run
 from opengpt.files import write_atomically
 from opengpt.optimizers import REGISTRY

@@ -46,6 +46,8 @@ import time
 
 import torch
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # run by path (python logs/X.py) as well as python -m logs.X
 from opengpt import chat_format
 from opengpt import checkpoint as ckpt
 from opengpt.cli import UserError, run
@@ -57,7 +59,6 @@ from opengpt.run_log import read_events
 from opengpt.training import evaluate_split
 from configurator import parse_args
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULTS = dict(
     steps="baselines,base,chat,transcript",  # what to run, comma-separated (the split is always made); the report holds what ran
     out="logs/sentiment",  # results.md and transcript.md

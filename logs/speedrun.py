@@ -39,6 +39,7 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # run by path (python logs/X.py) as well as python -m logs.X
 from opengpt import folder_lock, hardware
 from opengpt.cli import UserError, run
 from opengpt.files import write_text

@@ -21,6 +21,7 @@ import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # run by path (python logs/X.py) as well as python -m logs.X
 from opengpt.cli import UserError, run
 from configurator import parse_args
 from opengpt.run_log import read_events

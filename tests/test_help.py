@@ -60,3 +60,21 @@ def test_plot_loss_help_names_its_runs_and_options(tmp_path):
     assert "RUN" in result.stdout and "a metrics.jsonl, a run folder holding one" in result.stdout
     assert re.search(r"--out OUT +image to write", result.stdout)
     assert os.listdir(tmp_path) == []
+
+
+BY_PATH = ["speedrun", "sentiment_task", "step_side_by_side", "decode_side_by_side", "bench_prepare", "compare_optimizers",
+           "plot_loss", "ngram_bound", "document_mask_speed"]
+
+
+def test_the_notebooks_scripts_run_by_path_as_well_as_with_python_m(tmp_path):
+    """`python logs/X.py --help` finds the repository's modules as `python -m logs.X --help` does."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    for name in BY_PATH:
+        result = subprocess.run([sys.executable, os.path.join(REPO, "logs", f"{name}.py"), "--help"], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and "usage:" in result.stdout, (name, result.stderr)
+    assert os.listdir(tmp_path) == []
