@@ -31,6 +31,7 @@ import concurrent.futures
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -125,10 +126,15 @@ def config_from(argv):
         raise UserError(f"--preset={first['preset']}: choose {' or '.join(PRESETS)}")
     base = DEFAULTS | PRESETS[first["preset"]] | (DRY_RUN if first["dry_run"] else {})
     cfg = parse_args(base, argv)
-    if cfg["dry_run"] and not any(arg.startswith("--out=") for arg in argv):
+    if makes_its_out(cfg, argv):
         cfg["out"] = tempfile.mkdtemp(prefix="compare_dry_run_")
     check(cfg)
     return cfg
+
+
+def makes_its_out(cfg, argv):
+    """Whether --out is a temp folder this script makes: a dry run's, when no --out is given."""
+    return cfg["dry_run"] and not any(arg.startswith("--out=") for arg in argv)
 
 
 def check(cfg):
@@ -322,7 +328,20 @@ def sweep(cfg):
 
 def main():
     cfg = config_from(sys.argv[1:])
-    os.makedirs(cfg["out"], exist_ok=True)
+    try:
+        os.makedirs(cfg["out"], exist_ok=True)
+    except OSError as e:  # a file on the way
+        raise UserError(f"cannot make --out={cfg['out']}: {e.strerror or e}") from None
+    try:
+        compare(cfg)
+    except BaseException:  # Ctrl-C included
+        if makes_its_out(cfg, sys.argv[1:]):
+            shutil.rmtree(cfg["out"], ignore_errors=True)  # a dry run's temp folder, unfinished: nothing to keep
+        raise
+
+
+def compare(cfg):
+    """The sweep, the finals and the report, into --out."""
     started = time.time()
     results = sweep(cfg)
     for batch, result in results.items():

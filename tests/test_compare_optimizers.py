@@ -264,3 +264,27 @@ def test_dry_run_runs_the_whole_pipeline_and_a_rerun_trains_nothing(tiny_bpe_dat
     results = compare.sweep(cfg)
     compare.run_all(cfg, [(b, m, rho, lr, s) for b, r in results.items() for m, (rho, lr) in r["winners"].items()
                           for s in cfg["seeds"]])
+
+
+def test_an_interrupted_dry_run_removes_the_temp_folder_it_made(tiny_bpe_data, tmp_path, monkeypatch):
+    import tempfile
+
+    def interrupted(cfg):
+        assert os.path.isdir(cfg["out"]) and os.path.dirname(cfg["out"]) == str(tmp_path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(compare, "sweep", interrupted)
+    monkeypatch.setattr(sys, "argv", ["compare_optimizers.py", "--dry_run=True", f"--data_dir={tiny_bpe_data}"])
+    with pytest.raises(KeyboardInterrupt):
+        compare.main()
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_out_under_a_file_is_one_line(tiny_bpe_data, tmp_path, monkeypatch):
+    from opengpt.cli import UserError
+
+    (tmp_path / "file").write_text("", encoding="utf-8")
+    monkeypatch.setattr(sys, "argv", ["compare_optimizers.py", f"--out={tmp_path / 'file' / 'x'}", f"--data_dir={tiny_bpe_data}"])
+    with pytest.raises(UserError, match="cannot make --out="):
+        compare.main()
