@@ -20,7 +20,7 @@ import bench
 import train
 from configurator import parse_args
 from opengpt import hardware
-from opengpt.cli import run
+from opengpt.cli import UserError, run
 from opengpt.training import train_step
 
 DEFAULTS = train.DEFAULTS | dict(
@@ -46,6 +46,8 @@ class RandomDocuments(bench.RandomTokens):
 
 def main():
     cfg = parse_args(DEFAULTS, sys.argv[1:])
+    if cfg["iters"] < 1:
+        raise UserError(f"--iters={cfg['iters']} must be at least 1")
     device = hardware.pick_device(cfg["device"])
     dtype = hardware.pick_dtype(cfg["dtype"], device)
     if device == "cpu":

@@ -71,6 +71,8 @@ def main():
     cfg = parse_args(DEFAULTS, sys.argv[1:])
     if cfg["recipe"] not in ("first", "today"):
         raise UserError(f"unknown --recipe={cfg['recipe']}; use first or today")
+    if cfg["rounds"] < 1:
+        raise UserError(f"--rounds={cfg['rounds']} must be at least 1")
     if cfg["iters"] <= SKIP_STEPS + 10:
         raise UserError(f"--iters must be above {SKIP_STEPS + 10}: the first {SKIP_STEPS} steps are not timed")
     with tempfile.TemporaryDirectory() as scratch:

@@ -157,3 +157,10 @@ def test_a_resumed_run_cannot_change_the_mask():
 def test_eot_token_outside_the_vocabulary_is_refused():
     with pytest.raises(ValueError, match="eot_token"):
         GPTConfig(vocab_size=64, eot_token=64)
+
+
+def test_document_mask_speed_refuses_zero_timed_steps_in_one_line():
+    from conftest import assert_user_error, run_script
+    small = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=8", "--batch_size=2", "--warmup=0",
+             "--device=cpu", "--dtype=float32", "--compile=False"]
+    assert_user_error(run_script("logs/document_mask_speed.py", *small, "--iters=0"), "--iters=0 must be at least 1")

@@ -69,3 +69,7 @@ def test_todays_recipe_is_the_config_as_it_stands_for_both_checkouts(monkeypatch
 
 def test_an_unknown_recipe_is_one_line():
     assert_user_error(run_script("logs/step_side_by_side.py", "--recipe=second"), "--recipe=second")
+
+
+def test_zero_rounds_is_one_line_before_any_worktree():
+    assert_user_error(run_script("logs/step_side_by_side.py", "--rounds=0"), "--rounds=0 must be at least 1")
