@@ -16,7 +16,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run by path (python logs/X.py) as well as python -m logs.X
 from configurator import parse_args
-from opengpt.cli import run
+from opengpt.cli import UserError, run
 from opengpt.data import TokenData
 
 BOUNDARY = 0  # the <|endoftext|> between documents, as a character of its own
@@ -101,6 +101,9 @@ def kneser_ney_bits(train, val, n_symbols, top):
 
 def main():
     cfg = parse_args(dict(data_dir="data/zh_large", orders="1,2,3,4,5", train_share=1.0), sys.argv[1:])
+    orders = str(cfg["orders"]).split(",")
+    if not all(order.strip().isdigit() and int(order) >= 1 for order in orders):
+        raise UserError(f"--orders={cfg['orders']}: give n-gram orders of 1 or more, comma-separated, e.g. --orders=1,2,3")
     started = time.time()
     data = TokenData(cfg["data_dir"], 8)
     train = sample_documents(characters(data, "train")[0], cfg["train_share"])
@@ -116,7 +119,7 @@ def main():
           f"{int(np.sum(val_ids == len(alphabet))):,} val characters not in train; read in {time.time() - started:.0f} s",
           flush=True)
     results = {}
-    for top in [int(order) for order in str(cfg["orders"]).split(",")]:
+    for top in map(int, orders):
         bits = kneser_ney_bits(train_ids, val_ids, len(alphabet) + 1, top)
         by_source = {name: round(float(bits[val_sources[1:] == name].mean()), 3) for name in dict.fromkeys(val_sources)}
         results[top] = dict(all=round(float(bits.mean()), 3), **by_source)

@@ -52,3 +52,10 @@ def test_the_vectorised_bits_are_the_formulas(top):
     for h in [(), (1,), (2, 1), (6, 1, 2), (5, 5, 5)]:
         h = h[len(h) - min(len(h), top - 1):] if top > 1 else ()
         assert math.isclose(sum(probability(w, h) for w in range(n_symbols)), 1.0, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("orders", ["abc", "0", "1,,2", "-1"])
+def test_orders_that_are_not_counts_are_one_line_before_the_data_is_read(orders, tmp_path):
+    from conftest import assert_user_error, run_script
+    result = run_script("logs/ngram_bound.py", f"--orders={orders}", f"--data_dir={tmp_path / 'missing'}")
+    assert_user_error(result, f"--orders={orders}: give n-gram orders of 1 or more")
