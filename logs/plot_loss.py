@@ -257,9 +257,13 @@ def plot(groups, out_path, y="loss"):
         ax.grid(alpha=0.3)
     fig.suptitle("Loss per optimizer: line = mean over a group's runs (seeds), band = min..max over them")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    write_atomically(out_path, lambda temp_path: fig.savefig(temp_path, format=file_format, dpi=120))
-    plt.close(fig)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        write_atomically(out_path, lambda temp_path: fig.savefig(temp_path, format=file_format, dpi=120))
+    except OSError as e:  # a file where a folder should be, a folder of that name, no permission
+        raise UserError(f"cannot write --out={out_path}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
 
 
 def parse_labels(label_args, run_paths):

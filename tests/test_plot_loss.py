@@ -190,3 +190,12 @@ def test_bits_per_character_of_an_older_log_is_one_line(tmp_path):
     write_metrics(tmp_path / "run")  # evaluations without val_bpc, as before bits per character
     assert_user_error(run_script("logs/plot_loss.py", str(tmp_path / "run"), f"--out={tmp_path / 'x.png'}", "--y=bpc"),
                       "no bits per character")
+
+
+def test_an_out_that_is_a_folder_or_under_a_file_is_one_line(tmp_path):
+    write_metrics(tmp_path / "run")
+    (tmp_path / "file").write_text("", encoding="utf-8")
+    (tmp_path / "folder").mkdir()
+    for out in (tmp_path / "file" / "x.png", tmp_path / "folder"):
+        assert_user_error(run_script("logs/plot_loss.py", str(tmp_path / "run"), f"--out={out}"), f"cannot write --out={out}")
+    assert os.listdir(tmp_path / "folder") == []
