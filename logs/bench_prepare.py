@@ -121,9 +121,14 @@ def run_prepare(args):
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, PREPARE, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = 0
-    while proc.poll() is None:
-        peak = max(peak, process_tree_rss(proc.pid))
-        time.sleep(0.1)
+    try:
+        while proc.poll() is None:
+            peak = max(peak, process_tree_rss(proc.pid))
+            time.sleep(0.1)
+    finally:  # Ctrl-C or an error here: prepare.py is not left running on its own
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     wall = time.perf_counter() - start
     stdout, stderr = proc.communicate()
     if proc.returncode != 0:
@@ -142,6 +147,13 @@ def folder_digest(folder):
 def main():
     cfg = parse_args(DEFAULTS, sys.argv[1:])
     num_procs = [int(n) for n in str(cfg["num_procs"]).split(",")]
+    if cfg["size_mb"] <= 0:
+        raise UserError(f"--size_mb={cfg['size_mb']} must be above 0")
+    if cfg["work_dir"]:
+        try:
+            os.makedirs(cfg["work_dir"], exist_ok=True)
+        except OSError as e:  # a file on the way
+            raise UserError(f"cannot make --work_dir={cfg['work_dir']}: {e.strerror or e}") from None
     work = cfg["work_dir"] or tempfile.mkdtemp(prefix="bench_prepare_")
     try:
         start = time.perf_counter()
