@@ -1,10 +1,12 @@
 """--help on every script a user runs: each option with its default and its comment, exit 0, nothing run."""
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
-from conftest import run_script
+from conftest import REPO, run_script
 
 # (script, an option line it must print: --name=default, then the comment beside it in DEFAULTS)
 SCRIPTS = [
@@ -68,10 +70,6 @@ BY_PATH = ["speedrun", "sentiment_task", "step_side_by_side", "decode_side_by_si
 
 def test_the_notebooks_scripts_run_by_path_as_well_as_with_python_m(tmp_path):
     """`python logs/X.py --help` finds the repository's modules as `python -m logs.X --help` does."""
-    import subprocess
-    import sys
-
-    from conftest import REPO
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     for name in BY_PATH:
         result = subprocess.run([sys.executable, os.path.join(REPO, "logs", f"{name}.py"), "--help"], cwd=tmp_path, env=env,
