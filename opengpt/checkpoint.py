@@ -183,6 +183,10 @@ def load(path):
         reason = (str(e).strip().splitlines() or ["no message"])[0][:160]
         raise UserError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}: {reason})") from None
     found = checkpoint.get("format", "no format field") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+    if found == "open-gpt-training/1":  # this project's own, before 82f78ca (2026-11-28): no checksum to trust
+        raise UserError(f"checkpoint {path} is an open-gpt-training/1 checkpoint, from this project before 2026-11-28 "
+                        f"(82f78ca), which this version does not load: export it with the version that wrote it (python "
+                        f"export.py there), then sample or fine-tune the export here (--init_from=EXPORT_FOLDER)")
     if found != FORMAT:
         raise UserError(f"checkpoint {path} is not an {FORMAT} checkpoint ({found}); it was made by another program or version")
     elif checkpoint.get("checksum") != payload_checksum(checkpoint):

@@ -20,7 +20,7 @@ import torch
 
 from opengpt import tokenizer as tok
 from opengpt.cli import UserError
-from opengpt.data_layout import SPLITS, prepare_command
+from opengpt.data_layout import SPLITS, prepare_command, read_meta
 
 SPLIT_COUNTS = ("documents", "characters", "bytes", "tokens")  # what meta.json counts of each split
 SAMPLINGS = ("random", "epochs")  # how training windows are drawn: see TokenData.train_micro_batches
@@ -65,13 +65,21 @@ def data_folder(cfg):
     return cfg["data_dir"] or os.path.join("data", cfg["dataset"])
 
 
+def rebuild_command(data_dir):
+    """How to make data_dir again: prepare.py with the flags for a folder it names itself, else with the
+    flags that made it (never the bare command: that would put the embedded corpus in a user's folder),
+    and the source its meta.json records, where it can be read."""
+    source = (read_meta(data_dir) or {}).get("source")
+    return prepare_command(data_dir) + (f" (its meta.json records the source: {str(source)[:200]})" if source else "")
+
+
 class TokenData:
     def __init__(self, data_dir, block_size, sampling="random"):
         meta_path = os.path.join(data_dir, "meta.json")
         if not os.path.isdir(data_dir):
             raise UserError(f"data folder {data_dir} not found; run: {prepare_command(data_dir)} (or set --dataset / --data_dir)")
         if not os.path.isfile(meta_path):
-            raise UserError(f"{meta_path} not found: {data_dir} is incomplete; rerun python prepare.py --out={data_dir}")
+            raise UserError(f"{meta_path} not found: {data_dir} is incomplete; rerun {rebuild_command(data_dir)}")
         try:
             with open(meta_path, encoding="utf-8") as f:
                 meta = json.load(f)
@@ -85,7 +93,7 @@ class TokenData:
                 raise TypeError(f"chat entry {str(self.chat)[:80]}")
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{meta_path} is damaged or from another version of prepare.py ({type(e).__name__}: {e}); "
-                            f"rerun python prepare.py --out={data_dir}") from None
+                            f"rerun {rebuild_command(data_dir)}") from None
         self.data_dir = data_dir
         self.block_size = block_size
         self.tokens = {split: self._open(data_dir, split) for split in SPLITS}
@@ -105,10 +113,10 @@ class TokenData:
             else:
                 tokenizer = tok.read_tokenizer_file(os.path.join(self.data_dir, record["file"]))
         except (FileNotFoundError, ValueError) as e:
-            raise UserError(f"{e}; rerun python prepare.py --out={self.data_dir}") from None
+            raise UserError(f"{e}; rerun {rebuild_command(self.data_dir)}") from None
         if record["sha256"] != tokenizer.sha256 or tokenizer.n_vocab != self.vocab_size:
             raise UserError(f"{self.data_dir}'s tokenizer is not the one its token files were made with "
-                            f"(sha256 or size differs from meta.json); rerun python prepare.py --out={self.data_dir}")
+                            f"(sha256 or size differs from meta.json); rerun {rebuild_command(self.data_dir)}")
         return tokenizer
 
     def bytes_per_character(self, split):
@@ -130,16 +138,16 @@ class TokenData:
     def _open(self, data_dir, split):
         path = os.path.join(data_dir, f"{split}.bin")
         if not os.path.isfile(path):
-            raise UserError(f"{path} not found; rerun python prepare.py --out={data_dir}")
+            raise UserError(f"{path} not found; rerun {rebuild_command(data_dir)}")
         size = os.path.getsize(path)
         if size % self.dtype.itemsize:
-            raise UserError(f"{path} is truncated or corrupt: {size} bytes is not a whole number of {self.dtype.name} tokens; rerun prepare.py")
+            raise UserError(f"{path} is truncated or corrupt: {size} bytes is not a whole number of {self.dtype.name} tokens; rerun {rebuild_command(data_dir)}")
         n_tokens = size // self.dtype.itemsize
         # A file cut at a token boundary, or a folder holding the files of two prepare.py runs
         recorded = self.split_counts[split]["tokens"]
         if recorded != n_tokens:
             raise UserError(f"{path} holds {n_tokens} tokens but {os.path.join(data_dir, 'meta.json')} records {recorded}: "
-                            f"the file is cut short or from another prepare.py run; rerun python prepare.py --out={data_dir}")
+                            f"the file is cut short or from another prepare.py run; rerun {rebuild_command(data_dir)}")
         if n_tokens <= self.block_size:
             raise UserError(f"{path} has {n_tokens} tokens, too few for one block of {self.block_size}+1; "
                             f"use more text or a smaller --block_size")
@@ -147,7 +155,7 @@ class TokenData:
         largest = max(int(tokens[i:i + 2**24].max()) for i in range(0, n_tokens, 2**24))
         if largest >= self.vocab_size:
             raise UserError(f"{path} holds token {largest}, outside the vocabulary of {self.vocab_size} in meta.json; "
-                            f"the file is corrupt or from another tokenizer; rerun prepare.py")
+                            f"the file is corrupt or from another tokenizer; rerun {rebuild_command(data_dir)}")
         return tokens
 
     def _open_mask(self, data_dir, split):

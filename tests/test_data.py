@@ -35,12 +35,14 @@ def test_prepare_py_s_meta_json_is_read(tiny_data, tiny_bpe_data):
     (lambda meta: meta["tokenizer"].update(kind="sentencepiece"), ["ValueError"]),
 ])
 def test_a_meta_json_of_another_format_asks_to_rerun_prepare(tiny_data, tmp_path, edit, words):
-    folder = edited_copy(tiny_data, tmp_path / "data", edit)
+    folder = edited_copy(tiny_data, tmp_path / "data", lambda meta: (meta.update(source="my corpus.txt"), edit(meta)))
     with pytest.raises(UserError) as error:
         TokenData(str(folder), block_size=16)
     message = str(error.value)
     assert "\n" not in message
-    for word in ["meta.json is damaged or from another version of prepare.py", *words, f"rerun python prepare.py --out={folder}"]:
+    # the flags that made it, not the bare command, which would put the embedded corpus in a folder of the user's
+    rebuild = f"rerun python prepare.py --out={folder} with the flags that made it (its meta.json records the source: my corpus.txt)"
+    for word in ["meta.json is damaged or from another version of prepare.py", *words, rebuild]:
         assert word in message, (word, message)
 
 
