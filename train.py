@@ -265,6 +265,9 @@ def main(optimizer=None):
     def evaluates_at(iter_num):
         return iter_num % cfg["eval_interval"] == 0 or iter_num == schedule.max_iters
 
+    def interval_due(iter_num):
+        return cfg["ckpt_interval"] and iter_num % cfg["ckpt_interval"] == 0
+
     bad_steps, total_bad_steps = 0, 0
     clock = StepClock()
     while True:
@@ -285,7 +288,7 @@ def main(optimizer=None):
             if is_master:
                 improved = val["loss"] < best_val_loss
                 best_val_loss = min(best_val_loss, val["loss"])
-                saved = may_save() and (cfg["always_save_checkpoint"] or val["loss"] <= best_val_loss)
+                saved = may_save() and (cfg["always_save_checkpoint"] or val["loss"] <= best_val_loss or interval_due(iter_num))
                 if saved:
                     save_checkpoint(ckpt.FILENAME, other_ranks)
                 # after ckpt.pt, which a resume needs. A resumed run's first evaluation may be the first of the
@@ -337,9 +340,8 @@ def main(optimizer=None):
                 log.text(f"received {stop.signal_name or 'a stop request'}: stopping with exit status {stop.exit_status()}; "
                          f"continue with the same command plus --init_from=resume")
             break
-        # not where the evaluation the loop starts with saves anyway: two writes of one checkpoint in a row
-        evaluation_saves = cfg["always_save_checkpoint"] and evaluates_at(iter_num)
-        if cfg["ckpt_interval"] and iter_num % cfg["ckpt_interval"] == 0 and may_save() and not evaluation_saves:
+        # where an evaluation comes next, it saves (interval_due): not two writes of one checkpoint in a row
+        if interval_due(iter_num) and may_save() and not evaluates_at(iter_num):
             other_ranks = stop_unless_sane(evaluation(spot_check=True) if is_master else None)
             if is_master:
                 save_checkpoint(ckpt.FILENAME, other_ranks)

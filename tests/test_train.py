@@ -302,11 +302,14 @@ def test_periodic_and_best_checkpoints(tiny_data, tmp_path):
     assert best["best_val_loss"] == min(e["val_loss"] for e in read_events(out, "eval"))
 
 
-def test_a_periodic_save_where_an_evaluation_saves_anyway_is_not_written_twice(tiny_data, tmp_path):
+@pytest.mark.parametrize("always_save", [True, False])
+def test_a_periodic_save_where_an_evaluation_saves_anyway_is_not_written_twice(tiny_data, tmp_path, always_save):
     result = train_ok(*train_args(tiny_data, tmp_path / "run", "--max_iters=6", "--lr_decay_iters=6", "--eval_interval=3",
-                                  "--ckpt_interval=2"))
-    saves = [line.split(" at iter ")[1] for line in result.stdout.splitlines() if line.startswith("saved checkpoint")]
-    assert saves == ["2", "3", "4", "6"]  # 6 is both the interval's and the last evaluation's: once
+                                  "--ckpt_interval=2", f"--always_save_checkpoint={always_save}"))
+    saves = [line.split("/")[-1].replace(" at iter ", ":") for line in result.stdout.splitlines() if line.startswith("saved checkpoint")]
+    # 6 is both the interval's and the last evaluation's: once; without always_save, the evaluation saves it
+    # whatever its val loss, as the interval would have
+    assert [save for save in saves if save.startswith("ckpt.pt")] == ["ckpt.pt:2", "ckpt.pt:3", "ckpt.pt:4", "ckpt.pt:6"]
 
 
 @pytest.mark.parametrize("device", ["cuda:0", "cuda:1"])
