@@ -69,7 +69,7 @@ DEFAULTS = train.DEFAULTS | dict(
     out="",  # also write the report to this file (e.g. logs/bench.md); "" = print it only
 )
 REPORT = []  # the lines of the report, for --out
-REPORT_START = "`python bench.py"  # how a report file begins (its command): an --out that does not is not replaced
+COMMAND = "python bench.py"  # a report file begins with it, in backquotes: an --out that does not is not replaced
 
 
 def say(line=""):
@@ -452,7 +452,7 @@ def starts_as_a_report(path):
         return False
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read(len(REPORT_START)) == REPORT_START
+            return f.read(len(COMMAND) + 1) == f"`{COMMAND}"
     except OSError:
         return False
 
@@ -489,7 +489,7 @@ def main():
     if cfg["section"] in ("all", "step"):
         step_section(cfg, device)
     if cfg["out"]:
-        command = " ".join(["python bench.py", *(a for a in argv if not a.startswith("--out="))])
+        command = " ".join([COMMAND, *(a for a in argv if not a.startswith("--out="))])
         write_text(cfg["out"], f"`{command}` on {hardware.device_name(device)}:\n\n```\n" + "\n".join(REPORT) + "\n```\n")
         print(f"wrote {cfg['out']}", file=sys.stderr)
 

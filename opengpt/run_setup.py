@@ -82,7 +82,8 @@ def check_config(cfg):
 def check_resume_matches(cfg, checkpoint, path):
     """A one-line error listing every value the checkpoint fixes that the command line changed."""
     saved_config = checkpoint.get("config") or {}
-    shape = [key for key in CHECKPOINT_SHAPE if not (weights_source(saved_config) and key in WEIGHTS_SHAPE)]
+    # a run from pretrained weights took their shape, whatever its flags (pretrained_shape)
+    shape = [key for key in CHECKPOINT_SHAPE if key not in WEIGHTS_SHAPE] if weights_source(saved_config) else CHECKPOINT_SHAPE
     saved = {key: checkpoint["model_args"][key] for key in shape if key in checkpoint["model_args"]}
     keys = CHECKPOINT_OPTIMIZER + {"sophiag": ("rho",), "muon": ("muon_momentum",)}.get(cfg["optimizer"], ())
     saved |= {key: saved_config[key] for key in keys if saved_config.get(key) is not None}
@@ -158,12 +159,11 @@ class ClaimedOutDir:
         aside = os.path.join(self.path, SET_ASIDE)
         try:
             os.makedirs(aside, exist_ok=True)
+            self.set_aside = aside  # from here, what moved goes back at release, should the rest fail
             for name in names:  # so that a resume after a crash can never pick up the earlier run's state
                 os.replace(os.path.join(self.path, name), os.path.join(aside, name))
         except OSError as e:
-            self.set_aside = aside  # what did move goes back at release
             raise UserError(f"cannot set the earlier run in {self.path} aside: {e.strerror or e}") from None
-        self.set_aside = aside
 
     def earlier_run_replaced(self):
         """This run saved a checkpoint: the earlier run's files go."""

@@ -69,14 +69,21 @@ def test_line_separators_inside_a_jsonl_string_stay_in_the_document(tmp_path):
     assert list(corpus.file_corpus(str(path), "text")) == [text]
 
 
+def named_then_skipped(path, message, kept, skipped):
+    """file_corpus stops at the first bad line of path with message; with skip_bad_docs it yields the
+    documents kept and counts the skipped lines. Returns that lenient corpus."""
+    with pytest.raises(UserError, match=re.escape(message)):
+        list(corpus.file_corpus(str(path), "text"))
+    lenient = corpus.file_corpus(str(path), "text", skip_bad_docs=True)
+    assert list(lenient) == kept and lenient.skipped == skipped
+    return lenient
+
+
 def test_bad_lines_are_named_or_skipped_and_counted(tmp_path):
     path = tmp_path / "mixed.jsonl"
     good = [json.dumps({"text": t}, ensure_ascii=False).encode() for t in ("甲", "乙", "丙")]
     path.write_bytes(b"\n".join([good[0], "{\"text\": \"中文\"}".encode("gbk"), good[1], b"{broken", good[2]]) + b"\n")
-    with pytest.raises(UserError, match=re.escape(f"{path}:2 is not UTF-8")):
-        list(corpus.file_corpus(str(path), "text"))
-    lenient = corpus.file_corpus(str(path), "text", skip_bad_docs=True)
-    assert list(lenient) == ["甲", "乙", "丙"] and lenient.skipped == 2
+    lenient = named_then_skipped(path, f"{path}:2 is not UTF-8", ["甲", "乙", "丙"], 2)
     assert list(lenient) == ["甲", "乙", "丙"] and lenient.skipped == 2  # counted per pass, not summed
 
 
@@ -91,10 +98,7 @@ def test_a_null_text_is_no_document_and_one_of_another_type_a_bad_line(tmp_path)
     """As a null in a Parquet column: nothing. A number or a list is not text: named, or skipped and counted."""
     path = tmp_path / "mixed.jsonl"
     path.write_text('{"text": "甲"}\n{"text": null}\n{"text": 7}\n{"text": ["乙"]}\n{"text": "丙"}\n', encoding="utf-8")
-    with pytest.raises(UserError, match=re.escape(f"{path}:3: its 'text' is not a string (int); make it one, or pass")):
-        list(corpus.file_corpus(str(path), "text"))
-    lenient = corpus.file_corpus(str(path), "text", skip_bad_docs=True)
-    assert list(lenient) == ["甲", "丙"] and lenient.skipped == 2
+    named_then_skipped(path, f"{path}:3: its 'text' is not a string (int); make it one, or pass", ["甲", "丙"], 2)
 
 
 def test_people_daily_tags_are_removed():
@@ -139,20 +143,15 @@ def test_a_folder_with_symlinks_is_read_once_per_real_file(tmp_path):
 def test_json_that_python_will_not_parse_is_a_bad_line(tmp_path, line, words):
     path = tmp_path / "odd.jsonl"
     path.write_text('{"text": "乙"}\n' + line + '\n{"text": "丙"}\n', encoding="utf-8")
-    with pytest.raises(UserError, match=re.escape(f"{path}:2 is not valid JSON ({words})")):
-        list(corpus.file_corpus(str(path), "text"))
-    lenient = corpus.file_corpus(str(path), "text", skip_bad_docs=True)
-    assert list(lenient) == ["乙", "丙"] and lenient.skipped == 1
+    named_then_skipped(path, f"{path}:2 is not valid JSON ({words})", ["乙", "丙"], 1)
 
 
 def test_a_lone_surrogate_in_a_jsonl_string_is_a_bad_line(tmp_path):
     """Valid JSON, but not text: "\\ud800" alone would end in a traceback in the tokenizer."""
     path = tmp_path / "surrogate.jsonl"
     path.write_text('{"text": "甲"}\n{"text": "乙\\ud800"}\n{"text": "\\ud83d\\ude00"}\n', encoding="utf-8")
-    with pytest.raises(UserError, match=re.escape(f"{path}:2 holds a lone surrogate ('\\ud800'), which is not text")):
-        list(corpus.file_corpus(str(path), "text"))
-    lenient = corpus.file_corpus(str(path), "text", skip_bad_docs=True)
-    assert list(lenient) == ["甲", "😀"] and lenient.skipped == 1  # a surrogate pair is one character
+    # a surrogate pair is one character
+    named_then_skipped(path, f"{path}:2 holds a lone surrogate ('\\ud800'), which is not text", ["甲", "😀"], 1)
 
 
 def test_an_input_that_is_neither_a_file_nor_a_folder_is_named_as_such():
