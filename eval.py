@@ -72,15 +72,6 @@ def text_bits(model, tokenizer, text, batch_size, device, autocast):
     return nats / math.log(2)
 
 
-def load(path):
-    """(checkpoint, its model in eval mode, its tokenizer) of a checkpoint file whose weights are finite."""
-    checkpoint = ckpt.load(path)
-    ckpt.check_finite_weights(checkpoint, path)
-    model, tokenizer = ckpt.model_from(checkpoint, dropout=0.0).eval(), ckpt.tokenizer_of(checkpoint)
-    ckpt.check_vocabulary_fits(model, tokenizer)
-    return checkpoint, model, tokenizer
-
-
 def evaluate_val(checkpoint, model, tokenizer, data_dir, batch_size, max_batches, device, autocast):
     """(the data folder, evaluate_split's numbers of its val split: overall and per source) for a
     loaded checkpoint's model; the folder must hold the checkpoint's tokenizer."""
@@ -102,7 +93,7 @@ def main():
         raise UserError(f"--max_batches must be zero or positive, got {cfg['max_batches']}")
     texts = {path: read_text(path) for path in filter(None, cfg["text"].split(","))}
     path = os.path.join(cfg["out_dir"], ckpt.FILENAME)
-    checkpoint, model, tokenizer = load(path)
+    checkpoint, model, tokenizer = ckpt.load_trained(path)
     run_config = checkpoint.get("config") or {}
     data_dir = cfg["data_dir"] or (data_folder(run_config) if "data_dir" in run_config else "")
     if not cfg["data_dir"] and texts and not os.path.isdir(data_dir):

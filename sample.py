@@ -66,17 +66,14 @@ def decode_clean(tokenizer, tokens):
 def load_model(cfg):
     """(model, tokenizer): a checkpoint carries its tokenizer; transformers weights use their folder's."""
     if cfg["init_from"] == "resume":
-        path = os.path.join(cfg["out_dir"], ckpt.FILENAME)
-        checkpoint = ckpt.load(path)
-        ckpt.check_finite_weights(checkpoint, path)
-        model, tokenizer = ckpt.model_from(checkpoint, dropout=0.0), ckpt.tokenizer_of(checkpoint)
+        _, model, tokenizer = ckpt.load_trained(os.path.join(cfg["out_dir"], ckpt.FILENAME))
     elif cfg["init_from"] == "scratch" or ckpt.is_run_folder(cfg["init_from"]):
         run_dir = cfg["out_dir"] if cfg["init_from"] == "scratch" else cfg["init_from"]
         raise UserError(f"--init_from={cfg['init_from']} has no weights to sample from here: a run's checkpoint is "
                         f"sampled with --out_dir={run_dir} (--init_from=resume, the default)")
     else:
         model, tokenizer = ckpt.gpt2_model(cfg["init_from"], dropout=0.0), ckpt.pretrained_tokenizer(cfg["init_from"])
-    ckpt.check_vocabulary_fits(model, tokenizer)
+        ckpt.check_vocabulary_fits(model, tokenizer)
     return model, tokenizer
 
 

@@ -40,6 +40,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run by path (python logs/X.py) as well as python -m logs.X
+from opengpt import checkpoint as ckpt
 from opengpt import folder_lock, hardware
 from opengpt.cli import UserError, run
 from opengpt.files import write_text
@@ -154,7 +155,7 @@ def score_val(out_dir):
     """Write out_dir/val_score.json: the run's checkpoint scored on the whole val split of the folder it
     trained on, overall and per source (eval.py's evaluation), in the dtype the run trained in."""
     path = os.path.join(out_dir, "ckpt.pt")
-    checkpoint, model, tokenizer = eval_script.load(path)
+    checkpoint, model, tokenizer = ckpt.load_trained(path)
     config = checkpoint["config"]
     dtype = hardware.pick_dtype(config["dtype"], "cpu")
     started = time.time()

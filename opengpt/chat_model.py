@@ -53,16 +53,12 @@ def load(out_dir, device="auto", dtype="auto", checkpoint_file=ckpt.FILENAME, co
     dtype = sampling_dtype(dtype, device)
     if compiled:
         hardware.check_compile_works(device)
-    path = os.path.join(out_dir, checkpoint_file)
-    checkpoint = ckpt.load(path)
-    ckpt.check_finite_weights(checkpoint, path)
-    model, tokenizer = ckpt.model_from(checkpoint, dropout=0.0), ckpt.tokenizer_of(checkpoint)
-    ckpt.check_vocabulary_fits(model, tokenizer)
+    _, model, tokenizer = ckpt.load_trained(os.path.join(out_dir, checkpoint_file))
     if not is_chat_tokenizer(tokenizer):
         raise UserError(f"{out_dir} holds a base model, not a chat model; fine-tune it first: python prepare_chat.py "
                         f"--input=chats.jsonl --tokenizer_from={out_dir} --out=data/chat, then python train.py "
                         f"--init_from={out_dir} --data_dir=data/chat --out_dir=out-chat")
-    model.eval().to(device)
+    model.to(device)
     return ChatModel(model, tokenizer, device, dtype, compiled)
 
 

@@ -429,6 +429,16 @@ def load_pretrained(out_dir):
     return checkpoint
 
 
+def load_trained(path):
+    """(checkpoint, its model in eval mode without dropout, its tokenizer) of a checkpoint file to sample
+    or evaluate: its weights finite, and a row in the model for every id its tokenizer gives."""
+    checkpoint = load(path)
+    check_finite_weights(checkpoint, path)
+    model, tokenizer = model_from(checkpoint, dropout=0.0).eval(), tokenizer_of(checkpoint)
+    check_vocabulary_fits(model, tokenizer)
+    return checkpoint, model, tokenizer
+
+
 def check_vocabulary_fits(model, tokenizer):
     """A UserError unless every id the tokenizer gives has a row in the model: past its rows an id
     would index nothing (a crafted or edited checkpoint, weights beside a tokenizer of another model)."""
